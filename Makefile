@@ -1,0 +1,30 @@
+# The README's two commands: `make train` (install + main job) and `make test` (the suite, as CI runs it).
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= runs/tiny
+BIN := $(VENV)/bin
+
+.PHONY: train test test-fast install clean
+
+$(BIN)/mai-jax: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/mai-jax
+
+# Trains experiments/tiny.py on the embedded corpus (the interpreter's standard library) on CPU.
+train: install
+	$(BIN)/mai-jax train --config experiments/tiny.py --workdir $(WORKDIR)
+
+# The whole suite: the fast tests, then the slow end-to-end ones.
+test: install
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow
+
+test-fast: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,416 @@
+"""Typed experiment configuration: frozen dataclasses per section, loading, overrides, validation.
+
+Why frozen dataclasses and Python experiment files: a config is code a researcher can read, diff and
+compose (`dataclasses.replace`), every field has a type the CLI can parse overrides against, and a
+typo is an error that names the valid keys instead of a silently ignored YAML entry.
+
+This module imports nothing from the package (see docs: imports run one way).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import types
+import typing
+from typing import Any, Optional, Tuple
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+class ConfigError(ValueError):
+  """A configuration problem a user can fix; the message names the key and the fix."""
+
+
+# Logical axis name -> mesh axes. The model speaks logical names only; switching FSDP / tensor /
+# expert parallelism is an edit here. When one array uses a mesh axis twice, the earlier dimension
+# keeps it (so activations ('batch','seq','embed') shard batch over fsdp and leave embed whole, while
+# parameters ('embed','mlp') shard embed over fsdp).
+DEFAULT_RULES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("seq", ()),
+    ("embed", ("fsdp",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("mlp", ("tensor",)),
+    ("experts", ("expert",)),
+    ("layers", ()),
+    ("norm", ()),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder shape and numerics (Llama family)."""
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  d_ff: int = 1024
+  vocab_size: int = 4096
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  # 'none': keep all activations; 'full': recompute each block; 'dots': save matmul outputs
+  # without batch dims (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+  remat: str = "full"
+  scan_layers: bool = True
+  # 'auto' picks cuDNN flash attention on GPU and XLA elsewhere.
+  attention_impl: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes (-1: all remaining devices) and the logical-axis rules."""
+  data: int = 1
+  fsdp: int = -1
+  expert: int = 1
+  tensor: int = 1
+  rules: Tuple[Tuple[str, Tuple[str, ...]], ...] = DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with global-norm clipping and a learning-rate schedule."""
+  learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  # 'cosine': warmup then cosine to min_lr_ratio * lr; 'wsd': warmup, stable, then linear decay over
+  # the last decay_fraction of training; 'constant': warmup then flat.
+  schedule: str = "cosine"
+  min_lr_ratio: float = 0.1
+  decay_fraction: float = 0.2
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  decay_embeddings: bool = False
+  grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Input pipeline. source='stdlib' reads the running interpreter's own library and docs."""
+  seq_len: int = 256
+  source: str = "stdlib"
+  # Optional path to an existing SentencePiece .model; empty: train one into the workdir.
+  tokenizer_path: str = ""
+  # Characters of text the tokenizer trainer sees (bounds its time and memory).
+  tokenizer_train_chars: int = 4_000_000
+  val_fraction: float = 0.02
+  max_files: int = 0  # 0: no limit
+  worker_count: int = 0
+  prefetch_buffer: int = 2
+  shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpointing policy (every_steps=0 disables periodic saves)."""
+  every_steps: int = 1000
+  max_to_keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Loop, batch and logging settings."""
+  num_steps: int = 1000
+  global_batch_size: int = 32
+  microbatches: int = 1
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0  # 0: only at the end
+  eval_batches: int = 8
+  z_loss_weight: float = 0.0
+  profile_steps: Optional[Tuple[int, int]] = None
+  progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+CHOICES = {
+    ("model", "remat"): ("none", "full", "dots"),
+    ("model", "attention_impl"): ("auto", "xla", "cudnn"),
+    ("model", "param_dtype"): ("float32", "bfloat16"),
+    ("model", "compute_dtype"): ("float32", "bfloat16"),
+    ("optim", "schedule"): ("cosine", "wsd", "constant"),
+    ("data", "source"): ("stdlib",),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading experiment files
+
+
+def load_experiment(spec: str) -> Config:
+  """Loads `path/to/NAME.py[:VARIANT]` by calling its `get_config(variant)`."""
+  path, _, variant = spec.partition(":")
+  if not path.endswith(".py"):
+    raise ConfigError(f"--config {spec!r}: expected experiments/NAME.py[:VARIANT]")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config {spec!r}: file {path!r} not found{_close_files(path)}")
+  module_name = "mai_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config(variant=None) -> Config")
+  variants = tuple(getattr(module, "VARIANTS", ()))
+  if variant and variants and variant not in variants:
+    raise ConfigError(f"{path}: unknown variant {variant!r}{_did_you_mean(variant, variants)}; "
+                      f"valid variants: {', '.join(variants)}")
+  cfg = module.get_config(variant or None)
+  if not isinstance(cfg, Config):
+    raise ConfigError(f"{path}: get_config returned {type(cfg).__name__}, expected mai_jax Config")
+  return cfg
+
+
+def _close_files(path: str) -> str:
+  folder = os.path.dirname(path) or "."
+  if not os.path.isdir(folder):
+    return ""
+  names = [n for n in os.listdir(folder) if n.endswith(".py")]
+  close = difflib.get_close_matches(os.path.basename(path), names, n=3)
+  return f"; did you mean {', '.join(os.path.join(folder, c) for c in close)}?" if close else ""
+
+
+def _did_you_mean(word: str, choices) -> str:
+  close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+  return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
+  """Applies {'train.num_steps': '100', ...}; values are parsed as literals against field types."""
+  for dotted, raw in overrides.items():
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS:
+      raise ConfigError(f"unknown config section {section!r} in --config.{dotted}"
+                        f"{_did_you_mean(section, SECTIONS)}; valid sections: {', '.join(SECTIONS)}")
+    section_cfg = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(section_cfg)}
+    if key not in fields:
+      raise ConfigError(f"unknown config key {section}.{key}{_did_you_mean(key, fields)}; "
+                        f"valid keys in {section}: {', '.join(fields)}")
+    hint = typing.get_type_hints(type(section_cfg))[key]
+    value = parse_value(f"{section}.{key}", raw, hint)
+    cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(section_cfg, **{key: value})})
+  return cfg
+
+
+def parse_value(key: str, raw: str, hint: Any) -> Any:
+  """Parses `raw` as a Python literal (never eval) and checks it against the type `hint`."""
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw  # bare words are strings: --config.model.remat=full
+  try:
+    return _coerce(value, hint)
+  except TypeError:
+    raise ConfigError(f"--config.{key}={raw!r}: expected {_type_name(hint)}") from None
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(value, arg)
+      except TypeError:
+        pass
+    raise TypeError
+  if origin in (tuple, Tuple):
+    if not isinstance(value, (tuple, list)):
+      raise TypeError
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(v, args[0]) for v in value)
+    if len(args) != len(value):
+      raise TypeError
+    return tuple(_coerce(v, a) for v, a in zip(value, args))
+  if hint is Any:
+    return value
+  if hint is bool:
+    if isinstance(value, bool):
+      return value
+    raise TypeError
+  if hint is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise TypeError
+  if hint is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    raise TypeError
+  if hint is str:
+    if isinstance(value, str):
+      return value
+    return str(value) if isinstance(value, (int, float)) else _raise_type()
+  raise TypeError
+
+
+def _raise_type():
+  raise TypeError
+
+
+def _type_name(hint: Any) -> str:
+  return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
+  """Raises ConfigError naming the first inconsistent key and how to fix it."""
+  for (section, key), choices in CHOICES.items():
+    value = getattr(getattr(cfg, section), key)
+    if value not in choices:
+      raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(map(repr, choices))}"
+                        f"{_did_you_mean(str(value), choices)}")
+  m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+  positive = {"model.num_layers": m.num_layers, "model.d_model": m.d_model,
+              "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads,
+              "model.head_dim": m.head_dim, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size,
+              "data.seq_len": d.seq_len, "train.global_batch_size": t.global_batch_size,
+              "train.microbatches": t.microbatches, "train.log_every": t.log_every}
+  for key, value in positive.items():
+    if value <= 0:
+      raise ConfigError(f"{key}={value} must be positive")
+  for key, value in {"train.num_steps": t.num_steps, "optim.warmup_steps": o.warmup_steps,
+                     "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                     "train.eval_every": t.eval_every}.items():
+    if value < 0:
+      raise ConfigError(f"{key}={value} must be >= 0")
+  if cfg.checkpoint.max_to_keep < 1:
+    raise ConfigError(f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep} must be >= 1")
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide "
+                      f"model.num_heads={m.num_heads}")
+  if m.head_dim % 2:
+    raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+  if t.global_batch_size % t.microbatches:
+    raise ConfigError(f"train.microbatches={t.microbatches} must divide "
+                      f"train.global_batch_size={t.global_batch_size}")
+  if o.learning_rate <= 0:
+    raise ConfigError(f"optim.learning_rate={o.learning_rate} must be positive")
+  if not 0 <= d.val_fraction < 1:
+    raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+  if t.profile_steps is not None and not 0 <= t.profile_steps[0] < t.profile_steps[1]:
+    raise ConfigError(f"train.profile_steps={t.profile_steps} must be (start, stop) "
+                      f"with 0 <= start < stop")
+  known = {name for name, _ in DEFAULT_RULES}
+  for name, axes in cfg.mesh.rules:
+    for axis in axes:
+      if axis not in MESH_AXES:
+        raise ConfigError(f"mesh.rules: logical axis {name!r} maps to unknown mesh axis {axis!r}"
+                          f"{_did_you_mean(axis, MESH_AXES)}; mesh axes: {', '.join(MESH_AXES)}")
+    known.discard(name)
+  if known:
+    raise ConfigError(f"mesh.rules lacks logical axes {sorted(known)}; "
+                      f"start from mai_jax.config.DEFAULT_RULES")
+  if num_devices is not None:
+    mesh_shape(cfg.mesh, num_devices)
+    per_step = t.global_batch_size // t.microbatches
+    batch_shards = 1
+    for axis in dict(cfg.mesh.rules).get("batch", ()):
+      batch_shards *= mesh_shape(cfg.mesh, num_devices)[axis]
+    if per_step % batch_shards:
+      raise ConfigError(
+          f"train.global_batch_size={t.global_batch_size} / train.microbatches={t.microbatches} "
+          f"= {per_step} rows per microbatch must be divisible by the {batch_shards} devices the "
+          f"batch is sharded over (mesh axes {dict(cfg.mesh.rules)['batch']})")
+
+
+def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Resolves -1 ('the rest') and checks the sizes multiply to the device count."""
+  sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1 (the rest)")
+  unknown = [a for a, s in sizes.items() if s == -1]
+  if len(unknown) > 1:
+    raise ConfigError(f"only one mesh axis may be -1, got {', '.join('mesh.' + a for a in unknown)}")
+  known = 1
+  for size in sizes.values():
+    known *= size if size > 0 else 1
+  if unknown:
+    if num_devices % known:
+      raise ConfigError(f"mesh sizes {sizes} cannot fill {num_devices} devices: the fixed axes "
+                        f"multiply to {known}, which does not divide {num_devices}")
+    sizes[unknown[0]] = num_devices // known
+  elif known != num_devices:
+    raise ConfigError(f"mesh sizes {sizes} multiply to {known} but there are {num_devices} "
+                      f"devices; set one axis to -1 or make them multiply to {num_devices}")
+  return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialization
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+  return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(raw: dict) -> Config:
+  """Rebuilds a Config from `to_dict` output (e.g. WORKDIR/config.json); unknown keys are errors."""
+  sections = {}
+  hints = typing.get_type_hints(Config)
+  for section, values in raw.items():
+    if section not in SECTIONS:
+      raise ConfigError(f"config.json: unknown section {section!r}{_did_you_mean(section, SECTIONS)}")
+    cls = hints[section]
+    field_hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+      if key not in field_hints:
+        raise ConfigError(f"config.json: unknown key {section}.{key}"
+                          f"{_did_you_mean(key, field_hints)}")
+      kwargs[key] = _from_json(value, field_hints[key], f"{section}.{key}")
+    sections[section] = cls(**kwargs)
+  return Config(**sections)
+
+
+def _from_json(value: Any, hint: Any, key: str) -> Any:
+  def listify_to_tuple(v):
+    return tuple(listify_to_tuple(x) for x in v) if isinstance(v, list) else v
+  try:
+    return _coerce(listify_to_tuple(value), hint)
+  except TypeError:
+    raise ConfigError(f"config.json: {key}={value!r} is not a {_type_name(hint)}") from None
+
+
+def load_json(path: str) -> Config:
+  with open(path) as f:
+    return from_dict(json.load(f))

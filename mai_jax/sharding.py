@@ -1,0 +1,99 @@
+"""Device mesh and logical-axis sharding.
+
+The model names logical axes only ('batch', 'embed', 'mlp', ...); the rules in `MeshConfig` map them
+to the mesh axes ('data', 'fsdp', 'expert', 'tensor'). The same functions serve 1 device, 8 fake CPU
+devices and a multi-host pod: only the device list differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Optional, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mai_jax.config import MESH_AXES, MeshConfig, mesh_shape
+
+Rules = Sequence[tuple[str, Sequence[str]]]
+LogicalAxes = Sequence[Optional[str]]
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Builds the ('data','fsdp','expert','tensor') mesh with Auto axis types over all devices."""
+  devices = list(devices) if devices is not None else jax.devices()
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(logical: LogicalAxes, rules: Rules, mesh: Optional[Mesh] = None,
+                    shape: Optional[Sequence[int]] = None) -> PartitionSpec:
+  """Translates logical axis names to a mesh PartitionSpec.
+
+  Each mesh axis is used at most once per array: the earliest dimension that asks for it wins, so
+  activations ('batch','seq','embed') shard batch over fsdp while parameters ('embed','mlp') shard
+  embed over fsdp. Given `mesh` and `shape`, axes of size 1 are dropped and a dimension that the
+  mesh axes do not divide stays replicated along them (e.g. a batch of 1 when sampling).
+  """
+  table = {name: tuple(axes) for name, axes in rules}
+  used: set[str] = set()
+  out = []
+  for dim, name in enumerate(logical):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"logical axis {name!r} has no rule; add it to mesh.rules "
+                     f"(known: {', '.join(table)})")
+    axes = [a for a in table[name] if a not in used]
+    if mesh is not None:
+      axes = [a for a in axes if mesh.shape[a] > 1]
+      if shape is not None:
+        while axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+          axes.pop()
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, rules: Rules, logical: LogicalAxes,
+                   shape: Optional[Sequence[int]] = None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical, rules, mesh, shape))
+
+
+# Rules used by `shard_act` inside traced model code; set with `use_rules` next to `jax.set_mesh`.
+_active = threading.local()
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules):
+  """Makes `rules` the logical-axis rules for `shard_act` within the block."""
+  previous = getattr(_active, "rules", None)
+  _active.rules = tuple((name, tuple(axes)) for name, axes in rules)
+  try:
+    yield
+  finally:
+    _active.rules = previous
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+  """Sets the mesh and the rules for everything traced within the block."""
+  with jax.set_mesh(mesh), use_rules(rules):
+    yield
+
+
+def shard_act(x: jax.Array, logical: LogicalAxes) -> jax.Array:
+  """Constrains activation `x` to the sharding its logical axes map to (no-op without a mesh)."""
+  rules = getattr(_active, "rules", None)
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty:
+    return x
+  if len(logical) != x.ndim:
+    raise ValueError(f"shard_act: logical axes {tuple(logical)} do not match shape {x.shape}")
+  spec = logical_to_spec(logical, rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
