@@ -1,0 +1,187 @@
+"""Llama building blocks: RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP, embedding.
+
+Every parameter is created through `create_param`, which records its logical axis names
+('embed', 'heads', 'mlp', ...) as metadata; `nnx.get_partition_spec` reads them back and the mesh
+rules in the config turn them into shardings. Parameters are stored in `param_dtype` and cast to
+`compute_dtype` at each matmul; norm statistics, rotary angles, attention softmax and logits are in
+float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mai_jax.config import ModelConfig
+from mai_jax.sharding import shard_act
+
+# The only logical names parameters may use (the mesh rules in mai_jax.config map them).
+PARAM_AXES = ("embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm")
+
+
+def create_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str],
+                 dtype) -> nnx.Param:
+  """Creates a Param annotated with logical axis names.
+
+  `eager_sharding=False`: flax 0.12 shards new variables eagerly by default when a mesh is set, and
+  would read our logical names as mesh axes. Placement is decided elsewhere (abstract model ->
+  `nnx.get_partition_spec` -> rules -> jitted init with out_shardings), so the model only records
+  the names. (`nnx.eval_shape` is stricter: under a mesh it turns these names into shardings
+  whatever eager_sharding says, so build abstract models outside `jax.set_mesh`, or inside
+  `nnx.logical_axis_rules(rules)`.)
+  """
+  assert len(shape) == len(axes) and all(a in PARAM_AXES for a in axes), (shape, axes)
+  init = nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(dtype)))
+
+
+def compute_dtype(cfg: ModelConfig):
+  return jnp.dtype(cfg.compute_dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale_D, statistics in float32; returns the input's dtype."""
+
+  def __init__(self, dim: int, eps: float, param_dtype: str, *, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = create_param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    x32_BTD = x_BTD.astype(jnp.float32)
+    ms_BT1 = jnp.mean(jnp.square(x32_BTD), axis=-1, keepdims=True)
+    y_BTD = x32_BTD * jax.lax.rsqrt(ms_BT1 + self.eps)
+    return (y_BTD * self.scale[...].astype(jnp.float32)[None, None, :]).astype(x_BTD.dtype)
+
+
+def rotate_half(x_BTHK: jax.Array) -> jax.Array:
+  """[x1, x2] -> [-x2, x1] over the last axis split in halves (HF Llama layout)."""
+  x1, x2 = jnp.split(x_BTHK, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, HF LlamaRotaryEmbedding convention ("rotate half").
+
+  Dimension i of the first half pairs with dimension i + K/2 and rotates by
+  positions * theta^(-2i/K). Angles are computed in float32 (bf16 positions lose integers past 256).
+  """
+  K = x_BTHK.shape[-1]
+  inv_freq_k = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)  # k = K/2
+  freqs_BTk = positions_BT.astype(jnp.float32)[:, :, None] * inv_freq_k[None, None, :]
+  angles_BT1K = jnp.concatenate([freqs_BTk, freqs_BTk], axis=-1)[:, :, None, :]
+  x32_BTHK = x_BTHK.astype(jnp.float32)
+  out_BTHK = x32_BTHK * jnp.cos(angles_BT1K) + rotate_half(x32_BTHK) * jnp.sin(angles_BT1K)
+  return out_BTHK.astype(x_BTHK.dtype)
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+  """'xla' or 'cudnn' for jax.nn.dot_product_attention; 'auto' takes cuDNN on GPU in 16 bits."""
+  if cfg.attention_impl == "auto":
+    on_gpu = jax.default_backend() == "gpu"
+    half = compute_dtype(cfg) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if on_gpu and half else "xla"
+  if cfg.attention_impl == "cudnn" and compute_dtype(cfg) == jnp.dtype(jnp.float32):
+    raise ValueError("model.attention_impl='cudnn' needs model.compute_dtype='bfloat16' "
+                     "(cuDNN flash attention has no float32 kernel); use 'xla' or 'auto'")
+  if cfg.attention_impl not in ("xla", "cudnn"):
+    raise ValueError(f"model.attention_impl={cfg.attention_impl!r} is not 'auto', 'xla' or 'cudnn'")
+  return cfg.attention_impl
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with rotary embeddings and document (segment) masking.
+
+  K/V keep num_kv_heads heads: jax.nn.dot_product_attention groups the query heads itself, so K/V
+  are never repeated in memory.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.num_heads % cfg.num_kv_heads:
+      raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} must divide "
+                       f"model.num_heads={cfg.num_heads}")
+    D, H, KV, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nnx.initializers.normal(cfg.init_std)
+    out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    p = cfg.param_dtype
+    self.q_proj = create_param(rngs, init, (D, H, K), ("embed", "heads", "head_dim"), p)  # w_DHK
+    self.k_proj = create_param(rngs, init, (D, KV, K), ("embed", "kv_heads", "head_dim"), p)
+    self.v_proj = create_param(rngs, init, (D, KV, K), ("embed", "kv_heads", "head_dim"), p)
+    self.o_proj = create_param(rngs, out_init, (H, K, D), ("heads", "head_dim", "embed"), p)
+    self.rope_theta = cfg.rope_theta
+    self.dtype = compute_dtype(cfg)
+    self.implementation = attention_implementation(cfg)
+
+  def __call__(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
+               positions_BT: jax.Array) -> jax.Array:
+    dt = self.dtype
+    x_BTD = x_BTD.astype(dt)
+    q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
+    k_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.k_proj[...].astype(dt))  # G = kv heads
+    v_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.v_proj[...].astype(dt))
+    q_BTHK = shard_act(apply_rope(q_BTHK, positions_BT, self.rope_theta),
+                       ("batch", "seq", "heads", "head_dim"))
+    k_BTGK = shard_act(apply_rope(k_BTGK, positions_BT, self.rope_theta),
+                       ("batch", "seq", "kv_heads", "head_dim"))
+    v_BTGK = shard_act(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
+
+    # Causal AND same document. The same call serves both implementations:
+    # - xla: is_causal builds the triangular mask and ANDs it with `mask`.
+    # - cudnn (jax 0.10): is_causal selects cuDNN's CAUSAL mask type (fully masked tiles above the
+    #   diagonal are skipped), and the boolean document mask is turned by jax into an additive bias
+    #   (0 / large negative) of shape [B,1,T,S] that the flash kernel adds to the logits. That is
+    #   exact for any packing, at the cost of materializing a B*T*T bias per layer. We do not use
+    #   query_seq_lengths/key_value_seq_lengths: they describe one valid prefix per row (padding),
+    #   not several documents, so they would let packed documents attend to each other. cuDNN's
+    #   packed-segment mode (q_offsets/kv_offsets) is reachable only through a private jax module.
+    # Padding tokens (segment 0) attend among themselves, so no row is fully masked (no NaNs).
+    mask_B1TS = None
+    if segment_ids_BT is not None:
+      mask_B1TS = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
+    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS,
+                                            is_causal=True, implementation=self.implementation)
+    out_BTHK = shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
+    return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, F = cfg.d_model, cfg.d_ff
+    init = nnx.initializers.normal(cfg.init_std)
+    out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    p = cfg.param_dtype
+    self.gate_proj = create_param(rngs, init, (D, F), ("embed", "mlp"), p)  # w_DF
+    self.up_proj = create_param(rngs, init, (D, F), ("embed", "mlp"), p)  # w_DF
+    self.down_proj = create_param(rngs, out_init, (F, D), ("mlp", "embed"), p)  # w_FD
+    self.dtype = compute_dtype(cfg)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dt = self.dtype
+    x_BTD = x_BTD.astype(dt)
+    gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate_proj[...].astype(dt))
+    up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up_proj[...].astype(dt))
+    h_BTF = shard_act(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+    return jnp.einsum("btf,fd->btd", h_BTF, self.down_proj[...].astype(dt))
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]; `attend` reuses it as the output layer when tied."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.embedding = create_param(rngs, nnx.initializers.normal(cfg.init_std),
+                                  (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                                  cfg.param_dtype)  # w_VD
+    self.dtype = compute_dtype(cfg)
+
+  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+
+  def attend(self, x_BTD: jax.Array) -> jax.Array:
+    """Float32 logits x @ embedding.T (products in compute dtype, accumulated in float32)."""
+    return jnp.einsum("btd,vd->btv", x_BTD.astype(self.dtype),
+                      self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32)
