@@ -1,0 +1,152 @@
+"""Steady-state train-step benchmark: step time, tokens/s and MFU on the current backend.
+
+  python benchmarks/train_step.py --config experiments/tiny.py[:VARIANT] [--steps 20] [--warmup 3]
+      [--config.SECTION.KEY=VALUE ...] [--out benchmarks/results/NAME.json]
+
+Batches are random tokens already on the devices, so this measures the jitted step (forward,
+backward, optimizer) and not the input pipeline (see benchmarks/data_pipeline.py for that).
+
+MFU formula (mai_jax/metrics.py): training FLOPs per token = 6 * N_matmul + 6 * L * T * H * K
+(6N with N the parameters in matmuls, i.e. without the untied input embedding table, plus causal
+attention, halved), times tokens/s, over (devices x dense bf16 peak). On CPU there is no meaningful
+peak; MFU is null unless MAI_JAX_PEAK_FLOPS is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mai_jax import cli, config as config_lib, metrics, optim, sharding as sharding_lib
+from mai_jax.model import Decoder, count_params
+from mai_jax.train import state as state_lib, step as step_lib
+
+
+def machine_info() -> dict:
+  info = {"platform": platform.platform(), "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+          "devices": [d.device_kind for d in jax.devices()][:8], "device_count": jax.device_count()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return info
+
+
+def versions() -> dict:
+  import flax
+  import optax
+  import orbax.checkpoint
+  return {"jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
+          else None, "flax": flax.__version__, "optax": optax.__version__,
+          "orbax_checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__}
+
+
+def git_commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  config_lib.validate(cfg, jax.device_count())
+  tx = optim.make_optimizer(cfg.optim, max(cfg.train.num_steps, steps + warmup))
+  schedule = optim.make_schedule(cfg.optim, max(cfg.train.num_steps, steps + warmup))
+  factory = lambda rngs: Decoder(cfg.model, rngs=rngs)  # noqa: E731
+  layout = state_lib.make_layout(cfg, mesh, factory, tx)
+  state = state_lib.init_train_state(cfg, mesh, factory, tx, layout)
+  rows, seq = cfg.train.global_batch_size, cfg.data.seq_len
+  batch_sharding = step_lib.batch_sharding(mesh, cfg)
+  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (rows, seq + 1), np.int32)
+  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                "segment_ids": np.ones((rows, seq), np.int32),
+                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq))}
+  batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+  with sharding_lib.activate(mesh, cfg.mesh.rules):
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(cfg, layout.model_spec, tx, schedule),
+                                      layout.shardings, batch_sharding)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  n = count_params(cfg.model)
+  fpt = metrics.train_flops_per_token(cfg.model, n, seq)
+  tps = rows * seq / step_s
+  peak = metrics.device_peak_flops()
+  memory = None
+  try:
+    stats = jax.devices()[0].memory_stats()
+    memory = stats.get("peak_bytes_in_use") if stats else None
+  except Exception:  # noqa: BLE001  (CPU backends may not implement memory_stats)
+    memory = None
+  return {"params": n, "flops_per_token": fpt, "tokens_per_step": rows * seq,
+          "step_time_s_median": step_s, "step_time_s_min": min(times),
+          "step_time_s_all": times, "tokens_per_sec": tps,
+          "mfu": metrics.mfu(tps, fpt, jax.device_count(), peak), "peak_flops_per_device": peak,
+          "compile_s": compile_s, "final_loss": float(m["loss"]), "peak_bytes_in_use": memory}
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = cli.split_overrides(argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--label", default=None, help="tag stored in the result (e.g. 'maxtext-peer')")
+  args = parser.parse_args(rest)
+  try:
+    cfg = cli.resolve_config(args.config, None, overrides)
+    result = run(cfg, args.steps, args.warmup)
+  except config_lib.ConfigError as e:
+    print(f"train_step.py: error: {e}", file=sys.stderr)
+    return 2
+  record = {
+      "benchmark": "train_step", "label": args.label,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join(["python", "benchmarks/train_step.py"] + argv),
+      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
+      "config": config_lib.to_dict(cfg), "mfu_formula": "(6*N_matmul + 6*L*T*H*K) * tokens/s / "
+      "(devices * dense bf16 peak)", "result": result}
+  name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
+  variant = args.config.partition(":")[2]
+  out = args.out or os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "results",
+      f"train_step_{name}{'_' + variant if variant else ''}_{jax.default_backend()}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=2)
+  print(f"{name}: step {result['step_time_s_median'] * 1e3:.1f} ms, "
+        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU "
+        f"{'n/a' if result['mfu'] is None else format(result['mfu'], '.1%')} -> {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

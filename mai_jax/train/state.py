@@ -1,0 +1,122 @@
+"""Train state, born sharded.
+
+Why this shape: the model is created abstractly (`nnx.eval_shape`, no memory), its parameters' logical
+axis names are translated into mesh shardings by the config's rules, and one jitted init with those
+`out_shardings` materializes each shard on its own device. No host ever holds the whole model, which
+is what lets the same code start a 500B run. Parameters live in the state as a plain nested dict (the
+NNX graph definition is kept outside), so optax, orbax and `jax.tree` see an ordinary pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mai_jax import sharding as sharding_lib
+from mai_jax.config import Config
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes: step counter, parameters, optimizer state, RNG key."""
+  step: jax.Array
+  params: Params
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the pure step functions need to rebuild the NNX model from a params dict."""
+  graphdef: Any
+  abstract_state: Any  # nnx.State of ShapeDtypeStructs, the template for `replace_by_pure_dict`
+
+  def merge(self, params: Params) -> nnx.Module:
+    state = jax.tree.map(lambda x: x, self.abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+
+def abstract_model(model_factory: Callable[[nnx.Rngs], nnx.Module]):
+  """Returns (ModelSpec, abstract params dict, logical PartitionSpecs dict) without allocating."""
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  logical = nnx.get_partition_spec(state).to_pure_dict()
+  return ModelSpec(graphdef, state), state.to_pure_dict(), logical
+
+
+def param_shardings(mesh: Mesh, rules, abstract_params: Params, logical: Params) -> Params:
+  """Mesh NamedShardings for each parameter from its logical PartitionSpec."""
+  def one(shape_dtype, spec):
+    names = tuple(spec) if isinstance(spec, PartitionSpec) else (None,) * len(shape_dtype.shape)
+    names = names + (None,) * (len(shape_dtype.shape) - len(names))
+    return sharding_lib.named_sharding(mesh, rules, names, shape_dtype.shape)
+  return jax.tree.map(one, abstract_params, logical,
+                      is_leaf=lambda x: isinstance(x, (PartitionSpec, jax.ShapeDtypeStruct)))
+
+
+def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, abstract_params: Params,
+                    params_sharding: Params) -> TrainState:
+  """Shardings of the whole TrainState: optimizer moments follow their parameters."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sharding = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, params_sharding,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
+                    rng=replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """The abstract shape of training: model spec, parameter shapes and every leaf's sharding."""
+  model_spec: ModelSpec
+  abstract_params: Params
+  shardings: TrainState
+
+  def abstract_state(self, tx: optax.GradientTransformation) -> TrainState:
+    """ShapeDtypeStructs carrying the target shardings: orbax's restore target (a checkpoint from
+    another mesh is resharded on restore because each leaf names the new sharding)."""
+    shapes = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
+        opt_state=jax.eval_shape(tx.init, self.abstract_params),
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.shardings)
+
+
+def make_layout(cfg: Config, mesh: Mesh, model_factory, tx: optax.GradientTransformation):
+  spec, abstract_params, logical = abstract_model(model_factory)
+  shardings = state_shardings(mesh, tx, abstract_params,
+                              param_shardings(mesh, cfg.mesh.rules, abstract_params, logical))
+  return StateLayout(spec, abstract_params, shardings)
+
+
+def init_train_state(cfg: Config, mesh: Mesh, model_factory, tx: optax.GradientTransformation,
+                     layout: StateLayout) -> TrainState:
+  """Materializes a fresh TrainState directly into its shardings (one jitted init)."""
+  def init(seed):
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    with nnx.use_eager_sharding(False):
+      model = model_factory(nnx.Rngs(params=init_key))
+    params = nnx.state(model).to_pure_dict()
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(train_key))
+
+  with sharding_lib.activate(mesh, cfg.mesh.rules):
+    return jax.jit(init, out_shardings=layout.shardings)(cfg.train.seed)
+
+
+def count_state_params(params: Params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

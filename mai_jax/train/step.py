@@ -1,0 +1,116 @@
+"""Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+Batches are dicts of int32 [B, T] arrays: `inputs`, `targets`, `segment_ids` (0 = padding, which
+carries no loss) and `positions`. The loss is the mean token cross-entropy over non-padding targets,
+plus an optional z-loss (PaLM) that keeps the softmax normalizer near 1. With microbatches the
+gradient of the *sum* is accumulated inside the jitted step and divided by the total token count
+once, so the result equals a single big batch regardless of how it is split.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mai_jax import sharding as sharding_lib
+from mai_jax.config import Config
+from mai_jax.train.state import ModelSpec, TrainState
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss_weight: float):
+  """Per-token cross-entropy (+ z-loss) in float32; returns (loss_BT, ce_BT)."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  ce_BT = log_z_BT - target_logit_BT
+  loss_BT = ce_BT + z_loss_weight * jnp.square(log_z_BT) if z_loss_weight else ce_BT
+  return loss_BT, ce_BT
+
+
+def summed_loss(params, batch, model_spec: ModelSpec, z_loss_weight: float):
+  """Sum over non-padding tokens of the loss; aux = (ce sum, token count)."""
+  model = model_spec.merge(params)
+  logits_BTV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+  loss_BT, ce_BT = token_losses(logits_BTV, batch["targets"], z_loss_weight)
+  weights_BT = (batch["segment_ids"] != 0).astype(jnp.float32)
+  return jnp.sum(loss_BT * weights_BT), (jnp.sum(ce_BT * weights_BT), jnp.sum(weights_BT))
+
+
+def _split_microbatches(batch, num_micro: int):
+  """[B, T] -> [M, B/M, T] taking rows i*M + m into microbatch m, so every microbatch stays spread
+  over all the devices its batch is sharded on (a contiguous split would put each on a subset)."""
+  def split(x_BT):
+    b = x_BT.shape[0]
+    x = x_BT.reshape(b // num_micro, num_micro, *x_BT.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return sharding_lib.shard_act(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+  """Builds the pure step function (not jitted: see `jit_train_step`)."""
+  z_loss_weight = cfg.train.z_loss_weight
+  num_micro = cfg.train.microbatches
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    if num_micro == 1:
+      (loss_sum, (ce_sum, tokens)), grads = grad_fn(state.params, batch, model_spec, z_loss_weight)
+    else:
+      def accumulate(carry, micro):
+        (loss_i, (ce_i, tokens_i)), grads_i = grad_fn(state.params, micro, model_spec,
+                                                      z_loss_weight)
+        grads_acc, loss_acc, ce_acc, tokens_acc = carry
+        grads_acc = jax.tree.map(jnp.add, grads_acc, grads_i)
+        return (grads_acc, loss_acc + loss_i, ce_acc + ce_i, tokens_acc + tokens_i), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+      (grads, loss_sum, ce_sum, tokens), _ = jax.lax.scan(
+          accumulate, init, _split_microbatches(batch, num_micro))
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": ce_sum / denom,
+        "total_loss": loss_sum / denom,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "learning_rate": schedule(state.step),
+        "tokens": tokens,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: Config, model_spec: ModelSpec) -> Callable:
+  """eval_step(params, batch) -> (ce sum, token count); the caller sums over batches."""
+  def eval_step(params, batch):
+    _, (ce_sum, tokens) = summed_loss(params, batch, model_spec, 0.0)
+    return ce_sum, tokens
+  return eval_step
+
+
+def batch_sharding(mesh, cfg: Config) -> NamedSharding:
+  """Global batch rows sharded over the mesh axes the 'batch' logical axis maps to."""
+  return NamedSharding(mesh, sharding_lib.logical_to_spec(("batch", None), cfg.mesh.rules, mesh))
+
+
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding):
+  batch_shardings = {k: batch_sharding_ for k in BATCH_KEYS}
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding):
+  batch_shardings = {k: batch_sharding_ for k in BATCH_KEYS}
+  return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings))
