@@ -31,7 +31,7 @@ import os
 import sysconfig
 from typing import Callable, Optional, Sequence
 
-from mai_jax.config import DataConfig
+from mai_jax.config import ConfigError, DataConfig
 
 SPLITS = ("train", "validation")
 
@@ -41,7 +41,7 @@ _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache_
 _PYDOC_TOPICS = "pydoc_data/topics.py"
 
 
-class SourceError(ValueError):
+class SourceError(ConfigError):
   """A data source produced nothing usable; the message names the source and the fix."""
 
 

@@ -37,7 +37,7 @@ _MAX_SENTENCE_BYTES = 4 * _TRAIN_PIECE_CHARS + 16
 _TRAIN_THREADS = 4
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
   """A tokenizer file is missing or does not fit the config; the message says which and the fix."""
 
 

@@ -64,17 +64,13 @@ def global_batch(local: dict, sharding, global_rows: int) -> dict:
 
 
 def _tokenizer(cfg: Config, workdir: str):
-  """Process 0 trains (or loads) the tokenizer first; the others then load the same file."""
+  """Process 0 trains (or loads) the tokenizer first; the others then load the same file.
+  The tokenizer checks its size against model.vocab_size itself."""
   if jax.process_count() > 1:
     if jax.process_index() == 0:
-      load_or_train_tokenizer(cfg, workdir)
+      load_or_train_tokenizer(cfg, workdir, process_index=0)
     multihost_utils.sync_global_devices("mai_jax tokenizer ready")
-  tok = load_or_train_tokenizer(cfg, workdir)
-  if tok.vocab_size != cfg.model.vocab_size:
-    raise config_lib.ConfigError(
-        f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size="
-        f"{cfg.model.vocab_size}; set --config.model.vocab_size={tok.vocab_size} or use another "
-        f"data.tokenizer_path")
+  tok = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
   return tok
 
 
@@ -136,7 +132,7 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   progress = _progress_bar(cfg, start, num_steps)
   tokens_per_step = rows * cfg.data.seq_len
   profile = cfg.train.profile_steps
-  last_loss, eval_loss = None, None
+  first_loss, last_loss, eval_loss = None, None, None
   pending = None  # (step, metrics on device) of the step dispatched before this one
   last_time = time.perf_counter()
   try:
@@ -149,6 +145,7 @@ def train(cfg: Config, workdir: str) -> TrainResult:
         if pending is not None:  # step N is queued: now read step N-1
           last_loss = _report(pending, writer, progress, cfg, tokens_per_step, last_time,
                               flops_per_token, peak)
+          first_loss = last_loss if first_loss is None else first_loss
           last_time = time.perf_counter()
         pending = (step + 1, step_metrics)
         if profile and step + 1 == profile[1]:
@@ -173,8 +170,9 @@ def train(cfg: Config, workdir: str) -> TrainResult:
     checkpointer.close()
     writer.close()
   if eval_loss is not None:
+    since = f", first training loss {first_loss:.4f}" if first_loss is not None else ""
     _log(f"mai-jax: step {num_steps}: validation loss {eval_loss:.4f} "
-         f"(perplexity {math.exp(min(eval_loss, 50)):.2f})")
+         f"(perplexity {math.exp(min(eval_loss, 50)):.2f}{since})")
   return TrainResult(final_step=num_steps, final_loss=last_loss, eval_loss=eval_loss,
                      resumed_from=resumed_from)
 

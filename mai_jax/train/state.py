@@ -51,8 +51,8 @@ def abstract_model(model_factory: Callable[[nnx.Rngs], nnx.Module]):
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  logical = nnx.get_partition_spec(state).to_pure_dict()
-  return ModelSpec(graphdef, state), state.to_pure_dict(), logical
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  return ModelSpec(graphdef, state), nnx.to_pure_dict(state), logical
 
 
 def param_shardings(mesh: Mesh, rules, abstract_params: Params, logical: Params) -> Params:
@@ -110,7 +110,7 @@ def init_train_state(cfg: Config, mesh: Mesh, model_factory, tx: optax.GradientT
     init_key, train_key = jax.random.split(jax.random.key(seed))
     with nnx.use_eager_sharding(False):
       model = model_factory(nnx.Rngs(params=init_key))
-    params = nnx.state(model).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(train_key))
 
