@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
   resumed, straight = root / "resumed", root / "straight"
   out_first = _train(resumed, cache, "--config.train.num_steps=4")
   out_resume = _train(resumed, cache, "--config.train.num_steps=8")
-  _train(straight, cache, "--config.train.num_steps=8")
+  _train(straight, cache, "--config.train.num_steps=8", "--config.train.profile_steps=(2, 4)")
   return {"resumed": resumed, "straight": straight, "out_first": out_first,
           "out_resume": out_resume}
 
@@ -62,6 +62,12 @@ def test_run_writes_the_workdir_contract(runs):
   assert "validation loss" in runs["out_first"]
 
 
+def test_profile_steps_write_a_trace(runs):
+  traces = [os.path.join(d, f) for d, _, files in os.walk(runs["straight"] / "profile")
+            for f in files if f.endswith((".xplane.pb", ".trace.json.gz"))]
+  assert traces, "no jax.profiler trace under WORKDIR/profile"
+
+
 def test_restart_resumes_from_the_checkpoint(runs):
   assert "resumed from step 4" in runs["out_resume"]
   assert "resumed from" not in runs["out_first"]
@@ -72,3 +78,14 @@ def test_resumed_losses_equal_an_uninterrupted_run(runs):
   assert list(straight) == list(range(1, 9))
   for step in range(1, 9):
     assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+
+def test_resuming_past_num_steps_is_a_clear_error(runs, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "mai_jax", "train", "--workdir", str(runs["straight"]),
+                         "--config.train.num_steps=4"],
+                        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "checkpoint at step 8, past train.num_steps=4" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert sorted(os.listdir(runs["straight"] / "checkpoints")) == ["4", "8"]  # nothing lost

@@ -108,6 +108,12 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
+    if resumed_from > num_steps:
+      checkpointer.close()
+      raise config_lib.ConfigError(
+          f"{checkpointer.directory} holds a checkpoint at step {resumed_from}, past "
+          f"train.num_steps={num_steps}; set --config.train.num_steps>={resumed_from} to go on, "
+          f"or use a new --workdir")
     state = checkpointer.restore(resumed_from, layout.abstract_state(tx), data_iter)
     _log(f"mai-jax: resumed from step {resumed_from} in {checkpointer.directory}")
   else:
