@@ -116,7 +116,3 @@ def init_train_state(cfg: Config, mesh: Mesh, model_factory, tx: optax.GradientT
 
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     return jax.jit(init, out_shardings=layout.shardings)(cfg.train.seed)
-
-
-def count_state_params(params: Params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))
