@@ -25,12 +25,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mai_jax import cli, config as config_lib, metrics, optim, sharding as sharding_lib
-from mai_jax.model import Decoder, count_params
-from mai_jax.train import state as state_lib, step as step_lib
+from mai_jax import cli, config as config_lib, metrics, sharding as sharding_lib
+from mai_jax.model import count_params
+from mai_jax.train.trainer import build_trainer
 
 
 def machine_info() -> dict:
@@ -66,21 +65,17 @@ def git_commit() -> str | None:
 def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   config_lib.validate(cfg, jax.device_count())
-  tx = optim.make_optimizer(cfg.optim, max(cfg.train.num_steps, steps + warmup))
-  schedule = optim.make_schedule(cfg.optim, max(cfg.train.num_steps, steps + warmup))
-  factory = lambda rngs: Decoder(cfg.model, rngs=rngs)  # noqa: E731
-  layout = state_lib.make_layout(cfg, mesh, factory, tx)
-  state = state_lib.init_train_state(cfg, mesh, factory, tx, layout)
+  trainer = build_trainer(cfg, mesh, max(cfg.train.num_steps, steps + warmup))
+  state = trainer.init_state()
   rows, seq = cfg.train.global_batch_size, cfg.data.seq_len
-  batch_sharding = step_lib.batch_sharding(mesh, cfg)
+  batch_sharding = trainer.batch_sharding
   tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (rows, seq + 1), np.int32)
   host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                 "segment_ids": np.ones((rows, seq), np.int32),
                 "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq))}
   batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
   with sharding_lib.activate(mesh, cfg.mesh.rules):
-    step_fn = step_lib.jit_train_step(step_lib.make_train_step(cfg, layout.model_spec, tx, schedule),
-                                      layout.shardings, batch_sharding)
+    step_fn = trainer.jit_train_step()
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

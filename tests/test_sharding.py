@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mai_jax import config as C, optim, sharding as S
-from mai_jax.model import Decoder
-from mai_jax.train import state as state_lib
+from mai_jax import config as C, sharding as S
+from mai_jax.train.trainer import build_trainer
 
 SMALL = C.ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
                       vocab_size=128, compute_dtype="float32", remat="none")
@@ -16,10 +15,8 @@ SMALL = C.ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, hea
 def _init(mesh_cfg):
   cfg = C.Config(model=SMALL, mesh=mesh_cfg)
   mesh = S.make_mesh(cfg.mesh)
-  tx = optim.make_optimizer(cfg.optim, 10)
-  factory = lambda rngs: Decoder(cfg.model, rngs=rngs)  # noqa: E731
-  layout = state_lib.make_layout(cfg, mesh, factory, tx)
-  return mesh, layout, state_lib.init_train_state(cfg, mesh, factory, tx, layout)
+  trainer = build_trainer(cfg, mesh, num_steps=10)
+  return mesh, trainer.layout, trainer.init_state()
 
 
 def _specs(tree):

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from mai_jax import config as C, optim, sharding as S
-from mai_jax.model import Decoder
-from mai_jax.train import state as state_lib, step as step_lib
+from mai_jax import config as C, sharding as S
+from mai_jax.train import step as step_lib
+from mai_jax.train.trainer import build_trainer
 
 MODEL = C.ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
                       vocab_size=64, compute_dtype="float32", remat="none")
@@ -17,16 +17,9 @@ def _setup(**train):
                  train=C.TrainConfig(global_batch_size=16, **train),
                  optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
   mesh = S.make_mesh(cfg.mesh)
-  tx = optim.make_optimizer(cfg.optim, 10)
-  factory = lambda rngs: Decoder(cfg.model, rngs=rngs)  # noqa: E731
-  layout = state_lib.make_layout(cfg, mesh, factory, tx)
-  state = state_lib.init_train_state(cfg, mesh, factory, tx, layout)
-  bs = step_lib.batch_sharding(mesh, cfg)
-  with S.activate(mesh, cfg.mesh.rules):
-    fn = step_lib.jit_train_step(
-        step_lib.make_train_step(cfg, layout.model_spec, tx, optim.make_schedule(cfg.optim, 10)),
-        layout.shardings, bs)
-  return cfg, mesh, layout, state, bs, fn
+  trainer = build_trainer(cfg, mesh, num_steps=10)
+  return (cfg, mesh, trainer.layout, trainer.init_state(), trainer.batch_sharding,
+          trainer.jit_train_step())
 
 
 def _batch(rows=16, seq=16, pad_from=12, seed=0):

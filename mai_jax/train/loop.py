@@ -19,14 +19,14 @@ from jax.experimental import multihost_utils
 from mai_jax import __version__
 from mai_jax import config as config_lib
 from mai_jax import metrics as metrics_lib
-from mai_jax import optim, sharding as sharding_lib
+from mai_jax import sharding as sharding_lib
 from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
 from mai_jax.data.pipeline import make_eval_batches, make_train_iterator
 from mai_jax.data.tokenizer import load_or_train_tokenizer
-from mai_jax.model import Decoder, count_params
-from mai_jax.train import state as state_lib
+from mai_jax.model import count_params
 from mai_jax.train import step as step_lib
+from mai_jax.train.trainer import build_trainer
 
 
 @dataclasses.dataclass
@@ -70,14 +70,13 @@ def _tokenizer(cfg: Config, workdir: str):
     if jax.process_index() == 0:
       load_or_train_tokenizer(cfg, workdir, process_index=0)
     multihost_utils.sync_global_devices("mai_jax tokenizer ready")
-  tok = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
-  return tok
+  return load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
 
 
-def evaluate(eval_step, params, batches, sharding, global_rows: int) -> float:
-  """Token-weighted mean cross-entropy over the given batches."""
+def evaluate(eval_step, params, batches) -> float:
+  """Token-weighted mean cross-entropy over the given (global, on-device) batches."""
   ce_total, tokens_total = 0.0, 0.0
-  pending = [eval_step(params, global_batch(b, sharding, global_rows)) for b in batches]
+  pending = [eval_step(params, batch) for batch in batches]
   for ce, tokens in jax.device_get(pending):
     ce_total += float(ce)
     tokens_total += float(tokens)
@@ -93,10 +92,7 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   tokenizer = _tokenizer(cfg, workdir)
 
   num_steps = cfg.train.num_steps
-  schedule = optim.make_schedule(cfg.optim, num_steps)
-  tx = optim.make_optimizer(cfg.optim, num_steps)
-  model_factory = lambda rngs: Decoder(cfg.model, rngs=rngs)  # noqa: E731
-  layout = state_lib.make_layout(cfg, mesh, model_factory, tx)
+  trainer = build_trainer(cfg, mesh)
   num_params = count_params(cfg.model)
   flops_per_token = metrics_lib.train_flops_per_token(cfg.model, num_params, cfg.data.seq_len)
   peak = metrics_lib.device_peak_flops()
@@ -114,21 +110,17 @@ def train(cfg: Config, workdir: str) -> TrainResult:
           f"{checkpointer.directory} holds a checkpoint at step {resumed_from}, past "
           f"train.num_steps={num_steps}; set --config.train.num_steps>={resumed_from} to go on, "
           f"or use a new --workdir")
-    state = checkpointer.restore(resumed_from, layout.abstract_state(tx), data_iter)
+    state = checkpointer.restore(resumed_from, trainer.abstract_state(), data_iter)
     _log(f"mai-jax: resumed from step {resumed_from} in {checkpointer.directory}")
   else:
-    state = state_lib.init_train_state(cfg, mesh, model_factory, tx, layout)
+    state = trainer.init_state()
   _log(f"mai-jax: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
        f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens per step")
 
-  batch_sharding = step_lib.batch_sharding(mesh, cfg)
+  batch_sharding = trainer.batch_sharding
   rows = cfg.train.global_batch_size
-  with sharding_lib.activate(mesh, cfg.mesh.rules):
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(cfg, layout.model_spec, tx, schedule), layout.shardings,
-        batch_sharding)
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(cfg, layout.model_spec),
-                                       layout.shardings.params, batch_sharding)
+  train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
+  eval_batches = [global_batch(b, batch_sharding, rows) for b in eval_batches]  # placed once
 
   writer = metrics_lib.MetricWriter(workdir)
   metadata = {"mai_jax_version": __version__, "jax_version": jax.__version__,
@@ -159,14 +151,14 @@ def train(cfg: Config, workdir: str) -> TrainResult:
           jax.profiler.stop_trace()
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < num_steps:
-          eval_loss = evaluate(eval_step, state.params, eval_batches, batch_sharding, rows)
+          eval_loss = evaluate(eval_step, state.params, eval_batches)
           writer.write(done, {"eval_loss": eval_loss})
         if checkpointer.should_save(done) and done < num_steps:
           checkpointer.save(done, state, data_iter, config_lib.to_dict(cfg), metadata)
       if pending is not None:
         last_loss = _report(pending, writer, progress, cfg, tokens_per_step, last_time,
                             flops_per_token, peak)
-      eval_loss = evaluate(eval_step, state.params, eval_batches, batch_sharding, rows)
+      eval_loss = evaluate(eval_step, state.params, eval_batches)
       writer.write(num_steps, {"eval_loss": eval_loss})
       if checkpointer.latest_step() != num_steps:
         checkpointer.save(num_steps, state, data_iter, config_lib.to_dict(cfg), metadata)

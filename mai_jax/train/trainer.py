@@ -1,0 +1,61 @@
+"""`Trainer`: everything derived from (config, mesh) that a training run needs before its loop.
+
+The loop, the step benchmark, notebooks and tests all need the same chain: schedule and optimizer,
+the abstract model and its shardings, a sharded initial state, the batch sharding and the jitted
+steps. Building it in one place keeps them from drifting apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from mai_jax import optim
+from mai_jax.config import Config
+from mai_jax.model import Decoder
+from mai_jax.train import state as state_lib
+from mai_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  cfg: Config
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  layout: state_lib.StateLayout
+  batch_sharding: NamedSharding
+  model_factory: Callable[[nnx.Rngs], nnx.Module]
+
+  def init_state(self) -> state_lib.TrainState:
+    """A fresh TrainState, born in its shardings."""
+    return state_lib.init_train_state(self.cfg, self.mesh, self.model_factory, self.tx,
+                                      self.layout)
+
+  def abstract_state(self) -> state_lib.TrainState:
+    """The restore target for a checkpoint (carries this mesh's shardings)."""
+    return self.layout.abstract_state(self.tx)
+
+  def jit_train_step(self) -> Callable:
+    return step_lib.jit_train_step(
+        step_lib.make_train_step(self.cfg, self.layout.model_spec, self.tx, self.schedule),
+        self.layout.shardings, self.batch_sharding)
+
+  def jit_eval_step(self) -> Callable:
+    return step_lib.jit_eval_step(step_lib.make_eval_step(self.cfg, self.layout.model_spec),
+                                  self.layout.shardings.params, self.batch_sharding)
+
+
+def build_trainer(cfg: Config, mesh: Mesh, num_steps: Optional[int] = None) -> Trainer:
+  """`num_steps` sets the schedule's length (default: train.num_steps)."""
+  steps = cfg.train.num_steps if num_steps is None else num_steps
+  tx = optim.make_optimizer(cfg.optim, steps)
+  factory = lambda rngs: Decoder(cfg.model, rngs=rngs)  # noqa: E731
+  layout = state_lib.make_layout(cfg, mesh, factory, tx)
+  return Trainer(cfg=cfg, mesh=mesh, tx=tx, schedule=optim.make_schedule(cfg.optim, steps),
+                 layout=layout, batch_sharding=step_lib.batch_sharding(mesh, cfg),
+                 model_factory=factory)
