@@ -20,8 +20,6 @@ import orbax.checkpoint as ocp
 
 from mai_jax.config import CheckpointConfig
 
-ITEMS = ("state", "data", "config", "metadata")
-
 
 class Checkpointer:
   """Saves and restores train state + data iterator state under WORKDIR/checkpoints."""
@@ -46,9 +44,6 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def should_save(self, step: int) -> bool:
     return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
@@ -71,15 +66,6 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(data_iterator),
     ))
     return restored["state"]
-
-  def restore_json(self, step: int, item: str) -> dict:
-    if item not in ("config", "metadata"):
-      raise ValueError(f"restore_json: item must be 'config' or 'metadata', got {item!r}")
-    return self._manager.restore(step, args=ocp.args.Composite(
-        **{item: ocp.args.JsonRestore()}))[item]
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -227,6 +227,8 @@ def parse_value(key: str, raw: str, hint: Any) -> Any:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
     value = raw  # bare words are strings: --config.model.remat=full
+  if hint is str and not isinstance(value, str):
+    value = raw  # a string field keeps the text as typed: --config.data.tokenizer_path=123
   try:
     return _coerce(value, hint)
   except TypeError:
@@ -271,11 +273,7 @@ def _coerce(value: Any, hint: Any) -> Any:
   if hint is str:
     if isinstance(value, str):
       return value
-    return str(value) if isinstance(value, (int, float)) else _raise_type()
-  raise TypeError
-
-
-def _raise_type():
+    raise TypeError
   raise TypeError
 
 

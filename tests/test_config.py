@@ -40,6 +40,8 @@ def test_overrides_parse_literals_against_types():
   assert cfg.optim.schedule == "wsd"
   assert cfg.model.rope_theta == 500000.0 and isinstance(cfg.model.rope_theta, float)
   assert C.apply_overrides(cfg, {"train.profile_steps": "None"}).train.profile_steps is None
+  # A string field keeps the text as typed, even when it reads as a number.
+  assert C.apply_overrides(cfg, {"data.tokenizer_path": "1e3"}).data.tokenizer_path == "1e3"
 
 
 def test_overrides_never_evaluate_code(tmp_path):

@@ -1,7 +1,6 @@
 """Optimizer: one step equals a hand-computed AdamW update; decay mask; schedule shapes."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import Config
