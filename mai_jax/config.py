@@ -162,9 +162,7 @@ CHOICES = {
 # Loading experiment files
 
 
-def load_experiment(spec: str) -> Config:
-  """Loads `path/to/NAME.py[:VARIANT]` by calling its `get_config(variant)`."""
-  path, _, variant = spec.partition(":")
+def _import_experiment(path: str, spec: str):
   if not path.endswith(".py"):
     raise ConfigError(f"--config {spec!r}: expected experiments/NAME.py[:VARIANT]")
   if not os.path.isfile(path):
@@ -175,6 +173,18 @@ def load_experiment(spec: str) -> Config:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: defines no get_config(variant=None) -> Config")
+  return module
+
+
+def experiment_variants(path: str) -> tuple[str, ...]:
+  """The variants an experiment file declares in `VARIANTS` (empty if it declares none)."""
+  return tuple(getattr(_import_experiment(path, path), "VARIANTS", ()))
+
+
+def load_experiment(spec: str) -> Config:
+  """Loads `path/to/NAME.py[:VARIANT]` by calling its `get_config(variant)`."""
+  path, _, variant = spec.partition(":")
+  module = _import_experiment(path, spec)
   variants = tuple(getattr(module, "VARIANTS", ()))
   if variant and variants and variant not in variants:
     raise ConfigError(f"{path}: unknown variant {variant!r}{_did_you_mean(variant, variants)}; "

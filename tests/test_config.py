@@ -109,11 +109,7 @@ def test_unknown_variant_lists_the_valid_ones():
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
 def test_every_experiment_and_variant_loads_and_validates(path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("exp", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  for variant in (None,) + tuple(getattr(module, "VARIANTS", ())):
+  for variant in (None,) + C.experiment_variants(path):
     cfg = C.load_experiment(path + (f":{variant}" if variant else ""))
     C.validate(cfg)
     assert C.from_dict(C.to_dict(cfg)) == cfg
