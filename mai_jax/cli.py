@@ -1,6 +1,7 @@
 """`mai-jax` command line. The only module that parses argv; everything it runs is a library call.
 
   mai-jax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.SECTION.KEY=VALUE ...]
+  mai-jax checkpoints --workdir DIR [--export-params OUT [--step S]]
 
 A bad config, override or file is reported on one line naming the key and the fix, exit code 2.
 """
@@ -66,7 +67,45 @@ def _parser() -> argparse.ArgumentParser:
                      help="experiments/NAME.py[:VARIANT] (default: WORKDIR/config.json)")
   train.add_argument("--workdir", required=True, help="run directory (resumes if it has "
                      "checkpoints)")
+  _add_distributed_flags(train)
+  _add_checkpoints_parser(sub)
   return parser
+
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group(
+      "multi-host", "jax.distributed is initialized when these are given or when SLURM, Open MPI "
+      "or Kubernetes (JobSet) launched several processes; see mai_jax/launch/")
+  group.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
+  group.add_argument("--num-processes", type=int, help="total number of processes")
+  group.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+
+
+def _add_checkpoints_parser(sub) -> None:
+  parser = sub.add_parser("checkpoints", help="list a run's checkpoints with their status, or "
+                          "export parameters only")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--export-params", metavar="OUT",
+                      help="write the parameters (no optimizer state) of a checkpoint to OUT")
+  parser.add_argument("--step", type=int, help="checkpoint to export (default: latest good)")
+
+
+def _run_checkpoints(args) -> int:
+  from mai_jax import checkpoint as checkpoint_lib
+  directory = os.path.join(args.workdir, "checkpoints")
+  if args.export_params:
+    from mai_jax.train.export import export_params
+    step = export_params(args.workdir, args.export_params, args.step)
+    print(f"exported the parameters of step {step} to {args.export_params}")
+    return 0
+  entries = checkpoint_lib.list_checkpoints(directory)
+  if not entries:
+    print(f"{directory}: no checkpoints")
+    return 0
+  print(f"{'step':>8}  {'status':<12} {'size':>10}  detail")
+  for e in entries:
+    print(f"{e.step:>8}  {e.status:<12} {e.size_bytes / 2**20:>8.1f}MB  {e.name}: {e.detail}")
+  return 0 if all(e.status in ("ok", "unverified") for e in entries) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -77,12 +116,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(rest)
     if args.command == "train":
       cfg = resolve_config(args.config_spec, args.workdir, overrides)
-      from mai_jax.train.loop import train  # heavy imports only once the config is valid
+      from mai_jax.launch import distributed  # heavy imports only once the config is valid
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+      from mai_jax.train.loop import train
       train(cfg, args.workdir)
+    elif args.command == "checkpoints":
+      return _run_checkpoints(args)
     return 0
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)
     return USAGE_EXIT
+  except RuntimeError as e:
+    from mai_jax.checkpoint import CheckpointError
+    if not isinstance(e, CheckpointError):
+      raise
+    print(f"mai-jax: error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -119,6 +119,8 @@ class CheckpointConfig:
   every_steps: int = 1000
   max_to_keep: int = 3
   async_save: bool = True
+  keep_period: int = 0  # also keep every step divisible by this forever (0: off)
+  checksums: bool = True  # CRC32 of every file in the manifest (else sizes only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +136,14 @@ class TrainConfig:
   z_loss_weight: float = 0.0
   profile_steps: Optional[Tuple[int, int]] = None
   progress_bar: bool = True
+  # Numerical faults: a non-finite loss/gradient skips the update. After this many in a row the
+  # run restores its last checkpoint and skips the offending batches (0: only skip updates).
+  max_consecutive_bad_steps: int = 3
+  # A loss above ratio x the mean of the previous `loss_spike_window` losses is a spike: restore
+  # and skip its batch like a bad step (0: detector off).
+  loss_spike_ratio: float = 0.0
+  loss_spike_window: int = 50
+  max_fault_restores: int = 3  # give up (raise) after this many restores in one run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +343,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   if t.profile_steps is not None and not 0 <= t.profile_steps[0] < t.profile_steps[1]:
     raise ConfigError(f"train.profile_steps={t.profile_steps} must be (start, stop) "
                       f"with 0 <= start < stop")
+  _validate_fault_handling(cfg)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -354,6 +365,20 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
           f"train.global_batch_size={t.global_batch_size} / train.microbatches={t.microbatches} "
           f"= {per_step} rows per microbatch must be divisible by the {batch_shards} devices the "
           f"batch is sharded over (mesh axes {dict(cfg.mesh.rules)['batch']})")
+
+
+def _validate_fault_handling(cfg: Config) -> None:
+  t, c = cfg.train, cfg.checkpoint
+  for key, value in {"train.max_consecutive_bad_steps": t.max_consecutive_bad_steps,
+                     "train.max_fault_restores": t.max_fault_restores,
+                     "checkpoint.keep_period": c.keep_period}.items():
+    if value < 0:
+      raise ConfigError(f"{key}={value} must be >= 0")
+  if t.loss_spike_ratio and t.loss_spike_ratio <= 1:
+    raise ConfigError(f"train.loss_spike_ratio={t.loss_spike_ratio} must be > 1 (a spike is a "
+                      f"loss above ratio x its recent mean), or 0 to turn the detector off")
+  if t.loss_spike_ratio and t.loss_spike_window < 1:
+    raise ConfigError(f"train.loss_spike_window={t.loss_spike_window} must be >= 1")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

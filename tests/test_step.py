@@ -81,3 +81,29 @@ def test_loss_falls_when_training_on_one_batch():
       losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 1.0
   assert int(state.step) == 20
+
+
+def test_a_non_finite_gradient_skips_the_update_and_says_so():
+  cfg, mesh, layout, state, bs, fn = _setup()
+  host = _batch()
+  # A NaN in one weight poisons the loss and every gradient.
+  params = jax.device_get(state.params)
+  poisoned = jax.tree.map(np.array, params)
+  poisoned["final_norm"]["scale"][0] = np.nan
+  state = state.replace(params=jax.device_put(poisoned, layout.shardings.params))
+  before = jax.device_get((state.params, state.opt_state))
+  with S.activate(mesh, cfg.mesh.rules):
+    new_state, metrics = fn(state, {k: jax.device_put(v, bs) for k, v in host.items()})
+  assert float(metrics["update_skipped"]) == 1.0
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(new_state.step) == 1  # the data position still advances
+  after = jax.device_get((new_state.params, new_state.opt_state))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_finite_step_reports_no_skip():
+  cfg, mesh, layout, state, bs, fn = _setup()
+  with S.activate(mesh, cfg.mesh.rules):
+    _, metrics = fn(state, {k: jax.device_put(v, bs) for k, v in _batch().items()})
+  assert float(metrics["update_skipped"]) == 0.0

@@ -1,38 +1,20 @@
 """End to end through the CLI: train, write metrics/TensorBoard/checkpoints, resume exactly."""
 
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(REPO, "experiments", "tiny.py") + ":smoke"
+from cli_runs import REPO, cli_env, losses as _losses, metrics as _metrics, run_train, \
+    train_command
+
 # A constant learning rate after warmup, so a run extended from 4 to 8 steps follows the same
 # schedule as a run planned for 8 from the start.
 COMMON = ["--config.optim.schedule=constant", "--config.checkpoint.every_steps=4"]
 
 
 def _train(workdir, cache_dir, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  proc = subprocess.run([sys.executable, "-m", "mai_jax", "train", "--config", SMOKE,
-                         "--workdir", str(workdir), *COMMON, *extra],
-                        capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc.stdout + proc.stderr
-
-
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _losses(rows):
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+  return run_train(workdir, *COMMON, *extra, env=cli_env(cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +63,8 @@ def test_resumed_losses_equal_an_uninterrupted_run(runs):
 
 
 def test_resuming_past_num_steps_is_a_clear_error(runs, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "mai_jax", "train", "--workdir", str(runs["straight"]),
-                         "--config.train.num_steps=4"],
-                        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+  proc = subprocess.run(train_command(runs["straight"], "--config.train.num_steps=4", config=None),
+                        capture_output=True, text=True, env=cli_env(), timeout=600, cwd=REPO)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "checkpoint at step 8, past train.num_steps=4" in proc.stderr
   assert "Traceback" not in proc.stderr

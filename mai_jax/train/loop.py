@@ -25,7 +25,9 @@ from mai_jax.config import Config
 from mai_jax.data.pipeline import make_eval_batches, make_train_iterator
 from mai_jax.data.tokenizer import load_or_train_tokenizer
 from mai_jax.model import count_params
+from mai_jax.train import preemption
 from mai_jax.train import step as step_lib
+from mai_jax.train.faults import FaultMonitor
 from mai_jax.train.trainer import build_trainer
 
 
@@ -35,6 +37,9 @@ class TrainResult:
   final_loss: Optional[float]
   eval_loss: Optional[float]
   resumed_from: Optional[int]
+  preempted: bool = False  # stopped early by a signal (a checkpoint was saved)
+  skipped_updates: int = 0  # steps whose update was refused as non-finite
+  fault_restores: int = 0  # checkpoint restores after persistent bad steps or loss spikes
 
 
 def _log(msg: str) -> None:
@@ -84,95 +89,246 @@ def evaluate(eval_step, params, batches) -> float:
 
 
 def train(cfg: Config, workdir: str) -> TrainResult:
-  """Trains `cfg` in `workdir`, resuming from its latest checkpoint when there is one."""
+  """Trains `cfg` in `workdir`, resuming from its latest good checkpoint when there is one.
+
+  SIGTERM/SIGINT save a checkpoint and return early with `preempted=True` (see preemption.py).
+  """
   mesh = sharding_lib.make_mesh(cfg.mesh)
   config_lib.validate(cfg, jax.device_count())
   workdir = os.path.abspath(workdir)
   write_config(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir)
-
-  num_steps = cfg.train.num_steps
-  trainer = build_trainer(cfg, mesh)
-  num_params = count_params(cfg.model)
-  flops_per_token = metrics_lib.train_flops_per_token(cfg.model, num_params, cfg.data.seq_len)
-  peak = metrics_lib.device_peak_flops()
-
-  pid, nproc = jax.process_index(), jax.process_count()
-  data_iter = make_train_iterator(cfg, tokenizer, process_index=pid, process_count=nproc)
-  eval_batches = make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
-                                   process_index=pid, process_count=nproc)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
-  resumed_from = checkpointer.latest_step()
-  if resumed_from is not None:
-    if resumed_from > num_steps:
-      checkpointer.close()
-      raise config_lib.ConfigError(
-          f"{checkpointer.directory} holds a checkpoint at step {resumed_from}, past "
-          f"train.num_steps={num_steps}; set --config.train.num_steps>={resumed_from} to go on, "
-          f"or use a new --workdir")
-    state = checkpointer.restore(resumed_from, trainer.abstract_state(), data_iter)
-    _log(f"mai-jax: resumed from step {resumed_from} in {checkpointer.directory}")
-  else:
-    state = trainer.init_state()
-  _log(f"mai-jax: {num_params:,} parameters, mesh {dict(mesh.shape)}, "
-       f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens per step")
-
-  batch_sharding = trainer.batch_sharding
-  rows = cfg.train.global_batch_size
-  train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
-  eval_batches = [global_batch(b, batch_sharding, rows) for b in eval_batches]  # placed once
-
-  writer = metrics_lib.MetricWriter(workdir)
-  metadata = {"mai_jax_version": __version__, "jax_version": jax.__version__,
-              "mesh": dict(mesh.shape), "process_count": nproc,
-              "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.content_hash}}
-  start = int(jax.device_get(state.step))
-  progress = _progress_bar(cfg, start, num_steps)
-  tokens_per_step = rows * cfg.data.seq_len
-  profile = cfg.train.profile_steps
-  first_loss, last_loss, eval_loss = None, None, None
-  pending = None  # (step, metrics on device) of the step dispatched before this one
-  last_time = time.perf_counter()
+  run = _Run(cfg, mesh, workdir, tokenizer)
   try:
-    with sharding_lib.activate(mesh, cfg.mesh.rules):
-      for step in range(start, num_steps):
-        if profile and step == profile[0]:
-          jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        batch = global_batch(next(data_iter), batch_sharding, rows)
-        state, step_metrics = train_step(state, batch)
+    with preemption.StopRequest() as stop:
+      result = run.loop(stop)
+  finally:
+    run.close()
+  if result.preempted:
+    _log(f"mai-jax: stopped by {run.stop_reason} after step {result.final_step}; checkpoint "
+         f"saved in {run.checkpointer.directory}. Rerun the same command to resume.")
+  elif result.eval_loss is not None:
+    since = f", first training loss {run.first_loss:.4f}" if run.first_loss is not None else ""
+    _log(f"mai-jax: step {result.final_step}: validation loss {result.eval_loss:.4f} "
+         f"(perplexity {math.exp(min(result.eval_loss, 50)):.2f}{since})")
+  return result
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched step whose metrics have not been read yet."""
+  step: int  # the step count after it
+  metrics: dict
+  position: int  # which batch of the data stream it trained on
+  stop_vote: Optional[jax.Array]
+
+
+class _Run:
+  """One call of `train`: the state, the data stream position and the fault bookkeeping."""
+
+  def __init__(self, cfg: Config, mesh, workdir: str, tokenizer):
+    self.cfg, self.mesh, self.workdir = cfg, mesh, workdir
+    self.trainer = build_trainer(cfg, mesh)
+    num_params = count_params(cfg.model)
+    self.num_params = num_params
+    self.flops_per_token = metrics_lib.train_flops_per_token(cfg.model, num_params,
+                                                             cfg.data.seq_len)
+    self.peak = metrics_lib.device_peak_flops()
+    pid, nproc = jax.process_index(), jax.process_count()
+    self.data_iter = make_train_iterator(cfg, tokenizer, process_index=pid, process_count=nproc)
+    self.initial_data_state = self.data_iter.get_state()
+    rows = cfg.train.global_batch_size
+    self.eval_batches = [global_batch(b, self.trainer.batch_sharding, rows)  # placed once
+                         for b in make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
+                                                    process_index=pid, process_count=nproc)]
+    self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+    self.writer = metrics_lib.MetricWriter(workdir)
+    self.metadata = {"mai_jax_version": __version__, "jax_version": jax.__version__,
+                     "mesh": dict(mesh.shape), "process_count": nproc,
+                     "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.content_hash}}
+    self.monitor = FaultMonitor(cfg.train)
+    self.vote = preemption.StopVote(mesh) if nproc > 1 else None
+    self.position = 0  # batches drawn from the data stream so far (steps + skipped batches)
+    self.skip_positions: set[int] = set()
+    self.fault_restores = 0
+    self.first_loss = self.last_loss = None
+    self.stop_reason: Optional[str] = None
+    self.progress = None
+
+  # --------------------------------------------------------------------------------- state
+  def _restore_or_init(self):
+    """(state, step, step it resumed from or None)."""
+    num_steps = self.cfg.train.num_steps
+    latest = self.checkpointer.latest_step()
+    if latest is not None and latest > num_steps:
+      raise config_lib.ConfigError(
+          f"{self.checkpointer.directory} holds a checkpoint at step {latest}, past "
+          f"train.num_steps={num_steps}; set --config.train.num_steps>={latest} to go on, "
+          f"or use a new --workdir")
+    restored = self.checkpointer.restore_latest(self.trainer.abstract_state(), _log)
+    if restored is None:
+      return self.trainer.init_state(), 0, None
+    self._apply_restored(restored)
+    _log(f"mai-jax: resumed from step {restored.step} in {self.checkpointer.directory}")
+    return restored.state, restored.step, restored.step
+
+  def _apply_restored(self, restored) -> None:
+    self.data_iter.set_state(restored.data_state)
+    self.position = int(restored.metadata.get("data_batches_consumed", restored.step))
+    self.skip_positions = {p for p in restored.metadata.get("skip_batches", ())
+                           if p >= self.position}
+
+  def _recover(self, reason: str):
+    """Goes back to the last checkpoint (or the start) and marks the bad batches for skipping."""
+    self.fault_restores += 1
+    if self.fault_restores > self.cfg.train.max_fault_restores:
+      raise FloatingPointError(
+          f"{reason}; already restored {self.cfg.train.max_fault_restores} times in this run "
+          f"(train.max_fault_restores). Lower optim.learning_rate, set optim.grad_clip, or "
+          f"inspect the data around these steps")
+    bad = self.monitor.take_bad_positions()
+    self.checkpointer.wait()
+    restored = self.checkpointer.restore_latest(self.trainer.abstract_state(), _log)
+    if restored is None:
+      state, step = self.trainer.init_state(), 0
+      self.data_iter.set_state(self.initial_data_state)
+      self.position, self.skip_positions = 0, set()
+    else:
+      self._apply_restored(restored)
+      state, step = restored.state, restored.step
+    self.skip_positions.update(bad)
+    _log(f"mai-jax: {reason}: restored step {step}; the batches at stream positions "
+         f"{sorted(bad)} will be skipped")
+    self.writer.write(step, {"fault_restores": self.fault_restores})
+    return state, step
+
+  def _save(self, step: int, state) -> None:
+    metadata = {**self.metadata, "step": step, "data_batches_consumed": self.position,
+                "skip_batches": sorted(self.skip_positions)}
+    self.checkpointer.save(step, state, self.data_iter.get_state(),
+                           config_lib.to_dict(self.cfg), metadata)
+
+  # ---------------------------------------------------------------------------------- data
+  def _next_batch(self):
+    """The next global batch and its stream position, stepping over batches marked bad."""
+    while self.position in self.skip_positions:
+      next(self.data_iter)
+      self.skip_positions.discard(self.position)
+      _log(f"mai-jax: skipped the batch at stream position {self.position}")
+      self.position += 1
+    local = next(self.data_iter)
+    self.position += 1
+    batch = global_batch(local, self.trainer.batch_sharding, self.cfg.train.global_batch_size)
+    return batch, self.position - 1
+
+  # ---------------------------------------------------------------------------------- loop
+  def loop(self, stop: preemption.StopRequest) -> TrainResult:
+    cfg, num_steps = self.cfg, self.cfg.train.num_steps
+    state, step, resumed_from = self._restore_or_init()
+    _log(f"mai-jax: {self.num_params:,} parameters, mesh {dict(self.mesh.shape)}, "
+         f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens per step")
+    train_step, eval_step = self.trainer.jit_train_step(), self.trainer.jit_eval_step()
+    self.progress = _progress_bar(cfg, step, num_steps)
+    profile = cfg.train.profile_steps
+    eval_loss, pending, stop_agreed = None, None, False
+    self.last_time = time.perf_counter()
+    with sharding_lib.activate(self.mesh, cfg.mesh.rules):
+      while True:
+        dispatched = None
+        if step < num_steps:
+          if profile and step == profile[0]:
+            jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+          batch, position = self._next_batch()
+          state, step_metrics = train_step(state, batch)
+          vote = self.vote.dispatch(stop.requested) if self.vote is not None else None
+          dispatched = _Pending(step + 1, step_metrics, position, vote)
         if pending is not None:  # step N is queued: now read step N-1
-          last_loss = _report(pending, writer, progress, cfg, tokens_per_step, last_time,
-                              flops_per_token, peak)
-          first_loss = last_loss if first_loss is None else first_loss
-          last_time = time.perf_counter()
-        pending = (step + 1, step_metrics)
-        if profile and step + 1 == profile[1]:
+          verdict, voted_stop = self._read(pending)
+          stop_agreed = stop_agreed or voted_stop
+          if verdict.restore:
+            state, step = self._recover(verdict.reason)
+            pending = None
+            continue
+        pending = dispatched
+        if pending is None:
+          break
+        done = pending.step
+        if profile and done == profile[1]:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
-        done = step + 1
+        if self.vote is None:
+          stop_agreed = stop.requested
+        if stop_agreed:
+          self._read(pending)
+          self.stop_reason = stop.signal_name or "another process's stop signal"
+          self._save(done, state)
+          self.checkpointer.wait()
+          return self._result(done, None, resumed_from, preempted=True)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < num_steps:
-          eval_loss = evaluate(eval_step, state.params, eval_batches)
-          writer.write(done, {"eval_loss": eval_loss})
-        if checkpointer.should_save(done) and done < num_steps:
-          checkpointer.save(done, state, data_iter, config_lib.to_dict(cfg), metadata)
-      if pending is not None:
-        last_loss = _report(pending, writer, progress, cfg, tokens_per_step, last_time,
-                            flops_per_token, peak)
-      eval_loss = evaluate(eval_step, state.params, eval_batches)
-      writer.write(num_steps, {"eval_loss": eval_loss})
-      if checkpointer.latest_step() != num_steps:
-        checkpointer.save(num_steps, state, data_iter, config_lib.to_dict(cfg), metadata)
-  finally:
-    if progress is not None:
-      progress.close()
-    checkpointer.close()
-    writer.close()
-  if eval_loss is not None:
-    since = f", first training loss {first_loss:.4f}" if first_loss is not None else ""
-    _log(f"mai-jax: step {num_steps}: validation loss {eval_loss:.4f} "
-         f"(perplexity {math.exp(min(eval_loss, 50)):.2f}{since})")
-  return TrainResult(final_step=num_steps, final_loss=last_loss, eval_loss=eval_loss,
-                     resumed_from=resumed_from)
+          eval_loss = evaluate(eval_step, state.params, self.eval_batches)
+          self.writer.write(done, {"eval_loss": eval_loss})
+        if self.checkpointer.should_save(done) and done < num_steps:
+          # Judge the step before saving it, so a checkpoint never captures a bad streak.
+          verdict, voted_stop = self._read(pending)
+          pending, stop_agreed = None, stop_agreed or voted_stop
+          if verdict.restore:
+            state, step = self._recover(verdict.reason)
+            continue
+          if self.monitor.in_bad_streak:
+            _log(f"mai-jax: not saving step {done}: it ends a run of bad steps")
+          else:
+            self._save(done, state)
+        step = done
+      eval_loss = evaluate(eval_step, state.params, self.eval_batches)
+      self.writer.write(num_steps, {"eval_loss": eval_loss})
+      if self.checkpointer.latest_step() != num_steps:
+        self._save(num_steps, state)
+    return self._result(num_steps, eval_loss, resumed_from, preempted=False)
+
+  def _result(self, step, eval_loss, resumed_from, *, preempted) -> TrainResult:
+    return TrainResult(final_step=step, final_loss=self.last_loss, eval_loss=eval_loss,
+                       resumed_from=resumed_from, preempted=preempted,
+                       skipped_updates=self.monitor.skipped_updates,
+                       fault_restores=self.fault_restores)
+
+  def _read(self, pending: _Pending):
+    """Fetches one step's metrics (blocking on that step only), logs them, judges the step.
+    Returns (fault verdict, whether some process asked to stop)."""
+    device_values = jax.device_get((pending.metrics, pending.stop_vote))
+    values = {k: float(v) for k, v in device_values[0].items()}
+    voted_stop = bool(device_values[1]) if device_values[1] is not None else False
+    step, cfg = pending.step, self.cfg
+    verdict = self.monitor.observe(step, pending.position, values["loss"],
+                                   values.get("update_skipped", 0.0) > 0)
+    if verdict.bad:
+      _log(f"mai-jax: {verdict.reason}")
+    else:
+      self.last_loss = values["loss"]
+      self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
+    now = time.perf_counter()
+    step_time, self.last_time = now - self.last_time, now
+    tokens_per_sec = cfg.train.global_batch_size * cfg.data.seq_len / max(step_time, 1e-9)
+    utilization = metrics_lib.mfu(tokens_per_sec, self.flops_per_token, jax.device_count(),
+                                  self.peak)
+    if self.progress is not None:
+      postfix = {"loss": f"{values['loss']:.3f}", "tok/s": f"{tokens_per_sec:,.0f}"}
+      postfix["mfu"] = f"{utilization:.1%}" if utilization is not None else "n/a"
+      self.progress.set_postfix(postfix, refresh=False)
+      self.progress.update(1)
+    if verdict.bad or step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
+      self.writer.write(step, {**values, "tokens_per_sec": tokens_per_sec,
+                               "step_time_s": step_time, "mfu": utilization,
+                               "skipped_updates_total": self.monitor.skipped_updates,
+                               "loss_spikes_total": self.monitor.spikes})
+    return verdict, voted_stop
+
+  def close(self) -> None:
+    if self.progress is not None:
+      self.progress.close()
+    try:
+      self.checkpointer.close()
+    finally:
+      self.writer.close()
 
 
 def _progress_bar(cfg: Config, start: int, total: int):
@@ -180,25 +336,3 @@ def _progress_bar(cfg: Config, start: int, total: int):
     return None
   from tqdm.auto import tqdm  # the bar adapts to notebooks too
   return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _report(pending, writer, progress, cfg: Config, tokens_per_step: int, since: float,
-            flops_per_token: float, peak) -> float:
-  """Fetches one step's metrics (blocking on that step only), logs them, returns its loss."""
-  step, device_metrics = pending
-  values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  if not math.isfinite(values["loss"]):
-    raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; lower "
-                             f"optim.learning_rate or set optim.grad_clip")
-  step_time = time.perf_counter() - since
-  tokens_per_sec = tokens_per_step / max(step_time, 1e-9)
-  utilization = metrics_lib.mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)
-  if progress is not None:
-    postfix = {"loss": f"{values['loss']:.3f}", "tok/s": f"{tokens_per_sec:,.0f}"}
-    postfix["mfu"] = f"{utilization:.1%}" if utilization is not None else "n/a"
-    progress.set_postfix(postfix, refresh=False)
-    progress.update(1)
-  if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
-    writer.write(step, {**values, "tokens_per_sec": tokens_per_sec, "step_time_s": step_time,
-                        "mfu": utilization})
-  return values["loss"]

@@ -5,6 +5,10 @@ carries no loss) and `positions`. The loss is the mean token cross-entropy over 
 plus an optional z-loss (PaLM) that keeps the softmax normalizer near 1. With microbatches the
 gradient of the *sum* is accumulated inside the jitted step and divided by the total token count
 once, so the result equals a single big batch regardless of how it is split.
+
+A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged
+(only the step counter advances, so the data stream and the schedule stay aligned with the step) and
+reports `update_skipped` = 1; the loop counts such steps and restores a checkpoint if they persist.
 """
 
 from __future__ import annotations
@@ -76,20 +80,29 @@ def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransf
           accumulate, init, _split_microbatches(batch, num_micro))
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    params, opt_state = _select_tree(finite, (params, opt_state), (state.params, state.opt_state))
     metrics = {
         "loss": ce_sum / denom,
         "total_loss": loss_sum / denom,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(params),
         "learning_rate": schedule(state.step),
         "tokens": tokens,
+        "update_skipped": 1.0 - finite.astype(jnp.float32),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
   return train_step
+
+
+def _select_tree(ok: jax.Array, new, old):
+  """`new` where `ok`, else `old`, leaf by leaf (a select XLA fuses into the update in place)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def make_eval_step(cfg: Config, model_spec: ModelSpec) -> Callable:

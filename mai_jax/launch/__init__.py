@@ -1,0 +1,1 @@
+"""Multi-process start-up (jax.distributed) and cluster templates (SLURM, Kubernetes JobSet)."""
