@@ -22,8 +22,8 @@ from mai_jax import metrics as metrics_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
-from mai_jax.data.pipeline import make_eval_batches, make_train_iterator
-from mai_jax.data.tokenizer import load_or_train_tokenizer
+from mai_jax.data.pipeline import DataMetrics, make_eval_batches, make_train_iterator
+from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
 from mai_jax.model import count_params
 from mai_jax.train import step as step_lib
 from mai_jax.train.trainer import build_trainer
@@ -70,7 +70,9 @@ def _tokenizer(cfg: Config, workdir: str):
     if jax.process_index() == 0:
       load_or_train_tokenizer(cfg, workdir, process_index=0)
     multihost_utils.sync_global_devices("mai_jax tokenizer ready")
-  return load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
+  tokenizer = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
+  check_tokenizer_record(workdir, tokenizer, write=jax.process_index() == 0)
+  return tokenizer
 
 
 def evaluate(eval_step, params, batches) -> float:
@@ -101,6 +103,7 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   data_iter = make_train_iterator(cfg, tokenizer, process_index=pid, process_count=nproc)
   eval_batches = make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
                                    process_index=pid, process_count=nproc)
+  data_metrics = DataMetrics(cfg)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
@@ -138,7 +141,9 @@ def train(cfg: Config, workdir: str) -> TrainResult:
       for step in range(start, num_steps):
         if profile and step == profile[0]:
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        batch = global_batch(next(data_iter), batch_sharding, rows)
+        local = next(data_iter)
+        data_metrics.add(local)
+        batch = global_batch(local, batch_sharding, rows)
         state, step_metrics = train_step(state, batch)
         if pending is not None:  # step N is queued: now read step N-1
           last_loss = _report(pending, writer, progress, cfg, tokens_per_step, last_time,
@@ -146,6 +151,8 @@ def train(cfg: Config, workdir: str) -> TrainResult:
           first_loss = last_loss if first_loss is None else first_loss
           last_time = time.perf_counter()
         pending = (step + 1, step_metrics)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == num_steps:
+          writer.write(step + 1, data_metrics.scalars(_sum_over_processes if nproc > 1 else None))
         if profile and step + 1 == profile[1]:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
@@ -173,6 +180,10 @@ def train(cfg: Config, workdir: str) -> TrainResult:
          f"(perplexity {math.exp(min(eval_loss, 50)):.2f}{since})")
   return TrainResult(final_step=num_steps, final_loss=last_loss, eval_loss=eval_loss,
                      resumed_from=resumed_from)
+
+
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
 
 
 def _progress_bar(cfg: Config, start: int, total: int):
