@@ -109,12 +109,12 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSp
   seeds = [seed if k == 0 else pipeline.source_seed(seed, k) for k in range(len(specs))]
   step_rows = StepRows([s.path for s in specs], windows, [s.weight for s in specs], seeds,
                        seq_len, cfg.train.global_batch_size, start, stop)
-  ds = grain.MapDataset.range(sys.maxsize).map(step_rows).to_iter_dataset(pipeline.READ_OPTIONS)
-  if cfg.data.worker_count > 0:
-    pipeline.mark_absl_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.data.worker_count,
-        per_worker_buffer_size=max(cfg.data.prefetch_buffer, 1)))
+  # data.worker_count reader threads, not processes: the work is tensorstore I/O and NumPy, both
+  # outside the GIL, and threads keep the iterator state {'next_index': step} (grain's worker
+  # processes would make it depend on the worker count).
+  options = grain.ReadOptions(num_threads=max(cfg.data.worker_count, 1),
+                              prefetch_buffer_size=pipeline.READ_OPTIONS.prefetch_buffer_size)
+  ds = grain.MapDataset.range(sys.maxsize).map(step_rows).to_iter_dataset(options)
   if cfg.data.prefetch_buffer > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=cfg.data.prefetch_buffer)
