@@ -272,3 +272,24 @@ def test_cli_tokenize_inspect_and_errors(corpus, tok, tmp_path, capsys):
   assert "data tokenize needs a fixed tokenizer" in capsys.readouterr().err
   assert cli.main(["data", "inspect", str(tmp_path)]) == 2
   assert "unfinished token cache" in capsys.readouterr().err
+
+
+def test_cache_split_equals_the_raw_split_even_when_hashing_leaves_validation_empty(tok, tmp_path):
+  """With few documents no id may hash below val_fraction; like sources.split_indices, the cache
+  then moves the train document of smallest hash to validation."""
+  for i in range(3):
+    (tmp_path / f"p{i}.jsonl").write_text("".join(json.dumps({"text": f"doc {i} {j} " * 20})
+                                                  + "\n" for j in range(4)))
+  cfg = config([{"name": "few", "kind": "jsonl", "path": str(tmp_path / "*.jsonl")}],
+               val_fraction=0.01)
+  spec = sources.source_specs(cfg.data)[0]
+  cache.tokenize_source(spec, cfg.data, tok, str(tmp_path / "c"))
+  _, splits = cache.open_cache(str(tmp_path / "c"))
+  for split in ("train", "validation"):
+    docs = sources.load_splits(cfg.data, split)[0]
+    expected = [np.array([tok.bos_id, *tok.encode(t), tok.eos_id], np.int32) for t in docs.texts]
+    assert len(expected) == (1 if split == "validation" else 11)
+    np.testing.assert_array_equal(splits[split].offsets,
+                                  np.cumsum([0] + [len(d) for d in expected]))
+    np.testing.assert_array_equal(
+        splits[split].tokens[:splits[split].num_tokens].read().result(), np.concatenate(expected))

@@ -93,6 +93,7 @@ def _tokenize_shard(spec: SourceSpec, base: str, files: list[str], tokenizer: To
                     val_fraction: float, prefix: str) -> dict:
   """Tokenizes one shard's files into PREFIX.npz, then writes PREFIX.json (the done marker)."""
   texts: dict[str, list[str]] = {s: [] for s in SPLITS}
+  train_ids: list[str] = []
   skipped: dict[str, int] = {}
   for rel in files:
     for doc_id, text, reason in sources.file_documents(spec, base, rel):
@@ -101,7 +102,9 @@ def _tokenize_shard(spec: SourceSpec, base: str, files: list[str], tokenizer: To
       else:
         split = "validation" if sources.split_fraction(doc_id) < val_fraction else "train"
         texts[split].append(text)
-  arrays = {}
+        if split == "train":
+          train_ids.append(doc_id)
+  arrays = {"train_fractions": np.asarray([sources.split_fraction(i) for i in train_ids])}
   for split in SPLITS:
     docs = [np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
             for ids in _encode_all(tokenizer, texts[split])]
@@ -128,9 +131,45 @@ def _shard_done(prefix: str, files: list[str], tokenizer: Tokenizer) -> Optional
   return marker if ok else None
 
 
-def _write_split(out_dir: str, split: str, prefixes: list[str]) -> dict:
+def _split_docs(prefix: str, split: str, moved: Optional[tuple[int, int]],
+                shard: int) -> tuple[np.ndarray, np.ndarray]:
+  """(lengths, tokens) of one shard's `split`; `moved` = (shard, train doc) is the document that
+  goes to validation when the hash rule left validation empty (as sources.split_indices does)."""
+  data = np.load(prefix + ".npz")
+  lengths, tokens = data[f"{split}_lengths"], data[f"{split}_tokens"]
+  if moved is None or moved[0] != shard:
+    return lengths, tokens
+  doc = moved[1]
+  train_lengths, train_tokens = data["train_lengths"], data["train_tokens"]
+  start = int(train_lengths[:doc].sum())
+  stop = start + int(train_lengths[doc])
+  if split == "validation":  # this shard's own validation is empty, or nothing would move
+    return train_lengths[doc:doc + 1], train_tokens[start:stop]
+  return (np.delete(train_lengths, doc),
+          np.concatenate([train_tokens[:start], train_tokens[stop:]]))
+
+
+def _moved_document(prefixes: list[str], val_fraction: float) -> Optional[tuple[int, int]]:
+  """With val_fraction > 0, validation gets at least the train document of smallest hash, so
+  tiny corpora still have something to evaluate (the same rule as sources.split_indices)."""
+  if val_fraction <= 0:
+    return None
+  best, total = None, 0
+  for j, prefix in enumerate(prefixes):
+    data = np.load(prefix + ".npz")
+    if len(data["validation_lengths"]):
+      return None
+    fractions = data["train_fractions"]
+    total += len(fractions)
+    if len(fractions) and (best is None or fractions.min() < best[0]):
+      best = (float(fractions.min()), j, int(fractions.argmin()))
+  return (best[1], best[2]) if best is not None and total >= 2 else None
+
+
+def _write_split(out_dir: str, split: str, prefixes: list[str],
+                 moved: Optional[tuple[int, int]]) -> dict:
   """Concatenates the shards' `split` into OUT/split/{tokens,offsets}; returns its counts."""
-  lengths = [np.load(p + ".npz")[f"{split}_lengths"] for p in prefixes]
+  lengths = [_split_docs(p, split, moved, j)[0] for j, p in enumerate(prefixes)]
   offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [np.zeros(0, np.int64)]))])
   num_tokens = int(offsets[-1])
   tokens = _store(os.path.join(out_dir, split, "tokens"), dtype=ts.int32,
@@ -150,8 +189,8 @@ def _write_split(out_dir: str, split: str, prefixes: list[str]) -> dict:
     while len(pending) > 8:  # bounded memory: at most ~8 shards in flight
       pending.pop(0).result()
 
-  for p in prefixes:
-    chunk = np.load(p + ".npz")[f"{split}_tokens"]
+  for j, p in enumerate(prefixes):
+    chunk = _split_docs(p, split, moved, j)[1]
     buffer.append(chunk)
     buffered += len(chunk)
     if buffered >= _WRITE_CHUNK:
@@ -198,7 +237,8 @@ def tokenize_source(spec: SourceSpec, data: config_lib.DataConfig, tokenizer: To
       markers[futures[future]] = future.result()
   if any(m is None for m in markers):
     return {}  # interrupted on purpose: no manifest
-  counts = {split: _write_split(out_dir, split, prefixes) for split in SPLITS}
+  moved = _moved_document(prefixes, data.val_fraction)
+  counts = {split: _write_split(out_dir, split, prefixes, moved) for split in SPLITS}
   if not counts["train"]["documents"]:
     raise SourceError(f"data.sources {spec.name!r} yielded no train documents in {len(files)} "
                       f"files; point it at UTF-8 text or the right 'field'")
