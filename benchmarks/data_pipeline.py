@@ -49,13 +49,9 @@ def delivered(cfg: Config, tok, seconds: float) -> dict:
 
 
 def versions() -> dict:
-  import grain
-  import jax
-  import sentencepiece
-  import tensorstore
-  return {"jax": jax.__version__, "grain": getattr(grain, "__version__", None),
-          "tensorstore": tensorstore.__version__, "sentencepiece": sentencepiece.__version__,
-          "numpy": np.__version__}
+  from importlib import metadata
+  return {name: metadata.version(name)
+          for name in ("jax", "grain", "tensorstore", "sentencepiece", "numpy")}
 
 
 def main(argv=None) -> int:
