@@ -91,7 +91,8 @@ def _add_data_parser(sub) -> None:
 
 def _run_data(args, overrides: dict[str, str]) -> None:
   import json  # pylint: disable=import-outside-toplevel
-  from mai_jax.data import cache, sources, tokenizer  # pylint: disable=import-outside-toplevel
+  from mai_jax.data import (cache, sources, tokenizer,  # pylint: disable=import-outside-toplevel
+                            tokenizer_files)
   if args.data_command == "inspect":
     manifest, _ = cache.open_cache(args.path)
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
@@ -108,7 +109,8 @@ def _run_data(args, overrides: dict[str, str]) -> None:
       tokenizer.train_sentencepiece(texts, cfg.model.vocab_size, args.out[:-len(".model")],
                                     cfg.data.tokenizer_train_chars)
     else:
-      tokenizer.train_hf_bpe(texts, cfg.model.vocab_size, args.out, cfg.data.tokenizer_train_chars)
+      tokenizer_files.train_hf_bpe(texts, cfg.model.vocab_size, args.out,
+                                   cfg.data.tokenizer_train_chars)
     print(f"mai-jax: wrote {args.out}; use it with --config.data.tokenizer_path={args.out}")
     return
   if not cfg.data.tokenizer_path:

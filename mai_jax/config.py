@@ -408,7 +408,8 @@ def data_sources(data: DataConfig) -> tuple[SourceSpec, ...]:
       raise _spec_error(i, {}, f"expected a dict, got {type(entry).__name__} {entry!r}")
     unknown = sorted(set(entry) - set(_SOURCE_KEYS))
     if unknown:
-      raise _spec_error(i, entry, f"unknown key(s) {unknown}; valid keys: {', '.join(_SOURCE_KEYS)}")
+      raise _spec_error(i, entry, f"unknown key(s) {unknown}; valid keys: "
+                        f"{', '.join(_SOURCE_KEYS)}")
     name, kind = entry.get("name"), entry.get("kind")
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
       raise _spec_error(i, entry, f"'name' must be a short word such as 'web' (letters, digits, _ "

@@ -2,7 +2,6 @@
 write resumes to the same store, unfinished or foreign-tokenizer caches are refused, reads are
 batched, and rows are a pure function of the step (exact resume, host slices, weights)."""
 
-import dataclasses
 import json
 import os
 

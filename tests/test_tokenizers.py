@@ -13,9 +13,9 @@ import tokenizers
 
 from mai_jax import cli
 from mai_jax.config import Config, DataConfig, ModelConfig
-from mai_jax.data import sources, tokenizer as tokenizer_lib
-from mai_jax.data.tokenizer import (CL100K_PATTERN, HFTokenizer, TiktokenTokenizer,
-                                    TokenizerError, check_tokenizer_record, load_tokenizer)
+from mai_jax.data import sources, tokenizer as tokenizer_lib, tokenizer_files
+from mai_jax.data.tokenizer import TokenizerError, check_tokenizer_record, load_tokenizer
+from mai_jax.data.tokenizer_files import CL100K_PATTERN, HFTokenizer, TiktokenTokenizer
 
 TEXTS = ["def f(x):\n    return x  # two  spaces\n\n", "naïve café, 日本語, emoji \U0001F9EC",
          "", "<|eos|> looks special but is text", "trailing\n\n"]
@@ -24,7 +24,7 @@ TEXTS = ["def f(x):\n    return x  # two  spaces\n\n", "naïve café, 日本語,
 @pytest.fixture(scope="module")
 def hf_path(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("hf") / "tokenizer.json")
-  return tokenizer_lib.train_hf_bpe(sources.stdlib_documents(20).texts, 700, path, 200_000)
+  return tokenizer_files.train_hf_bpe(sources.stdlib_documents(20).texts, 700, path, 200_000)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,16 @@ places whole chunks (documents are cut only every seq_len tokens, stage 3, so no
 length) at the cost of a little padding: 0.9% of tokens on the stdlib at seq_len 256, 2% at 1024,
 masked out of the loss by segment id 0.
 
+Mixtures: with several data.sources, stages 1-5 run per source and grain's `IterDataset.mix`
+interleaves the packed rows by weight, so weights are shares of rows, i.e. of tokens. Each row
+carries `source_tokens` int32 [num_sources] (its real tokens, credited to its source) for the
+loop's `data/tokens/<name>` metrics; `DataMetrics` adds the `data/skipped_<reason>` counts.
+
 Host slicing: every host builds the same global stream and keeps rows
 [process_index * B/P, (process_index + 1) * B/P) of each global batch, so the global batch is the
-same whatever the process count. It is simple, not efficient (each host tokenizes everything); a
-later issue reads per host. The iterator state is identical on every host for the same reason.
+same whatever the process count. It is simple, not efficient (each host tokenizes everything);
+token caches (cache_pipeline.py) compute only the host's rows. The iterator state is identical on
+every host for the same reason.
 
 Workers: `mp_prefetch` runs only stages 1-2 (a one-to-one map), and grain interleaves worker
 outputs in index order, so the stream, and the checkpointed state's meaning, do not depend on

@@ -111,120 +111,15 @@ class SentencePieceTokenizer:
     return self._sp.id_to_piece(int(token_id))
 
 
-# Special tokens looked up in a tokenizer.json / added to a tiktoken rank file, first match wins.
-_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>")
-_EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|endoftext|>")
-_PAD_NAMES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
-# cl100k_base's split pattern (tiktoken's own, written out: nothing is downloaded).
-CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-TIKTOKEN_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
-
-
-def _read_bytes(path: str, what: str) -> bytes:
-  if not os.path.isfile(path):
-    raise TokenizerError(f"tokenizer file {path!r} not found; set data.tokenizer_path to an "
-                         f"existing {what}")
-  with open(path, "rb") as f:
-    return f.read()
-
-
-class HFTokenizer:
-  """A Hugging Face `tokenizer.json` (the `tokenizers` package) behind the `Tokenizer` interface.
-
-  bos/eos/pad are the first of the usual special-token names the file defines (`<s>`,
-  `<|begin_of_text|>`, ...); pad falls back to eos (padding is masked by segment id 0 anyway)."""
-
-  def __init__(self, path: str):
-    self._init(path, _read_bytes(path, "tokenizer.json"))
-
-  def _init(self, path: str, raw: bytes):
-    import tokenizers  # pylint: disable=import-outside-toplevel
-    self.path, self._raw = path, raw
-    self.content_hash = hashlib.sha256(raw).hexdigest()
-    try:
-      self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as e:  # the package raises plain Exceptions for malformed files
-      raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    ids = lambda names: [i for i in map(self._tok.token_to_id, names) if i is not None]
-    bos, eos, pad = ids(_BOS_NAMES), ids(_EOS_NAMES), ids(_PAD_NAMES)
-    self.bos_id = bos[0] if bos else -1
-    self.eos_id = eos[0] if eos else -1
-    self.pad_id = pad[0] if pad else max(self.eos_id, 0)
-
-  def __getstate__(self):
-    return {"path": self.path, "raw": self._raw}
-
-  def __setstate__(self, state):
-    self._init(state["path"], state["raw"])
-
-  def __repr__(self) -> str:
-    return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-class TiktokenTokenizer:
-  """A tiktoken-format BPE rank file (`base64(token) rank` per line) read from a local path and
-  built into a `tiktoken.Encoding` with `pattern` (never downloaded). The three specials
-  <|bos|>, <|eos|>, <|pad|> get the ids right after the ranks; special-looking text in documents
-  is encoded as ordinary text."""
-
-  def __init__(self, path: str, pattern: str = ""):
-    self._init(path, _read_bytes(path, "tiktoken rank file"), pattern or CL100K_PATTERN)
-
-  def _init(self, path: str, raw: bytes, pattern: str):
-    import base64  # pylint: disable=import-outside-toplevel
-    import tiktoken  # pylint: disable=import-outside-toplevel
-    self.path, self._raw, self._pattern = path, raw, pattern
-    self.content_hash = hashlib.sha256(raw + b"\0" + pattern.encode()).hexdigest()
-    try:
-      ranks = {base64.b64decode(token): int(rank)
-               for token, rank in (line.split() for line in raw.splitlines() if line.strip())}
-    except ValueError as e:
-      raise TokenizerError(f"{path}: not a tiktoken rank file ('base64 rank' per line): {e}") from None
-    n = max(ranks.values()) + 1 if ranks else 0
-    specials = {name: n + i for i, name in enumerate(TIKTOKEN_SPECIALS)}
-    self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern,
-                                  mergeable_ranks=ranks, special_tokens=specials)
-    self.vocab_size = n + len(specials)
-    self.bos_id, self.eos_id, self.pad_id = (specials[s] for s in TIKTOKEN_SPECIALS)
-
-  def __getstate__(self):
-    return {"path": self.path, "raw": self._raw, "pattern": self._pattern}
-
-  def __setstate__(self, state):
-    self._init(state["path"], state["raw"], state["pattern"])
-
-  def __repr__(self) -> str:
-    return f"TiktokenTokenizer({self.path!r}, vocab_size={self.vocab_size})"
-
-  def encode(self, text: str) -> list[int]:
-    return self._enc.encode_ordinary(text)
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self._enc.encode_ordinary_batch(list(texts))
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._enc.decode([int(i) for i in ids])
-
-
 def load_tokenizer(path: str, pattern: str = "") -> Tokenizer:
   """The tokenizer file at `path` by its kind: SentencePiece `.model`, Hugging Face `.json`,
   anything else a tiktoken rank file (split by `pattern`, default cl100k's)."""
   if path.endswith(".model"):
     return SentencePieceTokenizer(path)
+  from mai_jax.data import tokenizer_files  # pylint: disable=import-outside-toplevel
   if path.endswith(".json"):
-    return HFTokenizer(path)
-  return TiktokenTokenizer(path, pattern)
+    return tokenizer_files.HFTokenizer(path)
+  return tokenizer_files.TiktokenTokenizer(path, pattern)
 
 
 RECORD_FILE = "tokenizer.json"
@@ -232,7 +127,8 @@ RECORD_FILE = "tokenizer.json"
 
 def check_tokenizer_record(workdir: str, tok: Tokenizer, *, write: bool = True) -> None:
   """WORKDIR/tokenizer.json records the run's tokenizer (path + sha256); a resumed run with a
-  different one (other ids for the same text) is refused. `write`: record it if absent (process 0)."""
+  different one (other ids for the same text) is refused. `write`: record it when absent (process
+  0 only)."""
   path = os.path.join(workdir, RECORD_FILE)
   if os.path.isfile(path):
     with open(path) as f:
@@ -250,24 +146,6 @@ def check_tokenizer_record(workdir: str, tok: Tokenizer, *, write: bool = True) 
                  "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                  "pad_id": tok.pad_id}, f, indent=2)
     os.replace(tmp, path)
-
-
-def train_hf_bpe(texts: Iterable[str], vocab_size: int, path: str, max_chars: int) -> str:
-  """Trains a byte-level BPE tokenizer.json (Hugging Face `tokenizers`) on at most `max_chars`
-  characters; specials <pad>=0, <s>=1, </s>=2. Written atomically; returns `path`."""
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(_training_pieces(texts, max_chars), trainer=trainer)
-  tmp = f"{path}.tmp{os.getpid()}"
-  tok.save(tmp)
-  os.replace(tmp, path)
-  return path
 
 
 # ----------------------------------------------------------------------------------------------
