@@ -4,6 +4,7 @@ token shares match the weights."""
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,8 @@ def corpora(tmp_path_factory):
   (text_dir / "bad_utf8.txt").write_bytes(b"caf\xe9\n")
   (text_dir / "binary.txt").write_bytes(b"\x7fELF\x00\x00")
   (text_dir / "empty.txt").write_text("   \n")
+  os.mkfifo(text_dir / "pipe.txt")  # never opened: reading a FIFO would block forever
+  os.symlink(text_dir / "gone", text_dir / "dangling.txt")
   (root / "long").mkdir()
   (root / "long" / "huge.txt").write_text("x" * 2_500_001)  # split into 3 pieces, not dropped
   jsonl = root / "synthetic.jsonl"
@@ -85,7 +88,9 @@ def test_each_format_reads_exactly_its_documents_and_counts_bad_ones(corpora):
       sources.source_specs(make_config(entries(corpora, **{name: 1.0})).data)[0])
   web = read("web")
   assert len([i for i in web.doc_ids if i.startswith("sub/")]) == 30
-  assert web.skipped_counts() == {"invalid UTF-8": 1, "binary": 1, "empty": 1}
+  assert web.skipped_counts() == {"invalid UTF-8": 1, "binary": 1, "empty": 1,
+                                  "unreadable (FileNotFoundError)": 1}
+  assert web.files_scanned == 34  # 30 pages, 3 bad files, the dangling link; not the FIFO
   long = sources.spec_documents(sources.SourceSpec("long", "text", corpora["long"]))
   assert long.doc_ids == ("huge.txt#0", "huge.txt#1", "huge.txt#2")
   assert "".join(long.texts) == "x" * 2_500_001 and long.skipped_counts() == {"split_long": 1}
@@ -173,6 +178,7 @@ def test_mixture_token_shares_match_weights_and_resume_exactly(corpora, tok):
   np.testing.assert_allclose(shares, [0.6, 0.3, 0.1], atol=0.03)
   assert scalars["data/skipped_invalid_utf_8"] == 2  # web + synthetic
   assert scalars["data/skipped_empty"] == 4 and scalars["data/skipped_binary"] == 1
+  assert scalars["data/skipped_unreadable"] == 1
   state = json.loads(json.dumps(it.get_state()))
   expected = [next(it) for _ in range(3)]
   fresh = make_train_iterator(cfg, tok)

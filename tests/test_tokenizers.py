@@ -101,7 +101,8 @@ def test_train_tokenizer_cli_from_a_configured_source(tmp_path, capsys):
             str(tmp_path / out), f"--config.data.sources={sources_arg}"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     tok = load_tokenizer(str(tmp_path / out))
-    assert tok.vocab_size <= 512 and tok.decode(tok.encode("alpha beta")) == "alpha beta"
+    assert tok.vocab_size == 512  # the smoke model's vocab_size, padded on this small corpus
+    assert tok.decode(tok.encode("alpha beta")) == "alpha beta"
   assert cli.main(["data", "train-tokenizer", "--config", "experiments/tiny.py:smoke", "--out",
                    str(tmp_path / "x.bin")]) == 2
   assert "NAME.model" in capsys.readouterr().err

@@ -62,7 +62,9 @@ def source_files(path: str) -> tuple[str, list[str]]:
     files = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
   elif os.path.isdir(path):
     base = path
-    files = [os.path.join(folder, n) for folder, _, names in os.walk(path) for n in names]
+    # Regular files and (possibly dangling) links only: opening a FIFO or device would block.
+    files = [p for folder, _, names in os.walk(path) for p in
+             (os.path.join(folder, n) for n in names) if os.path.isfile(p) or os.path.islink(p)]
   elif os.path.exists(path) or os.path.islink(path):
     base, files = os.path.dirname(path) or ".", [path]
   else:

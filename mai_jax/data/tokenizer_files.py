@@ -123,7 +123,8 @@ class TiktokenTokenizer:
 
 def train_hf_bpe(texts: Iterable[str], vocab_size: int, path: str, max_chars: int) -> str:
   """Trains a byte-level BPE tokenizer.json (Hugging Face `tokenizers`) on at most `max_chars`
-  characters; specials <pad>=0, <s>=1, </s>=2. Written atomically; returns `path`."""
+  characters; specials <pad>=0, <s>=1, </s>=2; exactly `vocab_size` entries. Written atomically;
+  returns `path`."""
   import tokenizers  # pylint: disable=import-outside-toplevel
   from tokenizers import (  # pylint: disable=import-outside-toplevel
       decoders, models, pre_tokenizers, trainers)
@@ -134,6 +135,11 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int, path: str, max_chars: in
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(_training_pieces(texts, max_chars), trainer=trainer)
+  # A small corpus supports fewer merges than asked for; like train_sentencepiece, fill the
+  # vocabulary with never-produced tokens so it has exactly vocab_size entries.
+  missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)
+  if missing > 0:
+    tok.add_special_tokens([f"<|unused_{i}|>" for i in range(missing)])
   tmp = f"{path}.tmp{os.getpid()}"
   tok.save(tmp)
   os.replace(tmp, path)
