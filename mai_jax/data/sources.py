@@ -4,8 +4,13 @@ A source is a grain random-access data source of documents (`len(src)`, `src[i] 
 pipeline wraps it with `grain.MapDataset.source(src)` and gets global shuffling, repetition and
 checkpointable iteration for free. Each source has stable document ids (relative paths), and the
 split is a pure function of the id, so a document never moves between train and validation when
-other files come or go. New sources (JSONL, Parquet, text folders) are functions registered in
-`SOURCES` that return a `DocumentSource` of every document; `load_split` splits all of them alike.
+other files come or go.
+
+A run's sources are the entries of data.sources (config.SourceSpec: name, kind, path, weight,
+field), or the single data.source when that list is empty. File kinds (text, JSONL, Parquet,
+ArrayRecord) are read by readers.py one file at a time (`file_documents`, which the token cache
+writer streams too); `spec_documents` holds a raw source's documents in host memory, so corpora
+larger than that go through the token cache (cache.py), which is read lazily.
 
 The default source, 'stdlib', is the running interpreter's own standard library: its `.py` modules
 plus the documentation text that ships with it (the pydoc topics, one document per topic, and the
