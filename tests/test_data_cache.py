@@ -292,3 +292,31 @@ def test_cache_split_equals_the_raw_split_even_when_hashing_leaves_validation_em
                                   np.cumsum([0] + [len(d) for d in expected]))
     np.testing.assert_array_equal(
         splits[split].tokens[:splits[split].num_tokens].read().result(), np.concatenate(expected))
+
+
+def test_tokenize_that_crashes_midway_resumes_to_the_same_store(corpus, tok, caches, tmp_path,
+                                                               monkeypatch):
+  """A failure inside one shard (as a killed worker would leave it) loses only that shard."""
+  cfg = config(raw_entries(corpus))
+  spec = sources.source_specs(cfg.data)[0]
+  out = str(tmp_path / "synthetic")
+  real = cache._tokenize_shard
+
+  def crash_on_third(spec_, base, files, tok_, val_fraction, prefix):
+    if prefix.endswith("00002"):
+      raise KeyboardInterrupt("killed")
+    return real(spec_, base, files, tok_, val_fraction, prefix)
+  monkeypatch.setattr(cache, "_tokenize_shard", crash_on_third)
+  with pytest.raises(KeyboardInterrupt):
+    cache.tokenize_source(spec, cfg.data, tok, out, workers=1)
+  assert not os.path.exists(os.path.join(out, cache.MANIFEST))
+  monkeypatch.setattr(cache, "_tokenize_shard", real)
+  logs = []
+  cache.tokenize_source(spec, cfg.data, tok, out, log=logs.append)
+  assert "already done" in logs[0] and "0 already done" not in logs[0]
+  (_, got), (_, want) = cache.open_cache(out), cache.open_cache(caches["synthetic"])
+  for split in ("train", "validation"):
+    n = want[split].num_tokens
+    np.testing.assert_array_equal(got[split].offsets, want[split].offsets)
+    np.testing.assert_array_equal(got[split].tokens[:n].read().result(),
+                                  want[split].tokens[:n].read().result())
