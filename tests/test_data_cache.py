@@ -320,3 +320,23 @@ def test_tokenize_that_crashes_midway_resumes_to_the_same_store(corpus, tok, cac
     np.testing.assert_array_equal(got[split].offsets, want[split].offsets)
     np.testing.assert_array_equal(got[split].tokens[:n].read().result(),
                                   want[split].tokens[:n].read().result())
+
+
+def test_rerun_skips_an_up_to_date_cache_and_redoes_a_changed_one(corpus, tok, tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "a.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 9}) + "\n"
+                                       for i in range(30)))
+  cfg = config([{"name": "s", "kind": "jsonl", "path": str(src / "*.jsonl")}])
+  spec, out = sources.source_specs(cfg.data)[0], str(tmp_path / "c")
+  first = cache.tokenize_source(spec, cfg.data, tok, out)
+  logs = []
+  assert cache.tokenize_source(spec, cfg.data, tok, out, log=logs.append) == first
+  assert logs == [f"s: {out} is up to date"]
+  with open(src / "a.jsonl", "a") as f:
+    f.write(json.dumps({"text": "one more document"}) + "\n")
+  sources.spec_documents.cache_clear()
+  changed = cache.tokenize_source(spec, cfg.data, tok, out)
+  total = lambda m: sum(s["documents"] for s in m["splits"].values())
+  assert total(changed) == total(first) + 1
+  assert changed["files"][0]["sha256"] != first["files"][0]["sha256"]

@@ -218,8 +218,12 @@ def tokenize_source(spec: SourceSpec, data: config_lib.DataConfig, tokenizer: To
     raise SourceError(f"data.sources {spec.name!r}: path {spec.path!r} matches no files")
   start = time.perf_counter()
   shard_dir = os.path.join(out_dir, "shards")
-  os.makedirs(shard_dir, exist_ok=True)
   manifest_path = os.path.join(out_dir, MANIFEST)
+  done = _up_to_date(manifest_path, spec, data, tokenizer, base, files)
+  if done is not None:
+    log(f"{spec.name}: {out_dir} is up to date")
+    return done
+  os.makedirs(shard_dir, exist_ok=True)
   if os.path.exists(manifest_path):
     os.remove(manifest_path)  # rewriting: the folder is unfinished until the new manifest lands
   shards = _shards(spec, files)
@@ -258,6 +262,28 @@ def tokenize_source(spec: SourceSpec, data: config_lib.DataConfig, tokenizer: To
   shutil.rmtree(shard_dir, ignore_errors=True)
   log(f"{spec.name}: {counts['train']['tokens']:,} train tokens, "
       f"{counts['validation']['tokens']:,} validation tokens -> {out_dir}")
+  return manifest
+
+
+def _up_to_date(manifest_path: str, spec: SourceSpec, data: config_lib.DataConfig,
+                tokenizer: Tokenizer, base: str, files: list[str]) -> Optional[dict]:
+  """The existing manifest when it was made from the same files (sizes and sha256), source entry,
+  split and tokenizer, so re-running `data tokenize` after a failure skips finished sources."""
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError):
+    return None
+  same = (manifest.get("format") == FORMAT and manifest.get("source") == dataclasses.asdict(spec)
+          and manifest.get("val_fraction") == data.val_fraction
+          and manifest.get("tokenizer", {}).get("sha256") == tokenizer.content_hash
+          and [f.get("path") for f in manifest.get("files", [])] == files)
+  if not same:
+    return None
+  for entry in manifest["files"]:
+    if {k: v for k, v in entry.items() if k != "path"} != readers.file_fingerprint(
+        os.path.join(base, entry["path"])):
+      return None
   return manifest
 
 
