@@ -2,6 +2,7 @@
 
   mai-jax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.SECTION.KEY=VALUE ...]
   mai-jax checkpoints --workdir DIR [--export-params OUT [--step S]]
+  mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
 
 A bad config, override or file is reported on one line naming the key and the fix, exit code 2.
 """
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                      "checkpoints)")
   _add_distributed_flags(train)
   _add_checkpoints_parser(sub)
+  _add_data_parser(sub)
   return parser
 
 
@@ -108,6 +110,63 @@ def _run_checkpoints(args) -> int:
   return 0 if all(e.status in ("ok", "unverified") for e in entries) else 1
 
 
+def _add_data_parser(sub) -> None:
+  data = sub.add_parser("data", help="tokenizers and token caches for the configured data.sources")
+  tasks = data.add_subparsers(dest="data_command", required=True)
+  tok = tasks.add_parser("train-tokenizer", help="train a BPE tokenizer on the configured sources")
+  tok.add_argument("--config", dest="config_spec", required=True,
+                   help="experiments/NAME.py[:VARIANT]")
+  tok.add_argument("--out", required=True,
+                   help="output file: NAME.model (SentencePiece) or NAME.json (Hugging Face)")
+  tokenize = tasks.add_parser("tokenize", help="pre-tokenize every configured source into a "
+                              "token cache (resumes an interrupted run)")
+  tokenize.add_argument("--config", dest="config_spec", required=True,
+                        help="experiments/NAME.py[:VARIANT] (data.tokenizer_path must be set)")
+  tokenize.add_argument("--out", required=True, help="folder; each source goes to OUT/NAME")
+  tokenize.add_argument("--workers", type=int, default=2, help="tokenizer threads")
+  inspect = tasks.add_parser("inspect", help="print a token cache's manifest")
+  inspect.add_argument("path", help="a token cache folder (OUT/NAME of `data tokenize`)")
+
+
+def _run_data(args, overrides: dict[str, str]) -> None:
+  import json  # pylint: disable=import-outside-toplevel
+  from mai_jax.data import (cache, sources, tokenizer,  # pylint: disable=import-outside-toplevel
+                            tokenizer_files)
+  if args.data_command == "inspect":
+    manifest, _ = cache.open_cache(args.path)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+    print(f"{len(manifest['files'])} input files")
+    return
+  cfg = resolve_config(args.config_spec, None, overrides)
+  if args.data_command == "train-tokenizer":
+    if not args.out.endswith((".model", ".json")):
+      raise config_lib.ConfigError(f"--out {args.out!r}: name it NAME.model (SentencePiece) or "
+                                   f"NAME.json (Hugging Face tokenizers)")
+    texts = tokenizer.training_texts(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.out.endswith(".model"):
+      tokenizer.train_sentencepiece(texts, cfg.model.vocab_size, args.out[:-len(".model")],
+                                    cfg.data.tokenizer_train_chars)
+    else:
+      tokenizer_files.train_hf_bpe(texts, cfg.model.vocab_size, args.out,
+                                   cfg.data.tokenizer_train_chars)
+    print(f"mai-jax: wrote {args.out}; use it with --config.data.tokenizer_path={args.out}")
+    return
+  if not cfg.data.tokenizer_path:
+    raise config_lib.ConfigError("data tokenize needs a fixed tokenizer: set "
+                                 "--config.data.tokenizer_path (train one with `mai-jax data "
+                                 "train-tokenizer`)")
+  tok = tokenizer.load_tokenizer(cfg.data.tokenizer_path, cfg.data.tokenizer_pattern)
+  entries = []
+  for spec in sources.source_specs(cfg.data):
+    out = os.path.join(args.out, spec.name)
+    cache.tokenize_source(spec, cfg.data, tok, out, workers=args.workers,
+                          log=lambda msg: print(f"mai-jax: {msg}", flush=True))
+    entries.append({"name": spec.name, "kind": "cache", "path": os.path.abspath(out),
+                    "weight": spec.weight})
+  print(f"mai-jax: train from the caches with --config.data.sources=\"{tuple(entries)!r}\"")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
@@ -122,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       train(cfg, args.workdir)
     elif args.command == "checkpoints":
       return _run_checkpoints(args)
+    elif args.command == "data":
+      _run_data(args, overrides)
     return 0
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)

@@ -111,6 +111,12 @@ class DataConfig:
   worker_count: int = 0
   prefetch_buffer: int = 2
   shuffle_seed: int = 0
+  # Named sources mixed by weight (empty: `source` alone). Each entry is a dict, e.g.
+  #   {'name': 'web', 'kind': 'jsonl', 'path': '/data/web/*.jsonl', 'weight': 0.7, 'field': 'text'}
+  # kinds: stdlib, text, jsonl, parquet, arrayrecord, cache (a `mai-jax data tokenize` folder).
+  sources: Tuple[Any, ...] = ()
+  # Split regex of a tiktoken rank file given as tokenizer_path (empty: cl100k's pattern).
+  tokenizer_pattern: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +350,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     raise ConfigError(f"train.profile_steps={t.profile_steps} must be (start, stop) "
                       f"with 0 <= start < stop")
   _validate_fault_handling(cfg)
+  _validate_data_sources(d)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -379,6 +386,77 @@ def _validate_fault_handling(cfg: Config) -> None:
                       f"loss above ratio x its recent mean), or 0 to turn the detector off")
   if t.loss_spike_ratio and t.loss_spike_window < 1:
     raise ConfigError(f"train.loss_spike_window={t.loss_spike_window} must be >= 1")
+def _validate_data_sources(data: DataConfig) -> None:
+  if data.sources:
+    data_sources(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sources (data.sources entries are dicts so the CLI can override them as literals)
+
+
+SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "cache")
+_SOURCE_KEYS = ("name", "kind", "path", "weight", "field")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One entry of data.sources, checked: a named set of files of one kind, mixed by weight.
+
+  `field` is the JSON key / Parquet column holding the text (default 'text'); for 'cache' the
+  path is a folder written by `mai-jax data tokenize`.
+  """
+  name: str
+  kind: str
+  path: str = ""
+  weight: float = 1.0
+  field: str = ""
+
+
+def _spec_error(i: int, entry, problem: str) -> ConfigError:
+  name = entry.get("name") if isinstance(entry, dict) else None
+  which = f"data.sources[{i}]" + (f" ({name!r})" if name else "")
+  example = "{'name': 'web', 'kind': 'jsonl', 'path': '/data/web/*.jsonl', 'weight': 0.7}"
+  return ConfigError(f"{which}: {problem}; each entry is a dict like {example}")
+
+
+def data_sources(data: DataConfig) -> tuple[SourceSpec, ...]:
+  """The checked sources of a run: data.sources, or the single data.source when that is empty.
+  Raises ConfigError naming the bad entry and the fix."""
+  if not data.sources:
+    return (SourceSpec(name=data.source, kind=data.source),)
+  specs, names = [], set()
+  for i, entry in enumerate(data.sources):
+    if not isinstance(entry, dict):
+      raise _spec_error(i, {}, f"expected a dict, got {type(entry).__name__} {entry!r}")
+    unknown = sorted(set(entry) - set(_SOURCE_KEYS))
+    if unknown:
+      raise _spec_error(i, entry, f"unknown key(s) {unknown}; valid keys: "
+                        f"{', '.join(_SOURCE_KEYS)}")
+    name, kind = entry.get("name"), entry.get("kind")
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+      raise _spec_error(i, entry, f"'name' must be a short word such as 'web' (letters, digits, _ "
+                        f"or -), got {name!r}")
+    if name in names:
+      raise _spec_error(i, entry, f"name {name!r} is used twice; names must be unique")
+    names.add(name)
+    if kind not in SOURCE_KINDS:
+      raise _spec_error(i, entry, f"'kind'={kind!r} must be one of {', '.join(SOURCE_KINDS)}")
+    path, field = entry.get("path", ""), entry.get("field", "")
+    if kind != "stdlib" and (not isinstance(path, str) or not path):
+      raise _spec_error(i, entry, f"kind {kind!r} needs a 'path' (a file, folder or glob)")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+      raise _spec_error(i, entry, f"'weight'={weight!r} must be a positive number")
+    if not isinstance(field, str):
+      raise _spec_error(i, entry, f"'field'={field!r} must be a string (JSON key or column)")
+    specs.append(SourceSpec(name=name, kind=kind, path=path or "", weight=float(weight),
+                            field=field))
+  kinds = {s.kind == "cache" for s in specs}
+  if len(kinds) > 1:
+    raise ConfigError("data.sources mixes kind 'cache' with raw sources; pre-tokenize every "
+                      "source with `mai-jax data tokenize` and list only caches, or list none")
+  return tuple(specs)
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

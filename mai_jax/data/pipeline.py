@@ -24,10 +24,16 @@ places whole chunks (documents are cut only every seq_len tokens, stage 3, so no
 length) at the cost of a little padding: 0.9% of tokens on the stdlib at seq_len 256, 2% at 1024,
 masked out of the loss by segment id 0.
 
+Mixtures: with several data.sources, stages 1-5 run per source and grain's `IterDataset.mix`
+interleaves the packed rows by weight, so weights are shares of rows, i.e. of tokens. Each row
+carries `source_tokens` int32 [num_sources] (its real tokens, credited to its source) for the
+loop's `data/tokens/<name>` metrics; `DataMetrics` adds the `data/skipped_<reason>` counts.
+
 Host slicing: every host builds the same global stream and keeps rows
 [process_index * B/P, (process_index + 1) * B/P) of each global batch, so the global batch is the
-same whatever the process count. It is simple, not efficient (each host tokenizes everything); a
-later issue reads per host. The iterator state is identical on every host for the same reason.
+same whatever the process count. It is simple, not efficient (each host tokenizes everything);
+token caches (cache_pipeline.py) compute only the host's rows. The iterator state is identical on
+every host for the same reason.
 
 Workers: `mp_prefetch` runs only stages 1-2 (a one-to-one map), and grain interleaves worker
 outputs in index order, so the stream, and the checkpointed state's meaning, do not depend on
@@ -60,7 +66,7 @@ _CHUNK_SHUFFLE_WINDOW = 1024
 _MIN_PACKING_BINS = 64
 # Documents tokenized ahead by grain's reader thread in each process (a second thread gave no
 # measurable gain on 2 cores).
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 
 
 class Tokenize(grain.transforms.Map):
@@ -94,11 +100,20 @@ class ChunkAndShift(grain.experimental.FlatMapTransform):
 
 class PackedToBatchFeatures(grain.transforms.Map):
   """Renames grain's packing outputs to the batch contract (inputs, targets, segment_ids,
-  positions); inputs and targets share segment ids and positions by construction."""
+  positions); inputs and targets share segment ids and positions by construction. Adds
+  `source_tokens` int32 [num_sources]: the row's real tokens, all credited to the row's source
+  (rows are packed per source), which the loop sums into `data/tokens/<name>` metrics."""
+
+  def __init__(self, source_index: int = 0, num_sources: int = 1):
+    self._source_index, self._num_sources = source_index, num_sources
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = row["inputs_segment_ids"]
+    counts = np.zeros(self._num_sources, np.int32)
+    counts[self._source_index] = np.count_nonzero(segment_ids)
     return {"inputs": row["inputs"], "targets": row["targets"],
-            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+            "segment_ids": segment_ids, "positions": row["inputs_positions"],
+            "source_tokens": counts}
 
 
 class HostRows(grain.transforms.Map):
@@ -130,19 +145,25 @@ def host_rows(cfg: Config, process_index: int, process_count: int) -> tuple[int,
   return process_index * per_host, (process_index + 1) * per_host
 
 
-def _pack_and_batch(ds: grain.IterDataset, cfg: Config, tokenizer: Tokenizer, *, seed: int,
-                    shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
-  """chunks -> packed rows of seq_len -> global batches [B, seq_len]."""
+def _pack(ds: grain.IterDataset, cfg: Config, tokenizer: Tokenizer, *, seed: int,
+          shuffle_bins: bool, source_index: int = 0, num_sources: int = 1) -> grain.IterDataset:
+  """chunks -> packed rows of seq_len."""
   seq_len, batch = cfg.data.seq_len, cfg.train.global_batch_size
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={"inputs": seq_len, "targets": seq_len},
       num_packing_bins=max(batch, _MIN_PACKING_BINS), seed=seed, shuffle_bins=shuffle_bins,
       padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id})
-  ds = ds.map(PackedToBatchFeatures())
-  return ds.batch(batch, drop_remainder=drop_remainder)
+  return ds.map(PackedToBatchFeatures(source_index, num_sources))
 
 
-def _mark_absl_flags_parsed() -> None:
+def _pack_and_batch(ds: grain.IterDataset, cfg: Config, tokenizer: Tokenizer, *, seed: int,
+                    shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
+  """chunks -> packed rows of seq_len -> global batches [B, seq_len]."""
+  ds = _pack(ds, cfg, tokenizer, seed=seed, shuffle_bins=shuffle_bins)
+  return ds.batch(cfg.train.global_batch_size, drop_remainder=drop_remainder)
+
+
+def mark_absl_flags_parsed() -> None:
   """grain 0.2.18's mp_prefetch reads absl flags, which raise when unparsed outside an absl app
   (grain issue #1355). Marking them parsed keeps their defaults and parses no argv."""
   from absl import flags
@@ -161,24 +182,44 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, *, process_index: int
   the batches that followed. `source_root` overrides where the source reads files (tests).
   """
   start, stop = host_rows(cfg, process_index, process_count)
+  specs = sources.source_specs(cfg.data)
+  if specs[0].kind == "cache":
+    from mai_jax.data import cache_pipeline  # pylint: disable=import-outside-toplevel
+    return cache_pipeline.make_train_iterator(cfg, tokenizer, specs, start, stop)
   seed = shuffle_seed(cfg)
-  docs = sources.load_split(cfg.data, "train", root=source_root)
-  ds = grain.MapDataset.source(docs).shuffle(seed=seed).repeat(None).map(Tokenize(tokenizer))
-  ds = ds.to_iter_dataset(_READ_OPTIONS)
-  if cfg.data.worker_count > 0:
-    _mark_absl_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.data.worker_count,
-        per_worker_buffer_size=max(cfg.data.prefetch_buffer, 1)))
-  ds = grain.experimental.FlatMapIterDataset(ds, ChunkAndShift(cfg.data.seq_len))
-  ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=_CHUNK_SHUFFLE_WINDOW,
-                                                   seed=seed)
-  ds = _pack_and_batch(ds, cfg, tokenizer, seed=seed, shuffle_bins=True, drop_remainder=True)
+  splits = sources.load_splits(cfg.data, "train", root=source_root)
+  rows = [_source_rows(cfg, tokenizer, docs, k, len(splits), seed if k == 0 else
+                       source_seed(seed, k)) for k, docs in enumerate(splits)]
+  ds = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [s.weight for s in specs])
+  ds = ds.batch(cfg.train.global_batch_size, drop_remainder=True)
   ds = ds.map(HostRows(start, stop))
   if cfg.data.prefetch_buffer > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=cfg.data.prefetch_buffer)
   return iter(ds)
+
+
+def source_seed(seed: int, source_index: int) -> int:
+  """The shuffle seed of the source_index-th source (the first keeps the run's seed)."""
+  return int(np.random.SeedSequence([seed, source_index]).generate_state(1)[0])
+
+
+def _source_rows(cfg: Config, tokenizer: Tokenizer, docs: sources.DocumentSource, k: int,
+                 num_sources: int, seed: int) -> grain.IterDataset:
+  """Packed rows of one source: stages 1-5 of the module docstring. Rows are packed per source
+  and mixed afterwards, so data.sources weights are shares of rows, i.e. of tokens."""
+  ds = grain.MapDataset.source(docs).shuffle(seed=seed).repeat(None).map(Tokenize(tokenizer))
+  ds = ds.to_iter_dataset(READ_OPTIONS)
+  if cfg.data.worker_count > 0:
+    mark_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.data.worker_count,
+        per_worker_buffer_size=max(cfg.data.prefetch_buffer, 1)))
+  ds = grain.experimental.FlatMapIterDataset(ds, ChunkAndShift(cfg.data.seq_len))
+  window = max(_CHUNK_SHUFFLE_WINDOW // num_sources, 1)  # same memory whatever the mixture
+  ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window, seed=seed)
+  return _pack(ds, cfg, tokenizer, seed=seed, shuffle_bins=True, source_index=k,
+               num_sources=num_sources)
 
 
 def make_eval_batches(cfg: Config, tokenizer: Tokenizer, *, num_batches: int,
@@ -194,12 +235,18 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, *, num_batches: int,
   if num_batches < 1:
     raise ValueError(f"num_batches={num_batches} must be >= 1 (train.eval_batches)")
   start, stop = host_rows(cfg, process_index, process_count)
-  docs = sources.load_split(cfg.data, "validation", root=source_root)
-  ds = grain.MapDataset.source(docs).map(Tokenize(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+  specs = sources.source_specs(cfg.data)
+  if specs[0].kind == "cache":
+    from mai_jax.data import cache_pipeline  # pylint: disable=import-outside-toplevel
+    return cache_pipeline.make_eval_batches(cfg, tokenizer, specs, start, stop, num_batches)
+  docs = [text for split in sources.load_splits(cfg.data, "validation", root=source_root)
+          for text in split.texts]  # every source, in data.sources order
+  ds = grain.MapDataset.source(docs).map(Tokenize(tokenizer)).to_iter_dataset(READ_OPTIONS)
   ds = grain.experimental.FlatMapIterDataset(ds, ChunkAndShift(cfg.data.seq_len))
   ds = _pack_and_batch(ds, cfg, tokenizer, seed=0, shuffle_bins=False, drop_remainder=False)
   batches = []
   for batch in ds:
+    batch = {k: batch[k] for k in FEATURES}
     batches.append(HostRows(start, stop).map(_pad_rows(batch, cfg.train.global_batch_size,
                                                        tokenizer.pad_id)))
     if len(batches) == num_batches:
@@ -215,3 +262,41 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str,
   fill = {"inputs": pad_id, "targets": pad_id, "segment_ids": 0, "positions": 0}
   return {k: np.concatenate([v, np.full((rows - have,) + v.shape[1:], fill[k], v.dtype)])
           for k, v in batch.items()}
+
+
+class DataMetrics:
+  """What the loop logs about the data: `data/tokens/<source>` (real tokens of this process's
+  rows delivered so far, summed over processes by the caller's `gather`) and `data/skipped_<why>`
+  (documents or files left out, or `split_long` ones cut into pieces, over all sources)."""
+
+  def __init__(self, cfg: Config, source_root: Optional[str] = None):
+    specs = sources.source_specs(cfg.data)
+    self.names = [s.name for s in specs]
+    self.tokens = np.zeros(len(specs), np.int64)
+    self.skipped: dict[str, int] = {}
+    for reason, n in _skipped_counts(cfg, specs, source_root).items():
+      key = "data/skipped_" + "".join(c if c.isalnum() else "_"
+                                      for c in reason.split(" (")[0].lower())
+      self.skipped[key] = self.skipped.get(key, 0) + n
+
+  def add(self, batch: dict[str, np.ndarray]) -> None:
+    self.tokens += np.asarray(batch["source_tokens"], np.int64).sum(axis=0)
+
+  def scalars(self, gather=None) -> dict[str, float]:
+    """`gather(x)` sums x over processes (e.g. process_allgather(x).sum(0)); None: this one."""
+    tokens = gather(self.tokens) if gather is not None else self.tokens
+    return {**{f"data/tokens/{n}": float(t) for n, t in zip(self.names, tokens)},
+            **{k: float(v) for k, v in self.skipped.items()}}
+
+
+def _skipped_counts(cfg: Config, specs, source_root: Optional[str]) -> dict[str, int]:
+  counts: dict[str, int] = {}
+  for spec in specs:
+    if spec.kind == "cache":
+      from mai_jax.data import cache  # pylint: disable=import-outside-toplevel
+      found = cache.open_cache(spec.path)[0]["skipped"]
+    else:
+      found = sources.spec_documents(spec, cfg.data.max_files, source_root).skipped_counts()
+    for reason, n in found.items():
+      counts[reason] = counts.get(reason, 0) + n
+  return counts

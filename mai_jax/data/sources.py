@@ -4,8 +4,13 @@ A source is a grain random-access data source of documents (`len(src)`, `src[i] 
 pipeline wraps it with `grain.MapDataset.source(src)` and gets global shuffling, repetition and
 checkpointable iteration for free. Each source has stable document ids (relative paths), and the
 split is a pure function of the id, so a document never moves between train and validation when
-other files come or go. New sources (JSONL, Parquet, text folders) are functions registered in
-`SOURCES` that return a `DocumentSource` of every document; `load_split` splits all of them alike.
+other files come or go.
+
+A run's sources are the entries of data.sources (config.SourceSpec: name, kind, path, weight,
+field), or the single data.source when that list is empty. File kinds (text, JSONL, Parquet,
+ArrayRecord) are read by readers.py one file at a time (`file_documents`, which the token cache
+writer streams too); `spec_documents` holds a raw source's documents in host memory, so corpora
+larger than that go through the token cache (cache.py), which is read lazily.
 
 The default source, 'stdlib', is the running interpreter's own standard library: its `.py` modules
 plus the documentation text that ships with it (the pydoc topics, one document per topic, and the
@@ -29,9 +34,11 @@ import functools
 import hashlib
 import os
 import sysconfig
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+from mai_jax import config as config_lib
 from mai_jax.config import ConfigError, DataConfig
+from mai_jax.data import readers
 
 SPLITS = ("train", "validation")
 
@@ -192,6 +199,66 @@ SOURCES: dict[str, Callable[[DataConfig, Optional[str]], DocumentSource]] = {
 
 
 # ----------------------------------------------------------------------------------------------
+# Configured sources (data.sources)
+
+SOURCE_KINDS = config_lib.SOURCE_KINDS
+SourceSpec = config_lib.SourceSpec
+source_specs = config_lib.data_sources
+
+
+def spec_files(spec: SourceSpec, max_files: int = 0,
+               root: Optional[str] = None) -> tuple[str, list[str]]:
+  """(base folder, relative paths) of the files a (non-cache) source reads, first `max_files`."""
+  if spec.kind == "stdlib":
+    base = root or stdlib_root()
+    files = [p for p in list_text_files(base, suffixes=_STDLIB_SUFFIXES,
+                                        excluded_dirs=_STDLIB_EXCLUDED_DIRS)
+             if not os.path.basename(p).startswith("_sysconfigdata_")]
+  else:
+    base, files = readers.source_files(spec.path)
+  return base, files[:max_files] if max_files > 0 else files
+
+
+def file_documents(spec: SourceSpec, base: str, rel: str) -> Iterator[readers.Document]:
+  """The documents of one file of `spec` (see readers.Document)."""
+  if spec.kind != "stdlib":
+    yield from readers.read_file_documents(spec.kind, spec.field, base, rel)
+    return
+  text, reason = read_text(os.path.join(base, rel))
+  docs = _expand_pydoc_topics(rel, text) if text is not None else None
+  if text is None:
+    yield rel, None, reason
+  else:
+    yield from ((i, t, "") for i, t in (docs if docs is not None else [(rel, text)]))
+
+
+@functools.lru_cache(maxsize=16)
+def spec_documents(spec: SourceSpec, max_files: int = 0,
+                   root: Optional[str] = None) -> DocumentSource:
+  """Every document of a raw source, read into memory (cached: the tokenizer trainer, the train
+  iterator and the eval batches all read it). Large corpora go through the token cache instead,
+  which is read lazily."""
+  if spec.kind == "stdlib":
+    return stdlib_documents(max_files, root)
+  if spec.kind == "cache":
+    raise SourceError(f"source {spec.name!r} is a token cache; it has tokens, not documents")
+  base, files = spec_files(spec, max_files, root)
+  if not files:
+    raise SourceError(f"data.sources {spec.name!r}: path {spec.path!r} matches no files; "
+                      f"point it at a file, a folder or a glob such as '/data/web/**/*.jsonl'")
+  doc_ids, texts, skipped = [], [], []
+  for rel in files:
+    for doc_id, text, reason in file_documents(spec, base, rel):
+      if text is None:
+        skipped.append((doc_id, reason))
+      else:
+        doc_ids.append(doc_id)
+        texts.append(text)
+  return DocumentSource(name=f"{spec.name} ({spec.kind} at {spec.path})", doc_ids=tuple(doc_ids),
+                        texts=tuple(texts), files_scanned=len(files), skipped=tuple(skipped))
+
+
+# ----------------------------------------------------------------------------------------------
 # Split
 
 
@@ -216,25 +283,38 @@ def split_indices(doc_ids: Sequence[str], val_fraction: float) -> dict[str, list
 
 
 def load_split(data: DataConfig, split: str, *, root: Optional[str] = None) -> DocumentSource:
-  """The documents of `split` ('train' or 'validation') of source `data.source`.
+  """The documents of `split` ('train' or 'validation') of the run's only (or first) source.
 
   `root` overrides where a file-based source reads from (tests point it at a temporary folder).
   Raises SourceError naming the source when the split has no documents.
   """
+  return load_splits(data, split, root=root)[0]
+
+
+def load_splits(data: DataConfig, split: str, *,
+                root: Optional[str] = None) -> list[DocumentSource]:
+  """The documents of `split` of every configured source, in data.sources order."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r} must be one of {SPLITS}")
-  if data.source not in SOURCES:
+  if not data.sources and data.source not in SOURCES:
     raise SourceError(f"data.source={data.source!r} is not a known source; "
                       f"known sources: {', '.join(sorted(SOURCES))}")
-  everything = SOURCES[data.source](data, root)
+  return [_split_of(spec, data, split, root) for spec in source_specs(data)]
+
+
+def _split_of(spec: SourceSpec, data: DataConfig, split: str,
+              root: Optional[str]) -> DocumentSource:
+  everything = spec_documents(spec, data.max_files, root)
   docs = everything.select(split_indices(everything.doc_ids, data.val_fraction)[split],
                            name=f"{everything.name} [{split}]")
   if not len(docs):
     skipped = ", ".join(f"{n} {r}" for r, n in sorted(everything.skipped_counts().items()))
     hint = ("raise data.val_fraction or data.max_files" if split == "validation" and len(everything)
-            else "point the source at a folder with UTF-8 text files or raise data.max_files")
+            else "point the source at UTF-8 text (or the right 'field') or raise data.max_files")
+    which = (f"data.source={spec.name!r}" if not data.sources
+             else f"data.sources {spec.name!r}")
     raise SourceError(
-        f"data.source={data.source!r} ({everything.name}) yielded no {split} documents: "
+        f"{which} ({everything.name}) yielded no {split} documents: "
         f"{everything.files_scanned} files scanned, {len(everything)} documents in all"
         f"{', skipped: ' + skipped if skipped else ''}; {hint}")
   return docs

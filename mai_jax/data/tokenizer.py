@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
@@ -108,6 +109,43 @@ class SentencePieceTokenizer:
 
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
+
+
+def load_tokenizer(path: str, pattern: str = "") -> Tokenizer:
+  """The tokenizer file at `path` by its kind: SentencePiece `.model`, Hugging Face `.json`,
+  anything else a tiktoken rank file (split by `pattern`, default cl100k's)."""
+  if path.endswith(".model"):
+    return SentencePieceTokenizer(path)
+  from mai_jax.data import tokenizer_files  # pylint: disable=import-outside-toplevel
+  if path.endswith(".json"):
+    return tokenizer_files.HFTokenizer(path)
+  return tokenizer_files.TiktokenTokenizer(path, pattern)
+
+
+RECORD_FILE = "tokenizer_record.json"  # not tokenizer.json: that is a HF tokenizer's name
+
+
+def check_tokenizer_record(workdir: str, tok: Tokenizer, *, write: bool = True) -> None:
+  """WORKDIR/tokenizer_record.json records the run's tokenizer (path + sha256); a resumed run with a
+  different one (other ids for the same text) is refused. `write`: record it when absent (process
+  0 only)."""
+  path = os.path.join(workdir, RECORD_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      record = json.load(f)
+    if record.get("sha256") != tok.content_hash:
+      raise TokenizerError(
+          f"{workdir} was started with tokenizer {record.get('path')} (sha256 "
+          f"{str(record.get('sha256'))[:12]}) but this run's tokenizer is {tok.path} (sha256 "
+          f"{tok.content_hash[:12]}); set data.tokenizer_path back to it or use a fresh --workdir")
+  elif write:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump({"path": tok.path, "sha256": tok.content_hash, "kind": type(tok).__name__,
+                 "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                 "pad_id": tok.pad_id}, f, indent=2)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +256,7 @@ def _pad_vocab(proto: bytes, vocab_size: int) -> bytes:
 
 
 def load_or_train_tokenizer(cfg: Config, workdir: str, *, process_index: int = 0,
-                            source_root: str | None = None) -> SentencePieceTokenizer:
+                            source_root: str | None = None) -> Tokenizer:
   """The tokenizer of a run, by priority:
 
   1. `data.tokenizer_path` when set;
@@ -234,7 +272,7 @@ def load_or_train_tokenizer(cfg: Config, workdir: str, *, process_index: int = 0
   """
   vocab_size = cfg.model.vocab_size
   if cfg.data.tokenizer_path:
-    return _checked(SentencePieceTokenizer(cfg.data.tokenizer_path), vocab_size,
+    return _checked(load_tokenizer(cfg.data.tokenizer_path, cfg.data.tokenizer_pattern), vocab_size,
                     "data.tokenizer_path", "")
   path = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.exists(path):
@@ -244,18 +282,25 @@ def load_or_train_tokenizer(cfg: Config, workdir: str, *, process_index: int = 0
     raise TokenizerError(f"process {process_index}: {path} does not exist; process 0 trains the "
                          f"tokenizer, so call load_or_train_tokenizer on process 0 first and "
                          f"synchronize before the other processes call it")
-  docs = sources.load_split(cfg.data, "train", root=source_root)
-  # Visit documents in a hash order, not path order, so a character budget smaller than the
-  # corpus samples every package instead of the alphabetically first ones.
-  order = sorted(range(len(docs)), key=lambda i: sources.split_fraction("tok:" + docs.doc_ids[i]))
   os.makedirs(workdir, exist_ok=True)
-  train_sentencepiece((docs[i] for i in order), vocab_size, path[:-len(".model")],
+  train_sentencepiece(training_texts(cfg, source_root), vocab_size, path[:-len(".model")],
                       cfg.data.tokenizer_train_chars)
   return _checked(SentencePieceTokenizer(path), vocab_size, "the trained tokenizer", "")
 
 
-def _checked(tok: SentencePieceTokenizer, vocab_size: int, what: str,
-             alternative: str) -> SentencePieceTokenizer:
+def training_texts(cfg: Config, source_root: str | None = None) -> Iterator[str]:
+  """The train documents of every configured source in a hash order, not path order, so a
+  character budget smaller than the corpus samples every package (and every source)."""
+  if any(s.kind == "cache" for s in sources.source_specs(cfg.data)):
+    raise TokenizerError("data.sources are token caches, which hold no text to train a tokenizer "
+                         "on; set data.tokenizer_path to the tokenizer the caches were made with")
+  splits = sources.load_splits(cfg.data, "train", root=source_root)
+  order = sorted(((k, i) for k, docs in enumerate(splits) for i in range(len(docs))),
+                 key=lambda ki: sources.split_fraction("tok:" + splits[ki[0]].doc_ids[ki[1]]))
+  return (splits[k][i] for k, i in order)
+
+
+def _checked(tok: Tokenizer, vocab_size: int, what: str, alternative: str) -> Tokenizer:
   """The model's embedding has model.vocab_size rows; a tokenizer of another size would either
   leave rows untrained or produce ids out of range, so sizes must match exactly."""
   if tok.vocab_size != vocab_size:

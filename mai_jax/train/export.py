@@ -59,7 +59,7 @@ def export_params(workdir: str, out: str, step: Optional[int] = None) -> int:
     with open(os.path.join(out, "export.json"), "w") as f:
       json.dump({"source_workdir": os.path.abspath(workdir), "step": step}, f)
     for name in os.listdir(workdir):
-      if name.startswith("tokenizer"):
+      if name.startswith("tokenizer") and os.path.isfile(os.path.join(workdir, name)):
         shutil.copy2(os.path.join(workdir, name), os.path.join(out, name))
   return step
 

@@ -22,8 +22,8 @@ from mai_jax import metrics as metrics_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
-from mai_jax.data.pipeline import make_eval_batches, make_train_iterator
-from mai_jax.data.tokenizer import load_or_train_tokenizer
+from mai_jax.data.pipeline import DataMetrics, make_eval_batches, make_train_iterator
+from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
 from mai_jax.model import count_params
 from mai_jax.train import preemption
 from mai_jax.train import step as step_lib
@@ -75,7 +75,9 @@ def _tokenizer(cfg: Config, workdir: str):
     if jax.process_index() == 0:
       load_or_train_tokenizer(cfg, workdir, process_index=0)
     multihost_utils.sync_global_devices("mai_jax tokenizer ready")
-  return load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
+  tokenizer = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
+  check_tokenizer_record(workdir, tokenizer, write=jax.process_index() == 0)
+  return tokenizer
 
 
 def evaluate(eval_step, params, batches) -> float:
@@ -137,6 +139,7 @@ class _Run:
     pid, nproc = jax.process_index(), jax.process_count()
     self.data_iter = make_train_iterator(cfg, tokenizer, process_index=pid, process_count=nproc)
     self.initial_data_state = self.data_iter.get_state()
+    self.data_metrics = DataMetrics(cfg)  # realized mixture: tokens per source (this run)
     rows = cfg.train.global_batch_size
     self.eval_batches = [global_batch(b, self.trainer.batch_sharding, rows)  # placed once
                          for b in make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
@@ -217,6 +220,7 @@ class _Run:
       _log(f"mai-jax: skipped the batch at stream position {self.position}")
       self.position += 1
     local = next(self.data_iter)
+    self.data_metrics.add(local)
     self.position += 1
     batch = global_batch(local, self.trainer.batch_sharding, self.cfg.train.global_batch_size)
     return batch, self.position - 1
@@ -242,6 +246,9 @@ class _Run:
           state, step_metrics = train_step(state, batch)
           vote = self.vote.dispatch(stop.requested) if self.vote is not None else None
           dispatched = _Pending(step + 1, step_metrics, position, vote)
+          if (step + 1) % cfg.train.log_every == 0 or step + 1 == num_steps:
+            self.writer.write(step + 1, self.data_metrics.scalars(
+                _sum_over_processes if jax.process_count() > 1 else None))
         if pending is not None:  # step N is queued: now read step N-1
           verdict, voted_stop = self._read(pending)
           stop_agreed = stop_agreed or voted_stop
@@ -329,6 +336,10 @@ class _Run:
       self.checkpointer.close()
     finally:
       self.writer.close()
+
+
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
 
 
 def _progress_bar(cfg: Config, start: int, total: int):
