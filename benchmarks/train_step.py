@@ -62,18 +62,23 @@ def git_commit() -> str | None:
     return None
 
 
+def random_batch(cfg: config_lib.Config, batch_sharding) -> dict:
+  """A global batch of random tokens (one document per row), already on the devices."""
+  rows, seq = cfg.train.global_batch_size, cfg.data.seq_len
+  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (rows, seq + 1), np.int32)
+  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                "segment_ids": np.ones((rows, seq), np.int32),
+                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq))}
+  return {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+
+
 def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   config_lib.validate(cfg, jax.device_count())
   trainer = build_trainer(cfg, mesh, max(cfg.train.num_steps, steps + warmup))
   state = trainer.init_state()
   rows, seq = cfg.train.global_batch_size, cfg.data.seq_len
-  batch_sharding = trainer.batch_sharding
-  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (rows, seq + 1), np.int32)
-  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                "segment_ids": np.ones((rows, seq), np.int32),
-                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq))}
-  batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+  batch = random_batch(cfg, trainer.batch_sharding)
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     step_fn = trainer.jit_train_step()
     t0 = time.perf_counter()
