@@ -116,9 +116,9 @@ def format_check(check: dict) -> str:
       f"  {'per device':<38} {'compiled':>14} {'planned':>14}",
       f"  {'FLOPs (loop bodies counted once)':<38} {c['flops']:>14.4g} "
       f"{p['flops_as_xla_counts']:>14.4g}",
-      f"  {'params + optimizer (arguments), bytes':<38} {c['argument_bytes']:>14,} "
-      f"{mem['params'] + mem['optimizer']:>14,}",
-      f"  {'peak (args + temps, donated), bytes':<38} {c['peak_bytes']:>14,} {mem['total']:>14,}",
+      f"  {'params + optimizer + batch (arguments)':<38} {c['argument_bytes']:>14,} "
+      f"{mem['params'] + mem['optimizer'] + mem['batch']:>14,}",
+      f"  {'peak bytes (args + temps, donated)':<38} {c['peak_bytes']:>14,} {mem['total']:>14,}",
       "  (planned memory uses the materialized 'xla' attention and no GPU workspace, as on CPU; "
       "CPU XLA computes bfloat16 in float32, so compare with compute_dtype=float32)",
   ]

@@ -113,7 +113,7 @@ def _abstract_params(model: ModelConfig):
 class ParamShards:
   """Per-device element counts of the parameters under a layout."""
   per_device: int  # elements of all parameter shards on one device
-  fsdp_gathered: int  # elements one device holds after all-gathering the fsdp-sharded leaves
+  fsdp_gathered: int  # elements the fsdp-sharded leaves have on one device once all-gathered
   fsdp_sharded: int  # elements (per device) of the leaves that are sharded over fsdp
   per_layer_gathered: int  # one block's gathered elements (the transient during its matmuls)
 
@@ -130,8 +130,9 @@ def param_shards(cfg: Config, layout: Layout) -> ParamShards:
     elems = math.prod(shape) // math.prod(layout.size(a) for a in axes)
     per_device += elems
     fsdp = layout.size("fsdp") if "fsdp" in axes else 1
-    gathered += elems * fsdp
-    sharded += elems if fsdp > 1 else 0
+    if fsdp > 1:
+      gathered += elems * fsdp
+      sharded += elems
     if in_block:
       layer += elems * fsdp
   return ParamShards(per_device, gathered, sharded, layer // cfg.model.num_layers)
@@ -235,6 +236,7 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
   a float32 param_dtype *is* the master and bfloat16 params are updated in place.
   temporaries: two blocks' gathered weights in the compute dtype (the one in use and the one being
   prefetched) plus one block's unreduced weight gradient, and `workspace`.
+  batch: this device's rows of the step's int32 batch arrays.
   """
   shards = param_shards(cfg, layout)
   p = DTYPE_BYTES[cfg.model.param_dtype]
@@ -248,6 +250,8 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
       "master_params": 0,
       "activations": int(activation_bytes(cfg, layout, attention)),
       "temporaries": int(3 * shards.per_layer_gathered * c + workspace),
+      # inputs, targets, segment_ids, positions: int32 [rows, T] per microbatch
+      "batch": 4 * 4 * rows_per_device(cfg, layout) * layout.microbatches * cfg.data.seq_len,
   }
   out["total"] = sum(out.values())
   return out
