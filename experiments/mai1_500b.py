@@ -16,8 +16,9 @@
   Layout for 15,360 H100 (1,920 nodes x 8): tensor=8 inside each NVLink node, fsdp=64 across
   nodes (HSDP: the parameters and moments of one replica span 512 GPUs, 64 nodes), data=30
   replicas; full remat (the only policy that fits: the residual stream is replicated over tensor).
-  `--search` ranks fsdp=48 a hair faster; 64 leaves ~13 GB of headroom per GPU. Global batch 1,920 x 8,192 = 15.7M tokens, one row per tensor group (the
-  minimum without pipeline parallelism; Llama 3 405B reached 16M). The planner's prediction is in
+  `--search` ranks fsdp=48 a hair faster; 64 leaves ~13 GB of headroom per GPU.
+  Global batch 1,920 x 8,192 = 15.7M tokens, one row per tensor group (the minimum without
+  pipeline parallelism; Llama 3 405B reached 16M). The planner's prediction is in
   README.md (`mai-jax plan --config experiments/mai1_500b.py`).
   Token budget: 10T tokens, Chinchilla-optimal (Hoffmann et al. 2022: ~20 tokens per parameter);
   the planner puts it at ~76 days on 15,360 H100, so training longer is a schedule decision.

@@ -110,7 +110,8 @@ def format_check(check: dict) -> str:
   mem = p["memory_per_device_bytes"]
   mesh = " ".join(f"{a}={s}" for a, s in check["mesh"].items())
   rows = [
-      f"--compile: {check['num_layers']} layers on {check['num_devices']} CPU devices, mesh {mesh}, "
+      f"--compile: {check['num_layers']} layers on {check['num_devices']} CPU devices, "
+      f"mesh {mesh}, "
       f"batch {check['global_batch_size']} x {check['seq_len']}, remat={check['remat']}, "
       f"microbatches={check['microbatches']}: shardings consistent, compiled",
       f"  {'per device':<38} {'compiled':>14} {'planned':>14}",

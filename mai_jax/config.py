@@ -417,7 +417,7 @@ def scaled_mesh(mesh: MeshConfig, full_sizes: dict[str, int], num_devices: int) 
 
 def scaled_to_devices(cfg: Config, num_devices: int, full_num_devices: int) -> Config:
   """`cfg` as laid out for `full_num_devices`, scaled down to `num_devices` (scaled_mesh) with the
-  same sequences per device and microbatch count, so per-device shapes stay those of the full run."""
+  same sequences per device and microbatch count: per-device shapes stay those of the full run."""
   full = mesh_shape(cfg.mesh, full_num_devices)
   mesh = scaled_mesh(cfg.mesh, full, num_devices)
   small = mesh_shape(mesh, num_devices)

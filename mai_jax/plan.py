@@ -1,5 +1,5 @@
 """Analytic planner: parameters, FLOPs, memory per device, communication and step time of a config
-on a GPU type x GPU count x mesh, without allocating anything. Formulas and sources: docs/planner.md.
+on a GPU type x GPU count x mesh, without allocating anything. Formulas, sources: docs/planner.md.
 
 Why analytic and not measured: nobody here has 15,360 H100s. Parameter counts and shardings are
 exact (they come from the model's own abstract shapes and the config's logical-axis rules, the same
