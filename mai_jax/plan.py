@@ -36,6 +36,12 @@ USABLE_HBM_FRACTION = 0.9
 # Allowance for cuBLAS/cuDNN workspaces and collective staging buffers inside XLA's pool.
 WORKSPACE_BYTES = 1 << 30
 REMATS = ("none", "dots", "full")
+# Dtype of the weights and gradients that fsdp/data collectives move: 'compute' or 'param'. The
+# model casts each weight to the compute dtype right before its matmul, and SPMD sharding
+# propagation keeps an elementwise cast sharded like its input, so the all-gather lands after the
+# cast (bf16). Unverified on GPU: XLA:CPU runs every bf16 op in f32, so its HLO gathers f32 either
+# way. With 'param' (float32 on the wire) MAI-1 dense drops from ~31% to ~16% MFU.
+WIRE_DTYPE = "compute"
 # Mesh axes from the innermost (fastest links) outwards: the order a hybrid mesh fills a node.
 AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "data")
 
@@ -282,22 +288,23 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   all-reduce: 2 S (n-1)/n. Per microbatch (the step accumulates inside a scan, so every collective
   runs once per microbatch):
     fsdp:   each block's weights all-gathered for the forward and again for the backward, its
-            gradient reduce-scattered (compute dtype: the cast precedes the gather); overlapped.
-    data:   all-reduce of the gradient shards (compute dtype); overlapped with the backward.
+            gradient reduce-scattered, in WIRE_DTYPE; overlapped.
+    data:   all-reduce of the gradient shards, in WIRE_DTYPE; overlapped with the backward.
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
             2 more for the full-remat recompute, plus 2 for the vocab-sharded embedding/unembedding;
             on the critical path (not overlapped).
     expert: MoE all-to-all (moe_communication), on the critical path.
   """
   m, c = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype]
+  w = DTYPE_BYTES[cfg.model.compute_dtype if WIRE_DTYPE == "compute" else cfg.model.param_dtype]
   M, L = layout.microbatches, m.num_layers
   shards = param_shards(cfg, layout)
   n_tokens = rows_per_device(cfg, layout) * cfg.data.seq_len
   f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
   tensor_calls = (6 if layout.remat == "full" else 4) * L + 2
   plan = {
-      "fsdp": (3 * M * shards.fsdp_gathered * c * (f - 1) / f, 3 * M * L, True),
-      "data": (2 * M * shards.per_device * c * (d - 1) / d, M * L, True),
+      "fsdp": (3 * M * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * L, True),
+      "data": (2 * M * shards.per_device * w * (d - 1) / d, M * L, True),
       "tensor": (tensor_calls * M * 2 * n_tokens * m.d_model * c * (t - 1) / t, tensor_calls * M,
                  False),
       "expert": (0.0, 0, False),
