@@ -3,6 +3,8 @@
   mai-jax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.SECTION.KEY=VALUE ...]
   mai-jax checkpoints --workdir DIR [--export-params OUT [--step S]]
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
+  mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
+                [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
 
 A bad config, override or file is reported on one line naming the key and the fix, exit code 2.
 """
@@ -10,6 +12,7 @@ A bad config, override or file is reported on one line naming the key and the fi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -71,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_distributed_flags(train)
   _add_checkpoints_parser(sub)
   _add_data_parser(sub)
+  _add_plan_parser(sub)
   return parser
 
 
@@ -167,6 +171,78 @@ def _run_data(args, overrides: dict[str, str]) -> None:
   print(f"mai-jax: train from the caches with --config.data.sources=\"{tuple(entries)!r}\"")
 
 
+def _add_plan_parser(sub) -> None:
+  plan = sub.add_parser(
+      "plan", help="predict memory, communication, step time and MFU of a config on N GPUs",
+      epilog="--compile runs on fake CPU devices: when jax is not imported yet it sets XLA_FLAGS="
+             "--xla_force_host_platform_device_count=N and JAX_PLATFORMS=cpu itself.")
+  plan.add_argument("--config", dest="config_spec", required=True,
+                    help="experiments/NAME.py[:VARIANT]")
+  plan.add_argument("--gpus", type=int, default=None,
+                    help="GPU count (default: the config's mesh.target_num_gpus)")
+  plan.add_argument("--gpu", default=None, help="h100, h200 or b200 (default: mesh.target_gpu)")
+  plan.add_argument("--json", action="store_true", help="print one JSON object")
+  plan.add_argument("--search", action="store_true",
+                    help="also rank the mesh/remat/microbatch layouts that fit")
+  plan.add_argument("--top", type=int, default=10, help="layouts --search shows")
+  plan.add_argument("--compile", action="store_true",
+                    help="also lower and compile the sharded train step at reduced depth on fake "
+                         "CPU devices and compare its FLOPs and memory with the plan")
+  plan.add_argument("--compile-layers", type=int, default=2, help="depth for --compile")
+  plan.add_argument("--compile-devices", type=int, default=8,
+                    help="fake CPU devices for --compile (used only if jax is not imported yet)")
+
+
+def _use_fake_cpu_devices(count: int) -> None:
+  """Makes jax start with `count` CPU devices; only possible before jax is first imported."""
+  if "jax" in sys.modules:
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _run_plan(args, overrides: dict[str, str]) -> int:
+  cfg = resolve_config(args.config_spec, None, overrides)
+  gpu = args.gpu or cfg.mesh.target_gpu
+  if gpu not in config_lib.GPU_TYPES:
+    raise config_lib.ConfigError(f"--gpu {gpu!r}: unknown GPU type; choose one of "
+                                 f"{', '.join(config_lib.GPU_TYPES)}")
+  gpus = args.gpus if args.gpus is not None else cfg.mesh.target_num_gpus
+  if gpus <= 0:
+    raise config_lib.ConfigError(f"{args.config_spec} declares no mesh.target_num_gpus; pass "
+                                 f"--gpus N (a positive GPU count)")
+  config_lib.validate(cfg, gpus)
+  if args.compile_layers <= 0:
+    raise config_lib.ConfigError(f"--compile-layers {args.compile_layers} must be positive")
+  if args.compile:
+    _use_fake_cpu_devices(args.compile_devices)
+  from mai_jax import plan as plan_lib  # imports jax: after the fake-device flags
+  result = plan_lib.plan(cfg, gpu, gpus)
+  ranked = plan_lib.search(cfg, gpu, gpus, top=args.top) if args.search else None
+  checked = None
+  if args.compile:
+    from mai_jax import aot
+    checked = aot.compile_check(cfg, args.compile_layers, gpus)
+  if args.json:
+    out = result.as_dict()
+    if ranked is not None:
+      out["search"] = [p.as_dict() for p in ranked]
+    if checked is not None:
+      out["compile"] = checked
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+  print(plan_lib.format_plan(result))
+  if ranked is not None:
+    print("\nlayouts that fit, fastest first:")
+    print(plan_lib.format_search(ranked))
+  if checked is not None:
+    print()
+    print(aot.format_check(checked))
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
@@ -183,6 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return _run_checkpoints(args)
     elif args.command == "data":
       _run_data(args, overrides)
+    elif args.command == "plan":
+      return _run_plan(args, overrides)
     return 0
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)

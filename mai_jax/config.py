@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
@@ -77,6 +78,10 @@ class MeshConfig:
   expert: int = 1
   tensor: int = 1
   rules: Tuple[Tuple[str, Tuple[str, ...]], ...] = DEFAULT_RULES
+  # The hardware this layout is designed for: `mai-jax plan` uses it unless --gpu/--gpus say
+  # otherwise (0 GPUs: none declared, plan then needs --gpus). Training ignores both.
+  target_gpu: str = "h100"
+  target_num_gpus: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +155,9 @@ class TrainConfig:
   loss_spike_ratio: float = 0.0
   loss_spike_window: int = 50
   max_fault_restores: int = 3  # give up (raise) after this many restores in one run
+  # Tokens the whole run is meant to see; `mai-jax plan` turns it into days to train.
+  # 0: num_steps * global_batch_size * seq_len (the run as configured).
+  token_budget: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +171,9 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+# GPU types the planner has data sheets for (mai_jax.hardware.GPUS is keyed by these).
+GPU_TYPES = ("h100", "h200", "b200")
 
 CHOICES = {
     ("model", "remat"): ("none", "full", "dots"),
@@ -351,6 +362,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
                       f"with 0 <= start < stop")
   _validate_fault_handling(cfg)
   _validate_data_sources(d)
+  _validate_plan_target(cfg)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -457,6 +469,65 @@ def data_sources(data: DataConfig) -> tuple[SourceSpec, ...]:
     raise ConfigError("data.sources mixes kind 'cache' with raw sources; pre-tokenize every "
                       "source with `mai-jax data tokenize` and list only caches, or list none")
   return tuple(specs)
+def _validate_plan_target(cfg: Config) -> None:
+  """The planner's hardware target and token budget (see MeshConfig / TrainConfig)."""
+  if cfg.mesh.target_gpu not in GPU_TYPES:
+    gpu = cfg.mesh.target_gpu
+    raise ConfigError(f"mesh.target_gpu={gpu!r} is not one of {', '.join(map(repr, GPU_TYPES))}"
+                      f"{_did_you_mean(gpu, GPU_TYPES)}")
+  if cfg.mesh.target_num_gpus < 0:
+    raise ConfigError(f"mesh.target_num_gpus={cfg.mesh.target_num_gpus} must be >= 0 "
+                      f"(0: no target declared)")
+  if cfg.train.token_budget < 0:
+    raise ConfigError(f"train.token_budget={cfg.train.token_budget} must be >= 0 "
+                      f"(0: num_steps x global_batch_size x seq_len)")
+
+
+def token_budget(cfg: Config) -> int:
+  """Tokens the run is meant to train on: train.token_budget, else what num_steps amounts to."""
+  if cfg.train.token_budget:
+    return cfg.train.token_budget
+  return cfg.train.num_steps * cfg.train.global_batch_size * cfg.data.seq_len
+
+
+def scaled_mesh(mesh: MeshConfig, full_sizes: dict[str, int], num_devices: int) -> MeshConfig:
+  """The same mesh pattern on fewer devices (e.g. 8 fake CPUs for a compile check).
+
+  Every axis that is larger than 1 in `full_sizes` stays larger than 1 where the device count
+  allows: sizes double round-robin from the innermost axis ('tensor') outwards, never past the
+  full size, until they multiply to `num_devices`. So data=30, fsdp=64, tensor=8 on 8 devices
+  becomes data=2, fsdp=2, tensor=2, exercising every collective of the full layout.
+  """
+  active = [a for a in reversed(MESH_AXES) if full_sizes[a] > 1]
+  sizes = {a: 1 for a in MESH_AXES}
+  remaining = num_devices
+  while remaining > 1:
+    grown = False
+    for axis in active:
+      if remaining % 2 == 0 and sizes[axis] * 2 <= full_sizes[axis]:
+        sizes[axis] *= 2
+        remaining //= 2
+        grown = True
+    if not grown:
+      break
+  if remaining > 1:
+    inner = active[0] if active else "fsdp"
+    sizes[inner] *= remaining
+  return dataclasses.replace(mesh, **sizes)
+
+
+def scaled_to_devices(cfg: Config, num_devices: int, full_num_devices: int) -> Config:
+  """`cfg` as laid out for `full_num_devices`, scaled down to `num_devices` (scaled_mesh) with the
+  same sequences per device and microbatch count: per-device shapes stay those of the full run."""
+  full = mesh_shape(cfg.mesh, full_num_devices)
+  mesh = scaled_mesh(cfg.mesh, full, num_devices)
+  small = mesh_shape(mesh, num_devices)
+  batch_axes = dict(cfg.mesh.rules).get("batch", ())
+  t = cfg.train
+  rows = max(t.global_batch_size // (t.microbatches * math.prod(full[a] for a in batch_axes)), 1)
+  batch = rows * t.microbatches * math.prod(small[a] for a in batch_axes)
+  return dataclasses.replace(cfg, mesh=dataclasses.replace(mesh, target_num_gpus=num_devices),
+                             train=dataclasses.replace(t, global_batch_size=batch))
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -1,0 +1,96 @@
+"""MAI-1 class, ~500B parameters: a dense and a Mixture-of-Experts design for 15,360 H100.
+
+`:dense` (the default), 498,589,747,200 parameters (exact, tests/test_experiments_scale.py):
+  120 layers, d_model 18,432: Llama 3 405B's recipe (126 x 16,384) scaled by width. Kaplan et al.
+    2020 find loss flat over a wide range of aspect ratios (d_model / layers ~ 50-200); 154 is a
+    little wider than Llama 3 405B (130) and GPT-3 175B (12,288 / 96 = 128), which keeps the
+    sequential depth (per-layer collectives, remat carries) below 405B's 126 layers.
+  144 query heads of 128 (head_dim 128 as every Llama; 144 = 18 per GPU at tensor=8), 8 KV heads
+    (GQA, one KV head per tensor rank: the KV projections stay unreplicated and the KV cache small).
+  SwiGLU d_ff 61,440 = 10/3 x d_model (the 8/3 x 1.25 multiplier Llama uses), a multiple of
+    8 x 128 so every tensor shard is MMA-aligned.
+  vocab 131,072 = 2^17: the 128K class of Llama 3's tokenizer (better compression of code and
+    non-English text than 32K), a power of two so it shards evenly over tensor=8 with no padding.
+  context 8,192 for pretraining (long context is a later, cheaper extension phase, as in Llama 3).
+  Untied embeddings, RoPE theta 500,000 (Llama 3's choice for 8K and beyond).
+  Layout for 15,360 H100 (1,920 nodes x 8): tensor=8 inside each NVLink node, fsdp=64 across
+  nodes (HSDP: the parameters and moments of one replica span 512 GPUs, 64 nodes), data=30
+  replicas; full remat (the only policy that fits: the residual stream is replicated over tensor).
+  `--search` ranks fsdp=48 a hair faster; 64 leaves ~13 GB of headroom per GPU.
+  Global batch 1,920 x 8,192 = 15.7M tokens, one row per tensor group (the minimum without
+  pipeline parallelism; Llama 3 405B reached 16M). The planner's prediction is in
+  README.md (`mai-jax plan --config experiments/mai1_500b.py`).
+  Token budget: 10T tokens, Chinchilla-optimal (Hoffmann et al. 2022: ~20 tokens per parameter);
+  the planner puts it at ~76 days on 15,360 H100, so training longer is a schedule decision.
+
+`:moe` (needs the MoE model fields, being added in parallel; until they merge it raises
+ConfigError): same 8,192 context, vocab and attention family, narrower and fine-grained:
+  64 layers, d_model 8,192, 64 heads of 128, 8 KV heads; the first 2 layers dense (d_ff 28,672,
+  as Llama 2 70B: early layers route poorly, DeepSeek-V3 keeps its first 3 dense), then every
+  layer MoE with 128 routed experts of d_ff_expert 2,560, 8 routed per token, 1 shared expert
+  (DeepSeek-MoE's fine-grained + shared design: more expert combinations at the same FLOPs).
+  Parameters, by the formula in mai_jax.plan.moe_param_counts: ~516B total, ~47B active per token
+  (9 x 3 x 8,192 x 2,560 = 0.57B expert weights per MoE layer). capacity_factor 1.25.
+  Layout: expert=8 inside a node (each GPU holds 16 experts of every MoE layer; the all-to-all stays
+  on NVLink), fsdp across nodes, tensor=1 (the 47B-active compute per token is small enough that
+  tensor all-reduces would cost more than they save). Token budget 10T as `:dense`.
+
+Variants:
+  dense     the default
+  moe       MoE (see above)
+  ci        :dense on 8 devices (the mesh pattern scaled down, config.scaled_to_devices)
+"""
+
+import dataclasses
+
+from mai_jax.config import (Config, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig,
+                            TrainConfig, scaled_to_devices)
+
+VARIANTS = ("dense", "moe", "ci")
+TARGET_GPUS = 15360
+GLOBAL_BATCH = 1920
+SEQ_LEN = 8192
+TOKEN_BUDGET = 10 * 10**12
+
+# The MoE fields of `:moe` (ModelConfig names used by the MoE model). router is left at the MoE
+# model's default.
+MOE_FIELDS = dict(num_experts=128, experts_per_token=8, num_shared_experts=1, d_ff_expert=2560,
+                  moe_layer_interval=1, first_dense_layers=2, capacity_factor=1.25)
+
+
+def dense() -> Config:
+  return Config(
+      model=ModelConfig(num_layers=120, d_model=18432, num_heads=144, num_kv_heads=8,
+                        head_dim=128, d_ff=61440, vocab_size=131072, rope_theta=500000.0,
+                        tie_embeddings=False, param_dtype="float32", compute_dtype="bfloat16",
+                        remat="full"),
+      mesh=MeshConfig(data=-1, fsdp=64, tensor=8, target_gpu="h100", target_num_gpus=TARGET_GPUS),
+      optim=OptimConfig(learning_rate=8e-5, warmup_steps=8000, schedule="wsd",
+                        min_lr_ratio=0.01, decay_fraction=0.1, weight_decay=0.1, grad_clip=1.0),
+      data=DataConfig(seq_len=SEQ_LEN),
+      train=TrainConfig(num_steps=TOKEN_BUDGET // (GLOBAL_BATCH * SEQ_LEN),
+                        global_batch_size=GLOBAL_BATCH, token_budget=TOKEN_BUDGET, log_every=10,
+                        z_loss_weight=1e-4, progress_bar=False),
+  )
+
+
+def moe() -> Config:
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  if "num_experts" not in fields:
+    raise ConfigError("experiments/mai1_500b.py:moe needs the MoE model fields "
+                      "(model.num_experts, ...), which this mai_jax does not have yet; "
+                      "use :dense or update mai_jax")
+  cfg = dense()
+  model = dataclasses.replace(cfg.model, num_layers=64, d_model=8192, num_heads=64,
+                              num_kv_heads=8, head_dim=128, d_ff=28672, **MOE_FIELDS)
+  return dataclasses.replace(cfg, model=model,
+                             mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=64, expert=8,
+                                                      tensor=1))
+
+
+def get_config(variant=None) -> Config:
+  if variant == "moe":
+    return moe()
+  if variant == "ci":
+    return scaled_to_devices(dense(), 8, TARGET_GPUS)
+  return dense()

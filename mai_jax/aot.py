@@ -1,0 +1,136 @@
+"""Ahead-of-time compile check: the exact sharded train step of a (big) config, at reduced depth,
+on the devices at hand (fake CPU devices), from abstract shapes only.
+
+Why: a 500B layout cannot be run here, but XLA's SPMD partitioner can prove that its shardings are
+consistent (every parameter, optimizer moment, activation constraint and collective) and report
+what one device would need. Depth is reduced because scanned blocks repeat the same program; the
+mesh keeps the full layout's pattern (config.scaled_to_devices) and per-device batch shapes.
+Nothing is allocated: the state and batch are ShapeDtypeStructs carrying their shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mai_jax import config as config_lib
+from mai_jax import plan as plan_lib
+from mai_jax import sharding as sharding_lib
+from mai_jax.config import Config
+from mai_jax.train import step as step_lib
+from mai_jax.train.trainer import build_trainer
+
+
+def reduced_config(cfg: Config, num_layers: int, num_devices: int,
+                   full_num_devices: Optional[int]) -> Config:
+  """`cfg` at `num_layers` depth, its mesh pattern scaled from `full_num_devices` to the devices at
+  hand (None: the mesh already fits them)."""
+  small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=num_layers))
+  if full_num_devices and full_num_devices != num_devices:
+    small = config_lib.scaled_to_devices(small, num_devices, full_num_devices)
+  config_lib.validate(small, num_devices)
+  return small
+
+
+def compile_train_step(cfg: Config, devices=None):
+  """Lowers and compiles the jitted, sharded train step of `cfg` on `devices` (default: all)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+  trainer = build_trainer(cfg, mesh)
+  state = trainer.abstract_state()
+  shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding)
+           for k in step_lib.BATCH_KEYS}
+  with sharding_lib.activate(mesh, cfg.mesh.rules):
+    lowered = trainer.jit_train_step().lower(state, batch)
+  return lowered.compile()
+
+
+def compiled_figures(compiled) -> dict:
+  """Per-device FLOPs and memory as XLA reports them for the compiled SPMD program."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+  return {"flops": float(cost.get("flops", 0.0)), "argument_bytes": int(args),
+          "output_bytes": int(out), "alias_bytes": int(alias), "temp_bytes": int(temp),
+          "peak_bytes": int(args + out - alias + temp)}
+
+
+def compile_check(cfg: Config, num_layers: int, full_num_devices: Optional[int],
+                  devices=None) -> dict:
+  """Compiles `cfg` at `num_layers` depth on the devices at hand and sets the compiled per-device
+  FLOPs and memory next to the planner's figures for the same reduced config and mesh.
+
+  The planner side uses the 'xla' attention memory model (CPU has no flash kernel), no GPU
+  workspace and, on CPU, float32 activations (as_this_backend); planner FLOPs are per device:
+  tokens x (model + recompute FLOPs) / devices.
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  small = reduced_config(cfg, num_layers, len(devices), full_num_devices)
+  compiled = compile_train_step(small, devices)
+  layout = plan_lib.layout_of(small, len(devices))
+  memory = plan_lib.memory_per_device(as_this_backend(small), layout, attention="xla", workspace=0)
+  return {"num_layers": num_layers, "num_devices": len(devices), "mesh": dict(layout.mesh),
+          "global_batch_size": small.train.global_batch_size, "seq_len": small.data.seq_len,
+          "remat": layout.remat, "microbatches": layout.microbatches,
+          "compiled": compiled_figures(compiled),
+          "planned": {"flops": planned_flops(small, len(devices)),
+                      "flops_as_xla_counts": planned_flops_as_xla_counts(small, len(devices)),
+                      "memory_per_device_bytes": memory}}
+
+
+def as_this_backend(cfg: Config) -> Config:
+  """The config as the local backend executes it: XLA:CPU computes bfloat16 in float32 (a 2-layer
+  bfloat16 step and its float32 twin compile to temporaries within 5% of each other), so the plan it
+  is compared with uses float32 activations there."""
+  if jax.default_backend() != "cpu":
+    return cfg
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype="float32"))
+
+
+def planned_flops(cfg: Config, num_devices: int) -> float:
+  """Planner FLOPs per device per step: tokens x (model + remat recompute FLOPs) / devices."""
+  tokens = cfg.train.global_batch_size * cfg.data.seq_len
+  per_token = (plan_lib.flops_per_token(cfg)
+               + plan_lib.recompute_flops_per_token(cfg, cfg.model.remat))
+  return tokens * per_token / num_devices
+
+
+def planned_flops_as_xla_counts(cfg: Config, num_devices: int) -> float:
+  """The same, counted the way XLA's cost analysis does: the body of a while loop (the scan over
+  layers, and over microbatches) once, whatever its trip count. So the comparable figure is one
+  block's FLOPs (with scan_layers) for one microbatch's tokens."""
+  model = cfg.model
+  if model.scan_layers:
+    model = dataclasses.replace(model, num_layers=1)
+  train = dataclasses.replace(cfg.train,
+                              global_batch_size=cfg.train.global_batch_size
+                              // cfg.train.microbatches, microbatches=1)
+  return planned_flops(dataclasses.replace(cfg, model=model, train=train), num_devices)
+
+
+def format_check(check: dict) -> str:
+  """Compiled vs planned, per device, as a small table."""
+  c, p = check["compiled"], check["planned"]
+  mem = p["memory_per_device_bytes"]
+  mesh = " ".join(f"{a}={s}" for a, s in check["mesh"].items())
+  rows = [
+      f"--compile: {check['num_layers']} layers on {check['num_devices']} CPU devices, "
+      f"mesh {mesh}, "
+      f"batch {check['global_batch_size']} x {check['seq_len']}, remat={check['remat']}, "
+      f"microbatches={check['microbatches']}: shardings consistent, compiled",
+      f"  {'per device':<38} {'compiled':>14} {'planned':>14}",
+      f"  {'FLOPs (loop bodies counted once)':<38} {c['flops']:>14.4g} "
+      f"{p['flops_as_xla_counts']:>14.4g}",
+      f"  {'params + optimizer + batch (arguments)':<38} {c['argument_bytes']:>14,} "
+      f"{mem['params'] + mem['optimizer'] + mem['batch']:>14,}",
+      f"  {'peak bytes (args + temps, donated)':<38} {c['peak_bytes']:>14,} {mem['total']:>14,}",
+      "  (planned as this backend runs it: materialized 'xla' attention, no GPU workspace and, "
+      "on CPU, float32 activations; tolerance: docs/planner.md)",
+  ]
+  return "\n".join(rows)

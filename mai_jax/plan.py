@@ -1,0 +1,501 @@
+"""Analytic planner: parameters, FLOPs, memory per device, communication and step time of a config
+on a GPU type x GPU count x mesh, without allocating anything. Formulas, sources: docs/planner.md.
+
+Why analytic and not measured: nobody here has 15,360 H100s. Parameter counts and shardings are
+exact (they come from the model's own abstract shapes and the config's logical-axis rules, the same
+path the trainer takes); memory, communication and time are models with their assumptions named
+below as constants, checked against XLA's compiled memory analysis on fake CPU devices (tests and
+`mai-jax plan --compile`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+from mai_jax import config as config_lib
+from mai_jax import hardware, metrics
+from mai_jax.config import Config, ConfigError, ModelConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# Fraction of the dense bf16 peak that the model's large matmuls reach end to end (an assumption:
+# cuBLAS bf16 GEMMs of these sizes run at ~70-80% of peak on H100; elementwise work, norms and
+# kernel gaps take the rest). Calibrate with benchmarks/ on a real GPU.
+MATMUL_EFFICIENCY = 0.7
+# Fraction of link bandwidth NCCL ring/tree collectives reach as bus bandwidth (nccl-tests on
+# DGX H100 report ~360-400 GB/s of 450 GB/s NVLink and ~40-45 GB/s of 50 GB/s NDR per GPU).
+COLLECTIVE_EFFICIENCY = 0.8
+# Per-hop latency of one collective step; a collective over n ranks pays log2(n) hops (NCCL's
+# tree/PAT algorithms at scale).
+COLLECTIVE_LATENCY_S = {"nvlink": 3e-6, "internode": 10e-6}
+# HBM the XLA allocator may use (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9); the CUDA context, NCCL's own
+# buffers and fragmentation take the rest.
+USABLE_HBM_FRACTION = 0.9
+# Allowance for cuBLAS/cuDNN workspaces and collective staging buffers inside XLA's pool.
+WORKSPACE_BYTES = 1 << 30
+REMATS = ("none", "dots", "full")
+# Dtype of the weights and gradients that fsdp/data collectives move: 'compute' or 'param'. The
+# model casts each weight to the compute dtype right before its matmul, and SPMD sharding
+# propagation keeps an elementwise cast sharded like its input, so the all-gather lands after the
+# cast (bf16). Unverified on GPU: XLA:CPU runs every bf16 op in f32, so its HLO gathers f32 either
+# way. With 'param' (float32 on the wire) MAI-1 dense drops from ~31% to ~16% MFU.
+WIRE_DTYPE = "compute"
+# Mesh axes from the innermost (fastest links) outwards: the order a hybrid mesh fills a node.
+AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """One way to run a config: mesh sizes (all resolved), remat policy and microbatch count."""
+  mesh: tuple[tuple[str, int], ...]  # ((axis, size), ...) in config.MESH_AXES order
+  remat: str
+  microbatches: int
+
+  def size(self, axis: str) -> int:
+    return dict(self.mesh)[axis]
+
+
+def layout_of(cfg: Config, num_gpus: int) -> Layout:
+  sizes = config_lib.mesh_shape(cfg.mesh, num_gpus)
+  return Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), cfg.model.remat,
+                cfg.train.microbatches)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def is_moe(model: ModelConfig) -> bool:
+  """True for a Mixture-of-Experts model. Until the MoE fields exist on ModelConfig every model is
+  dense; the lead replaces this body with `model.num_experts > 1` when they merge."""
+  return "num_experts" in {f.name for f in dataclasses.fields(model)} and model.num_experts > 1
+
+
+def param_counts(model: ModelConfig) -> tuple[int, int]:
+  """(total, active per token), exact from the shapes alone; active == total for dense models."""
+  if is_moe(model):
+    return moe_param_counts(model)
+  from mai_jax.model.transformer import count_params
+  total = count_params(model)
+  return total, total
+
+
+def moe_param_counts(model: ModelConfig) -> tuple[int, int]:
+  """MoE (total, active): the lead completes this against the MoE model's parameter layout.
+
+  Intended formula (per MoE layer, SwiGLU experts of width d_ff_expert, router D x E):
+    expert = 3 * D * d_ff_expert
+    total  = dense_total_with_d_ff_for_dense_layers + n_moe * ((E + S) * expert + D * E)
+             - n_moe * 3 * D * d_ff
+    active = total - n_moe * (E - k) * expert
+  with E experts, k per token, S shared, n_moe the layers that are MoE (first_dense_layers dense,
+  then every moe_layer_interval-th). It must equal the abstract model's size, as count_params does.
+  """
+  raise ConfigError("mai_jax.plan.moe_param_counts needs the MoE model fields "
+                    "(model.num_experts ...): not merged on this branch yet")
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(model: ModelConfig):
+  """[(shape, logical axes)] of every parameter, from the model's own abstract init (no memory)."""
+  import jax
+  from jax.sharding import PartitionSpec
+  from mai_jax.model import Decoder
+  from mai_jax.train import state as state_lib
+  _, shapes, logical = state_lib.abstract_model(lambda rngs: Decoder(model, rngs=rngs))
+  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  out = []
+  for (path, leaf), spec in zip(leaves, specs, strict=True):
+    names = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+    in_block = any(getattr(k, "key", None) == "blocks" for k in path)
+    out.append((tuple(leaf.shape), names, in_block))
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamShards:
+  """Per-device element counts of the parameters under a layout."""
+  per_device: int  # elements of all parameter shards on one device
+  fsdp_gathered: int  # elements the fsdp-sharded leaves have on one device once all-gathered
+  fsdp_sharded: int  # elements (per device) of the leaves that are sharded over fsdp
+  per_layer_gathered: int  # one block's gathered elements (the transient during its matmuls)
+
+
+def param_shards(cfg: Config, layout: Layout) -> ParamShards:
+  """Shard sizes exactly as the trainer lays parameters out (sharding.logical_to_spec)."""
+  from jax.sharding import AbstractMesh
+  from mai_jax.sharding import logical_to_spec
+  mesh = AbstractMesh(tuple(s for _, s in layout.mesh), tuple(a for a, _ in layout.mesh))
+  per_device = gathered = sharded = layer = 0
+  for shape, names, in_block in _abstract_params(cfg.model):
+    spec = logical_to_spec(names, cfg.mesh.rules, mesh, shape)
+    axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    elems = math.prod(shape) // math.prod(layout.size(a) for a in axes)
+    per_device += elems
+    fsdp = layout.size("fsdp") if "fsdp" in axes else 1
+    if fsdp > 1:
+      gathered += elems * fsdp
+      sharded += elems
+    if in_block:
+      layer += elems * fsdp
+  return ParamShards(per_device, gathered, sharded, layer // cfg.model.num_layers)
+
+
+def flops_per_token(cfg: Config) -> float:
+  """Model training FLOPs per token: 6 x active matmul params + causal attention (metrics.py)."""
+  _, active = param_counts(cfg.model)
+  return metrics.train_flops_per_token(cfg.model, active, cfg.data.seq_len)
+
+
+def recompute_flops_per_token(cfg: Config, remat: str) -> float:
+  """Extra forward FLOPs per token that rematerialization costs (not counted in MFU).
+
+  full: every block's forward again (2 x block matmul params + the causal attention forward);
+  dots: the saved matmul outputs make projections free, only attention QK^T/AV (batched dots,
+  which dots_with_no_batch_dims_saveable does not save) is recomputed; none: nothing.
+  """
+  m = cfg.model
+  attention_fwd = 2.0 * m.num_layers * cfg.data.seq_len * m.num_heads * m.head_dim
+  if remat == "none":
+    return 0.0
+  if remat == "dots":
+    return attention_fwd
+  _, active = param_counts(m)
+  block_params = metrics.matmul_params(m, active) - m.vocab_size * m.d_model  # minus unembed
+  return 2.0 * block_params + attention_fwd
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+def rows_per_device(cfg: Config, layout: Layout) -> int:
+  """Sequences per device per microbatch (the batch is sharded over the 'batch' rule's axes)."""
+  shards = math.prod(layout.size(a) for a in dict(cfg.mesh.rules).get("batch", ()))
+  per_micro = cfg.train.global_batch_size // layout.microbatches
+  if cfg.train.global_batch_size % layout.microbatches or per_micro % shards:
+    raise ConfigError(
+        f"train.global_batch_size={cfg.train.global_batch_size} with {layout.microbatches} "
+        f"microbatches does not split evenly over the {shards} devices the batch is sharded over")
+  return per_micro // shards
+
+
+def layer_activation_bytes(cfg: Config, layout: Layout, attention: str) -> dict[str, float]:
+  """Bytes one block keeps for its backward pass on one device, per remat policy.
+
+  Korthikanti et al. 2022 (34 s b h + 5 a s^2 b for GPT) adapted to this model's ops, with
+  n = rows x seq tokens per device, c bytes per compute-dtype element, t = tensor size:
+    none: n c (4 D + (2 H + 2 KV) K / t + 3 F / t) + attention core
+          (norm in/out twice, q k v after RoPE, attention output, gate, up, silu(gate)*up)
+    dots: n c (2 D + (H + 2 KV) K / t + 2 F / t)   (projection outputs only)
+    carry: n c D                                    (the residual stream between blocks)
+  attention core: 'flash' keeps a float32 log-sum-exp per head; 'xla' materializes the float32
+  logits and probabilities [b, H/t, T, T] and the boolean causal/document masks [b, T, T].
+  """
+  m, c, t = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype], layout.size("tensor")
+  T = cfg.data.seq_len
+  rows = rows_per_device(cfg, layout)
+  n = rows * T
+  D, H, KV, K, F = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.d_ff
+  Ht = H // t if H % t == 0 else H
+  if attention == "flash":
+    core = n * Ht * 4
+  else:
+    core = 2 * rows * Ht * T * T * 4 + 2 * rows * T * T
+  return {
+      "none": n * c * (4 * D + (2 * H + 2 * KV) * K / t + 3 * F / t) + core,
+      "dots": n * c * (2 * D + (H + 2 * KV) * K / t + 2 * F / t),
+      "carry": n * c * D,
+      "core": core,
+  }
+
+
+def activation_bytes(cfg: Config, layout: Layout, attention: str) -> float:
+  """Activations alive at the peak (start of the backward pass) on one device."""
+  per = layer_activation_bytes(cfg, layout, attention)
+  L = cfg.model.num_layers
+  if layout.remat == "none":
+    blocks = L * per["none"]
+  elif layout.remat == "dots":
+    blocks = L * (per["carry"] + per["dots"]) + per["core"]
+  else:
+    blocks = L * per["carry"] + per["none"]
+  return blocks + logits_bytes(cfg, layout)
+
+
+def logits_bytes(cfg: Config, layout: Layout) -> float:
+  """float32 logits and their gradient, vocabulary sharded over 'tensor'."""
+  n = rows_per_device(cfg, layout) * cfg.data.seq_len
+  return 2 * n * cfg.model.vocab_size / layout.size("tensor") * 4
+
+
+def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
+                      workspace: int = WORKSPACE_BYTES) -> dict[str, int]:
+  """Bytes per device by kind; 'total' is their sum.
+
+  params, grads, optimizer: exact shard sizes x dtype. The step keeps gradients in the parameter
+  dtype (plus float32 accumulators when microbatches > 1); optax.adamw keeps both moments in the
+  parameter dtype (mu_dtype=None). master_params is 0: this codebase has no separate master copy,
+  a float32 param_dtype *is* the master and bfloat16 params are updated in place.
+  temporaries: two blocks' gathered weights in the compute dtype (the one in use and the one being
+  prefetched) plus one block's unreduced weight gradient, and `workspace`.
+  batch: this device's rows of the step's int32 batch arrays.
+  """
+  shards = param_shards(cfg, layout)
+  p = DTYPE_BYTES[cfg.model.param_dtype]
+  c = DTYPE_BYTES[cfg.model.compute_dtype]
+  # microbatches > 1: a float32 accumulator, then the averaged gradient in the parameter dtype
+  grad_bytes = 4 + p if layout.microbatches > 1 else p
+  out = {
+      "params": shards.per_device * p,
+      "grads": shards.per_device * grad_bytes,
+      "optimizer": 2 * shards.per_device * p,
+      "master_params": 0,
+      "activations": int(activation_bytes(cfg, layout, attention)),
+      "temporaries": int(3 * shards.per_layer_gathered * c + workspace),
+      # inputs, targets, segment_ids, positions: int32 [rows, T] per microbatch
+      "batch": 4 * 4 * rows_per_device(cfg, layout) * layout.microbatches * cfg.data.seq_len,
+  }
+  out["total"] = sum(out.values())
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Communication and time
+
+
+def axis_link(layout: Layout, axis: str, gpu: hardware.GpuSpec) -> str:
+  """'nvlink' if the axis and every axis inside it fit in one node, else 'internode'.
+
+  The hybrid mesh fills a node from the innermost axis outwards (tensor, expert, fsdp, data), so
+  an axis whose inner product exceeds a node has at least one inter-node hop in its ring.
+  """
+  inner = 1
+  for a in AXES_INNER_FIRST:
+    inner *= layout.size(a)
+    if a == axis:
+      return "nvlink" if inner <= gpu.gpus_per_node else "internode"
+  raise KeyError(axis)
+
+
+def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[str, dict]:
+  """Bytes each device sends per step on each mesh axis, the link it uses and the time it takes.
+
+  ring all-gather / reduce-scatter of S bytes over n ranks: S (n-1)/n per device;
+  all-reduce: 2 S (n-1)/n. Per microbatch (the step accumulates inside a scan, so every collective
+  runs once per microbatch):
+    fsdp:   each block's weights all-gathered for the forward and again for the backward, its
+            gradient reduce-scattered, in WIRE_DTYPE; overlapped.
+    data:   all-reduce of the gradient shards, in WIRE_DTYPE; overlapped with the backward.
+    tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
+            2 more for the full-remat recompute, plus 2 for the vocab-sharded embedding/unembedding;
+            on the critical path (not overlapped).
+    expert: MoE all-to-all (moe_communication), on the critical path.
+  """
+  m, c = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype]
+  w = DTYPE_BYTES[cfg.model.compute_dtype if WIRE_DTYPE == "compute" else cfg.model.param_dtype]
+  M, L = layout.microbatches, m.num_layers
+  shards = param_shards(cfg, layout)
+  n_tokens = rows_per_device(cfg, layout) * cfg.data.seq_len
+  f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
+  tensor_calls = (6 if layout.remat == "full" else 4) * L + 2
+  plan = {
+      "fsdp": (3 * M * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * L, True),
+      "data": (2 * M * shards.per_device * w * (d - 1) / d, M * L, True),
+      "tensor": (tensor_calls * M * 2 * n_tokens * m.d_model * c * (t - 1) / t, tensor_calls * M,
+                 False),
+      "expert": (0.0, 0, False),
+  }
+  if is_moe(m):
+    plan["expert"] = moe_communication(cfg, layout)
+  out = {}
+  for axis, (nbytes, calls, overlapped) in plan.items():
+    size = layout.size(axis)
+    link = axis_link(layout, axis, gpu)
+    bandwidth = gpu.nvlink_bandwidth if link == "nvlink" else gpu.internode_bandwidth
+    seconds = 0.0
+    if size > 1 and nbytes:
+      seconds = (nbytes / (bandwidth * COLLECTIVE_EFFICIENCY)
+                 + calls * COLLECTIVE_LATENCY_S[link] * math.ceil(math.log2(size)))
+    out[axis] = {"size": size, "bytes": int(nbytes), "link": link, "time_s": seconds,
+                 "overlapped": overlapped}
+  return out
+
+
+def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
+  """Expert-parallel all-to-all (bytes, calls, overlapped): the lead completes it with the MoE
+  model. Intended: per MoE layer and microbatch, dispatch + combine forward, the same backward
+  (+2 with full remat), each n_tokens x experts_per_token x capacity_factor x D x c x (e-1)/e."""
+  raise ConfigError("mai_jax.plan.moe_communication needs the MoE model fields: not merged yet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The planner's answer for one config x GPU x layout (as_dict() is the stable --json form)."""
+  gpu: str
+  num_gpus: int
+  layout: Layout
+  params_total: int
+  params_active: int
+  flops_per_token: float
+  memory: dict[str, int]
+  usable_hbm_bytes: int
+  communication: dict[str, dict]
+  compute_time_s: float
+  step_time_s: float
+  step_time_no_overlap_s: float
+  tokens_per_step: int
+  mfu: float
+  token_budget: int
+
+  @property
+  def fits(self) -> bool:
+    return self.memory["total"] <= self.usable_hbm_bytes
+
+  @property
+  def tokens_per_day(self) -> float:
+    return self.tokens_per_step / self.step_time_s * 86400
+
+  @property
+  def days_to_train(self) -> float:
+    return self.token_budget / self.tokens_per_day
+
+  def as_dict(self) -> dict:
+    return {
+        "gpu": self.gpu, "num_gpus": self.num_gpus, "mesh": dict(self.layout.mesh),
+        "remat": self.layout.remat, "microbatches": self.layout.microbatches,
+        "params_total": self.params_total, "params_active": self.params_active,
+        "flops_per_token": self.flops_per_token,
+        "memory_per_device_bytes": dict(self.memory),
+        "usable_hbm_bytes": self.usable_hbm_bytes, "fits": self.fits,
+        "communication": self.communication, "compute_time_s": self.compute_time_s,
+        "step_time_s": self.step_time_s, "step_time_no_overlap_s": self.step_time_no_overlap_s,
+        "tokens_per_step": self.tokens_per_step, "mfu": self.mfu,
+        "tokens_per_day": self.tokens_per_day, "token_budget": self.token_budget,
+        "days_to_train": self.days_to_train,
+    }
+
+
+def gpu_spec(name: str) -> hardware.GpuSpec:
+  if name not in hardware.GPUS:
+    raise ConfigError(f"unknown GPU {name!r}{config_lib._did_you_mean(name, hardware.GPUS)}; "
+                      f"known: {', '.join(hardware.GPUS)}")
+  return hardware.GPUS[name]
+
+
+def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
+         attention: str = "flash") -> Plan:
+  """Plans `cfg` on `num_gpus` GPUs of type `gpu` with `layout` (default: the config's own)."""
+  spec = gpu_spec(gpu)
+  layout = layout or layout_of(cfg, num_gpus)
+  total, active = param_counts(cfg.model)
+  model_flops = flops_per_token(cfg)
+  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+  hardware_flops = tokens_per_step * (model_flops + recompute_flops_per_token(cfg, layout.remat))
+  compute_s = hardware_flops / num_gpus / (spec.peak_bf16_flops * MATMUL_EFFICIENCY)
+  comm = communication(cfg, layout, spec)
+  overlapped = sum(v["time_s"] for v in comm.values() if v["overlapped"])
+  exposed = sum(v["time_s"] for v in comm.values() if not v["overlapped"])
+  step_s = max(compute_s, overlapped) + exposed
+  mfu = tokens_per_step * model_flops / (step_s * num_gpus * spec.peak_bf16_flops)
+  return Plan(gpu=gpu, num_gpus=num_gpus, layout=layout, params_total=total, params_active=active,
+              flops_per_token=model_flops, memory=memory_per_device(cfg, layout, attention),
+              usable_hbm_bytes=int(spec.hbm_bytes * USABLE_HBM_FRACTION), communication=comm,
+              compute_time_s=compute_s, step_time_s=step_s,
+              step_time_no_overlap_s=compute_s + overlapped + exposed,
+              tokens_per_step=tokens_per_step, mfu=mfu, token_budget=config_lib.token_budget(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Search
+
+
+def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
+  """Every (tensor, fsdp, data) x remat x microbatches that divides the GPUs and the batch.
+
+  tensor stays inside a node and divides the query heads; expert keeps the config's size (MoE
+  layouts are chosen with the expert count); the batch must split over data x fsdp x expert.
+  """
+  expert = cfg.mesh.expert if cfg.mesh.expert > 0 else 1
+  if num_gpus % expert:
+    return
+  batch_axes = dict(cfg.mesh.rules).get("batch", ())
+  for tensor in (1, 2, 4, 8):
+    if tensor > gpu.gpus_per_node or num_gpus % (tensor * expert) or cfg.model.num_heads % tensor:
+      continue
+    rest = num_gpus // (tensor * expert)
+    for fsdp in _divisors(rest):
+      data = rest // fsdp
+      sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+      shards = math.prod(sizes[a] for a in batch_axes)
+      for micro in _divisors(cfg.train.global_batch_size):
+        if (cfg.train.global_batch_size // micro) % shards:
+          continue
+        for remat in REMATS:
+          yield Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), remat, micro)
+
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def search(cfg: Config, gpu: str, num_gpus: int, top: int = 10,
+           attention: str = "flash") -> list[Plan]:
+  """The fitting layouts, fastest first (ties: less memory)."""
+  spec = gpu_spec(gpu)
+  plans = [plan(cfg, gpu, num_gpus, layout, attention)
+           for layout in candidate_layouts(cfg, num_gpus, spec)]
+  fitting = [p for p in plans if p.fits]
+  fitting.sort(key=lambda p: (p.step_time_s, p.memory["total"]))
+  return fitting[:top]
+
+
+# ----------------------------------------------------------------------------------------------
+# Human-readable output
+
+
+def _gb(nbytes: float) -> str:
+  return f"{nbytes / 1e9:.2f} GB"
+
+
+def format_plan(p: Plan) -> str:
+  mesh = " ".join(f"{a}={s}" for a, s in p.layout.mesh)
+  lines = [
+      f"{p.num_gpus} x {hardware.GPUS[p.gpu].name}   mesh {mesh}   remat={p.layout.remat}   "
+      f"microbatches={p.layout.microbatches}",
+      f"params total {p.params_total:,}   active {p.params_active:,}   "
+      f"FLOPs/token {p.flops_per_token:.4g}",
+      "memory per device:",
+  ]
+  for key, value in p.memory.items():
+    lines.append(f"  {key:<14} {_gb(value):>12}")
+  lines.append(f"  {'usable HBM':<14} {_gb(p.usable_hbm_bytes):>12}   "
+               f"{'fits' if p.fits else 'DOES NOT FIT'}")
+  lines.append("communication per step:")
+  for axis, v in p.communication.items():
+    lines.append(f"  {axis:<7} size {v['size']:<6} {_gb(v['bytes']):>12} over {v['link']:<9} "
+                 f"{v['time_s']:8.3f} s {'(overlapped)' if v['overlapped'] else '(exposed)'}")
+  lines += [
+      f"compute {p.compute_time_s:.3f} s   step {p.step_time_s:.3f} s "
+      f"(no overlap {p.step_time_no_overlap_s:.3f} s)   MFU {p.mfu:.1%}",
+      f"tokens/step {p.tokens_per_step:,}   tokens/day {p.tokens_per_day:.4g}   "
+      f"budget {p.token_budget:.4g} tokens -> {p.days_to_train:.1f} days",
+  ]
+  return "\n".join(lines)
+
+
+def format_search(plans: list[Plan]) -> str:
+  if not plans:
+    return "no layout fits"
+  header = (f"{'rank':>4} {'data':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} {'remat':>5} {'micro':>5} "
+            f"{'mem/dev':>10} {'step s':>8} {'MFU':>6} {'days':>7}")
+  rows = [header]
+  for i, p in enumerate(plans, 1):
+    s = dict(p.layout.mesh)
+    rows.append(f"{i:>4} {s['data']:>5} {s['fsdp']:>5} {s['expert']:>4} {s['tensor']:>3} "
+                f"{p.layout.remat:>5} {p.layout.microbatches:>5} {_gb(p.memory['total']):>10} "
+                f"{p.step_time_s:>8.3f} {p.mfu:>6.1%} {p.days_to_train:>7.1f}")
+  return "\n".join(rows)

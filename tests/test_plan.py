@@ -1,0 +1,215 @@
+"""The planner: FLOPs against a hand computation, shard sizes against the trainer's real
+shardings, memory against XLA's compiled memory analysis, communication by hand, and the CLI."""
+
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from mai_jax import aot, cli, hardware, sharding
+from mai_jax import config as C
+from mai_jax import plan as P
+from mai_jax.train.trainer import build_trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXP = os.path.join(REPO, "experiments")
+MAI1 = os.path.join(EXP, "mai1_500b.py")
+LLAMA8B = os.path.join(EXP, "llama3_8b.py")
+
+# A small Llama on the 8 test devices: float32 compute, because XLA:CPU computes bfloat16 in
+# float32 (its activations would not be those of a GPU), and seq 256 keeps compiles at ~2 s.
+SMALL = {"model.num_layers": "2", "model.d_model": "256", "model.num_heads": "8",
+         "model.num_kv_heads": "4", "model.head_dim": "32", "model.d_ff": "768",
+         "model.vocab_size": "1024", "model.compute_dtype": "float32", "data.seq_len": "256",
+         "mesh.data": "2", "mesh.fsdp": "2", "mesh.tensor": "2", "train.global_batch_size": "8",
+         "mesh.target_num_gpus": "8", "model.remat": "full"}
+
+
+def small_cfg(**extra):
+  return C.apply_overrides(C.load_experiment(LLAMA8B), {**SMALL, **extra})
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and parameters
+
+
+def test_flops_per_token_matches_a_hand_computation():
+  """Llama 3 8B at 8,192 tokens: 6 x (params - input embedding) + 6 L T H K (causal, halved from
+  12 L T H K: QK^T and AV are 2 T K FLOPs per head each, forward x3 for the backward)."""
+  cfg = C.load_experiment(LLAMA8B)
+  matmul = 8_030_261_248 - 128256 * 4096
+  hand = 6 * matmul + 6 * 32 * 8192 * 32 * 128
+  assert P.flops_per_token(cfg) == pytest.approx(hand, rel=1e-12)
+  # full remat recomputes the blocks' forward: 2 x block params + the attention forward
+  blocks = matmul - 128256 * 4096
+  assert P.recompute_flops_per_token(cfg, "full") == pytest.approx(
+      2 * blocks + 2 * 32 * 8192 * 32 * 128, rel=1e-12)
+  assert P.recompute_flops_per_token(cfg, "none") == 0
+
+
+def test_param_shards_equal_the_trainers_shardings():
+  for extra in ({}, {"mesh.data": "1", "mesh.fsdp": "8", "mesh.tensor": "1"},
+                {"mesh.data": "1", "mesh.fsdp": "1", "mesh.tensor": "8"}):
+    cfg = small_cfg(**extra)
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:8]))
+    state = trainer.abstract_state()
+    real = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(state.params))
+    assert P.param_shards(cfg, P.layout_of(cfg, 8)).per_device == real, extra
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory against the compiled step
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"train.microbatches": "2", "train.global_batch_size": "16"},
+    pytest.param({"model.remat": "dots"}, marks=pytest.mark.slow),
+    pytest.param({"mesh.data": "1", "mesh.fsdp": "8", "mesh.tensor": "1"}, marks=pytest.mark.slow),
+    pytest.param({"model.compute_dtype": "bfloat16"}, marks=pytest.mark.slow),
+], ids=["full", "microbatches", "dots", "fsdp8", "bf16"])
+def test_memory_model_against_memory_analysis(extra):
+  """params + optimizer + batch are the step's arguments: exact up to the step counter, RNG key
+  and Adam's count (a few dozen bytes). The total is a model of XLA's buffer assignment: within 20%
+  on CPU for remat full/dots (remat='none' is underestimated by ~25% on CPU, whose unfused softmax
+  keeps more [T, T] temporaries than the GPU's flash attention). bfloat16 compute is planned with
+  float32 activations on CPU (aot.as_this_backend), which is how XLA:CPU runs it."""
+  cfg = small_cfg(**extra)
+  check = aot.compile_check(cfg, 2, None)
+  compiled, mem = check["compiled"], check["planned"]["memory_per_device_bytes"]
+  assert 0 <= compiled["argument_bytes"] - (mem["params"] + mem["optimizer"] + mem["batch"]) < 64
+  assert mem["total"] == pytest.approx(compiled["peak_bytes"], rel=0.2)
+  # XLA's cost analysis counts a loop body (scanned block, microbatch) once: so does this figure.
+  # 15%: XLA also counts elementwise FLOPs (softmax, norms, RoPE, SiLU) that 6N + attention leaves
+  # out, a larger share at d_model 256 than at scale.
+  assert compiled["flops"] == pytest.approx(check["planned"]["flops_as_xla_counts"], rel=0.15)
+
+
+def test_compile_scales_a_big_layout_down_to_8_devices():
+  """The MAI-1 dense layout (data 30 x fsdp 64 x tensor 8) becomes 2 x 2 x 2 at reduced depth and
+  width; the compiled step's shardings are consistent and per-device FLOPs agree with the plan."""
+  cfg = C.apply_overrides(C.load_experiment(MAI1), {
+      "model.d_model": "256", "model.num_heads": "16", "model.head_dim": "16",
+      "model.d_ff": "512", "model.vocab_size": "1024", "data.seq_len": "128",
+      "model.compute_dtype": "float32"})
+  check = aot.compile_check(cfg, 2, 15360)
+  assert check["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+  assert check["global_batch_size"] == 4  # one row per tensor group, as on 15,360 GPUs
+  assert check["compiled"]["flops"] == pytest.approx(check["planned"]["flops_as_xla_counts"],
+                                                     rel=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Communication
+
+
+def test_axis_links_follow_the_hybrid_mesh():
+  gpu = hardware.GPUS["h100"]
+  layout = P.Layout((("data", 30), ("fsdp", 64), ("expert", 1), ("tensor", 8)), "full", 1)
+  assert P.axis_link(layout, "tensor", gpu) == "nvlink"
+  assert P.axis_link(layout, "fsdp", gpu) == "internode"
+  small = P.Layout((("data", 4), ("fsdp", 2), ("expert", 1), ("tensor", 4)), "full", 1)
+  assert P.axis_link(small, "fsdp", gpu) == "nvlink"
+  assert P.axis_link(small, "data", gpu) == "internode"
+
+
+def test_communication_bytes_by_hand():
+  """fsdp: 2 all-gathers + 1 reduce-scatter of everything but the norms (sharded over tensor
+  already), bf16, x (f-1)/f. tensor: (6 L + 2) all-reduces of the [n, D] residual, 2 (t-1)/t each.
+  data: one all-reduce of the bf16 gradient shard, 2 (d-1)/d."""
+  cfg = C.load_experiment(MAI1)
+  comm = P.communication(cfg, P.layout_of(cfg, 15360), hardware.GPUS["h100"])
+  L, D, t, f, d = 120, 18432, 8, 64, 30
+  total = 498_589_747_200
+  norms = 2 * L * D + D
+  assert comm["fsdp"]["bytes"] == int(3 * (total - norms) / t * 2 * (f - 1) / f)
+  assert comm["tensor"]["bytes"] == int((6 * L + 2) * 2 * 8192 * D * 2 * (t - 1) / t)
+  shard = (total - norms) / (t * f) + norms
+  assert comm["data"]["bytes"] == pytest.approx(2 * shard * 2 * (d - 1) / d, rel=1e-9)
+  assert comm["fsdp"]["overlapped"] and not comm["tensor"]["overlapped"]
+  assert comm["expert"]["time_s"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan and the search
+
+
+def test_mai1_dense_fits_15360_h100_with_its_predicted_mfu(capsys):
+  assert cli.main(["plan", "--config", MAI1, "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["gpu"] == "h100" and out["num_gpus"] == 15360
+  assert out["mesh"] == {"data": 30, "fsdp": 64, "expert": 1, "tensor": 8}
+  assert out["params_total"] == out["params_active"] == 498_589_747_200
+  assert out["fits"] and out["memory_per_device_bytes"]["total"] < 80e9 * P.USABLE_HBM_FRACTION
+  assert 0.2 < out["mfu"] < 0.6
+  assert out["days_to_train"] == pytest.approx(
+      out["token_budget"] / (out["tokens_per_step"] / out["step_time_s"] * 86400))
+
+
+def test_json_keys_are_stable(capsys):
+  assert cli.main(["plan", "--config", LLAMA8B, "--json", "--gpu", "h200", "--gpus", "1024"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  for key in ("params_total", "params_active", "memory_per_device_bytes", "step_time_s", "mfu",
+              "days_to_train", "flops_per_token", "communication", "tokens_per_day", "fits"):
+    assert key in out
+  breakdown = out["memory_per_device_bytes"]
+  assert set(breakdown) == {"params", "grads", "optimizer", "master_params", "activations",
+                            "temporaries", "batch", "total"}
+  assert breakdown["total"] == sum(v for k, v in breakdown.items() if k != "total")
+  assert set(out["communication"]) == {"data", "fsdp", "expert", "tensor"}
+  assert out["gpu"] == "h200" and out["num_gpus"] == 1024
+
+
+def test_search_ranks_fitting_layouts_fastest_first(capsys):
+  cfg = C.load_experiment(MAI1)
+  ranked = P.search(cfg, "h100", 15360, top=5)
+  assert ranked and all(p.fits for p in ranked)
+  times = [p.step_time_s for p in ranked]
+  assert times == sorted(times)
+  assert times[0] <= P.plan(cfg, "h100", 15360).step_time_s
+  assert cli.main(["plan", "--config", MAI1, "--search", "--top", "3"]) == 0
+  text = capsys.readouterr().out
+  assert "layouts that fit, fastest first" in text and "DOES NOT FIT" not in text
+
+
+def test_more_memory_per_gpu_lets_more_fit():
+  cfg = C.apply_overrides(C.load_experiment(MAI1), {"model.remat": "none"})
+  assert not P.plan(cfg, "h100", 15360).fits
+  assert P.plan(cfg, "h100", 15360).memory == P.plan(cfg, "b200", 15360).memory
+
+
+def test_cli_compile_prints_both_columns(capsys):
+  argv = ["plan", "--config", LLAMA8B + ":ci", "--compile"] + [
+      f"--config.{k}={v}" for k, v in SMALL.items()]
+  assert cli.main(argv) == 0
+  text = capsys.readouterr().out
+  assert "shardings consistent, compiled" in text and "params + optimizer + batch" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI errors: one line, exit 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--config", MAI1, "--gpu", "a100"], "--gpu 'a100': unknown GPU type"),
+    (["plan", "--config", MAI1, "--gpus", "1000"], "cannot fill 1000 devices"),
+    (["plan", "--config", MAI1, "--gpus", "0"], "pass --gpus N"),
+    (["plan", "--config", os.path.join(EXP, "tiny.py")], "declares no mesh.target_num_gpus"),
+    (["plan", "--config", MAI1, "--config.mesh.target_gpu=h10"], "did you mean 'h100'"),
+    (["plan", "--config", MAI1, "--config.train.token_budget=-1"], "must be >= 0"),
+])
+def test_plan_errors_are_one_line_exit_2(argv, message, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert message in err
+  assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_hardware_table_matches_the_config_choices():
+  assert tuple(hardware.GPUS) == C.GPU_TYPES
+  h100 = hardware.GPUS["h100"]
+  assert h100.hbm_bytes == 80e9 and h100.peak_bf16_flops == 989.4e12
+  assert h100.peak_fp8_flops == pytest.approx(2 * h100.peak_bf16_flops, rel=1e-3)
+  assert h100.internode_bandwidth == 50e9
