@@ -13,21 +13,39 @@ import threading
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mai_jax.config import MESH_AXES, MeshConfig, mesh_shape
+from mai_jax.config import MESH_AXES, ConfigError, MeshConfig, mesh_shape
 
 Rules = Sequence[tuple[str, Sequence[str]]]
 LogicalAxes = Sequence[Optional[str]]
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """Builds the ('data','fsdp','expert','tensor') mesh with Auto axis types over all devices."""
+  """Builds the ('data','fsdp','expert','tensor') mesh with Auto axis types over all devices.
+
+  Multi-host, this is the hybrid layout: jax orders devices by process, and the mesh axes run outer
+  to inner, so `tensor` (then `expert`, then the part of `fsdp` that fits) stays inside one node on
+  NVLink while the rest spans nodes. A `tensor` axis larger than a node would put its per-layer
+  all-reduces on the slow links, so it is refused.
+  """
   devices = list(devices) if devices is not None else jax.devices()
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+  _check_tensor_within_process(mesh)
+  return mesh
+
+
+def _check_tensor_within_process(mesh: Mesh) -> None:
+  processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  if not (processes == processes[..., :1]).all():
+    per_process = mesh.devices.size // len(np.unique(processes))
+    raise ConfigError(f"mesh.tensor={mesh.shape['tensor']} spans several processes (hosts); tensor "
+                      f"parallelism all-reduces every layer and needs the intra-node links: keep "
+                      f"mesh.tensor <= {per_process} devices per process")
 
 
 def logical_to_spec(logical: LogicalAxes, rules: Rules, mesh: Optional[Mesh] = None,

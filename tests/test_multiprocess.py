@@ -55,7 +55,12 @@ def runs(tmp_path_factory):
   shutil.copytree(two, root / "two_then_one")
   resumed = _run_processes(two, "--config.train.num_steps=8", cache=cache)
   one = run_train(root / "two_then_one", *RUN, "--config.train.num_steps=8", env=cli_env(cache))
-  return {"root": root, "first": first, "resumed": resumed, "one": one, "cache": cache}
+  # And the other way: the 1-process run's step-4 checkpoint resumed by 2 processes.
+  shutil.copytree(root / "single", root / "one_then_two")
+  shutil.rmtree(root / "one_then_two" / "checkpoints" / "8")
+  to_two = _run_processes(root / "one_then_two", "--config.train.num_steps=8", cache=cache)
+  return {"root": root, "first": first, "resumed": resumed, "one": one, "to_two": to_two,
+          "cache": cache}
 
 
 def _assert_same_losses(got_dir, want_dir):
@@ -75,6 +80,11 @@ def test_two_processes_train_checkpoint_and_resume_like_one(runs):
 def test_a_checkpoint_from_two_processes_resumes_on_one(runs):
   assert "resumed from step 4" in runs["one"]
   _assert_same_losses(runs["root"] / "two_then_one", runs["root"] / "single")
+
+
+def test_a_checkpoint_from_one_process_resumes_on_two(runs):
+  assert "resumed from step 4" in runs["to_two"]
+  _assert_same_losses(runs["root"] / "one_then_two", runs["root"] / "single")
 
 
 def test_when_one_process_dies_the_other_exits_within_60s(runs, tmp_path):

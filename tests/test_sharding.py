@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -85,3 +86,13 @@ def test_shard_act_constrains_inside_jit_and_is_a_noop_without_mesh():
   with S.activate(mesh, C.DEFAULT_RULES):
     y = jax.jit(lambda a: S.shard_act(a * 2, ("batch", "seq", "mlp")))(x)
   assert y.sharding.spec == P("fsdp", None, "tensor")
+
+
+def test_a_tensor_axis_spanning_processes_is_refused():
+  from types import SimpleNamespace
+  fake = lambda p: SimpleNamespace(process_index=p)  # noqa: E731
+  inside = np.array([[[[fake(0), fake(0)]]], [[[fake(1), fake(1)]]]], dtype=object)
+  S._check_tensor_within_process(SimpleNamespace(devices=inside, shape={"tensor": 2}))
+  across = np.array([[[[fake(0), fake(1)]]], [[[fake(0), fake(1)]]]], dtype=object)
+  with pytest.raises(C.ConfigError, match="mesh.tensor=2 spans several processes"):
+    S._check_tensor_within_process(SimpleNamespace(devices=across, shape={"tensor": 2}))
