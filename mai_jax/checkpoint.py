@@ -70,3 +70,47 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_params(directory: str, step: int, abstract_params: Any) -> Any:
+  """Restores only `state.params` of checkpoint `step` into `abstract_params`' shapes/shardings.
+
+  Evaluation and sampling need no optimizer state, so they never build or read it: orbax's
+  partial restore reads the params subtree alone, from a training checkpoint (a full TrainState)
+  or from a params-only one written by `save_params`.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  target = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(target, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+  finally:
+    manager.close()
+
+
+def save_params(directory: str, step: int, params: Any, config: dict, metadata: dict) -> None:
+  """Writes a params-only checkpoint (item `state` = {'params': ...}), e.g. imported weights;
+  `restore_params` reads it. Synchronous: returns once it is on disk."""
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "config": ocp.JsonCheckpointHandler(),
+                     "metadata": ocp.JsonCheckpointHandler()})
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                             config=ocp.args.JsonSave(config),
+                                             metadata=ocp.args.JsonSave(metadata)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def latest_step(directory: str) -> Optional[int]:
+  """The newest finalized step under `directory`, or None (no manager with write options)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()

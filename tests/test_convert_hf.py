@@ -1,0 +1,134 @@
+"""HF interop: logits parity with `transformers` (PyTorch CPU) and exact export/import round trips."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mai_jax.convert import hf  # noqa: E402
+
+VOCAB = 96
+
+
+def make_hf_llama(directory, *, tie=False, kv_heads=2, rope_theta=10000.0, max_shard_size=None,
+                  seed=0):
+  """A tiny random LlamaForCausalLM saved with save_pretrained (safetensors)."""
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=kv_heads, rope_theta=rope_theta,
+      tie_word_embeddings=tie, rms_norm_eps=1e-5, max_position_embeddings=128)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():  # default init leaves norms at 1: make them informative
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+  model.save_pretrained(directory, **kwargs)
+  return model
+
+
+def hf_logits(model, tokens_BT):
+  with torch.no_grad():
+    return model(torch.tensor(tokens_BT)).logits.float().numpy()
+
+
+def tokens(seed=1, shape=(3, 11)):
+  return np.random.RandomState(seed).randint(0, VOCAB, shape)
+
+
+@pytest.mark.parametrize("tie,kv_heads,rope_theta", [
+    (False, 2, 10000.0),   # untied, GQA 2
+    (True, 1, 10000.0),    # tied, GQA 4 (multi-query)
+    (False, 4, 500000.0),  # no GQA, Llama-3 theta
+])
+def test_import_matches_transformers(tmp_path, tie, kv_heads, rope_theta):
+  ref = make_hf_llama(tmp_path, tie=tie, kv_heads=kv_heads, rope_theta=rope_theta)
+  cfg, model = hf.from_hf(str(tmp_path))
+  assert cfg.model.tie_embeddings == tie and cfg.model.num_kv_heads == kv_heads
+  assert cfg.model.rope_theta == rope_theta
+  x = tokens()
+  got = np.asarray(model(jax.numpy.asarray(x)))
+  assert got.shape == (3, 11, VOCAB) and got.dtype == np.float32
+  np.testing.assert_allclose(got, hf_logits(ref, x), atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+  ref = make_hf_llama(tmp_path, max_shard_size="20KB")
+  assert os.path.isfile(tmp_path / hf.INDEX_FILE)
+  assert len(hf.safetensors_files(str(tmp_path))) > 1
+  _, model = hf.from_hf(str(tmp_path))
+  x = tokens(2)
+  np.testing.assert_allclose(np.asarray(model(jax.numpy.asarray(x))), hf_logits(ref, x),
+                             atol=1e-4, rtol=0)
+
+
+def params_of(model):
+  from flax import nnx
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_loads_in_transformers_and_round_trips(tmp_path, tie):
+  make_hf_llama(tmp_path / "src", tie=tie, rope_theta=20000.0)
+  cfg, model = hf.from_hf(str(tmp_path / "src"))
+  params = params_of(model)
+  files = hf.to_hf(cfg, params, str(tmp_path / "out"), max_shard_bytes=16 << 10)
+  assert len(files) > 1 and os.path.isfile(tmp_path / "out" / hf.INDEX_FILE)
+
+  exported = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  x = tokens(3)
+  ours = np.asarray(model(jax.numpy.asarray(x)))
+  np.testing.assert_allclose(hf_logits(exported, x), ours, atol=1e-4, rtol=0)
+
+  _, again = hf.from_hf(str(tmp_path / "out"))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_of(again))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
+  ref = make_hf_llama(tmp_path / "f32")
+  ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  cfg, model = hf.from_hf(str(tmp_path / "bf16"))
+  assert cfg.model.param_dtype == "bfloat16"
+  emb = params_of(model)["embed"]["embedding"]
+  assert emb.dtype == jax.numpy.bfloat16
+  want = ref.model.embed_tokens.weight.detach().float().numpy()
+  np.testing.assert_array_equal(np.asarray(emb, np.float32), want)
+
+
+def _edit_config(directory, **changes):
+  path = os.path.join(directory, "config.json")
+  with open(path) as f:
+    raw = json.load(f)
+  raw.update(changes)
+  with open(path, "w") as f:
+    json.dump(raw, f)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "llama3"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
+    ({"model_type": "gpt2"}, "model_type='gpt2'"),
+    ({"attention_bias": True}, "biases"),
+    ({"hidden_act": "gelu"}, "SwiGLU"),
+])
+def test_unsupported_configs_are_rejected_clearly(tmp_path, changes, message):
+  make_hf_llama(tmp_path)
+  _edit_config(tmp_path, **changes)
+  with pytest.raises(hf.HFConversionError, match=message):
+    hf.from_hf(str(tmp_path))
+
+
+def test_wrong_shapes_and_missing_files_are_errors(tmp_path):
+  with pytest.raises(hf.HFConversionError, match="config.json"):
+    hf.from_hf(str(tmp_path))
+  make_hf_llama(tmp_path)
+  _edit_config(tmp_path, intermediate_size=64)
+  with pytest.raises(hf.HFConversionError, match="does not fit"):
+    hf.from_hf(str(tmp_path))
