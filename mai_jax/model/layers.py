@@ -92,6 +92,50 @@ def attention_implementation(cfg: ModelConfig) -> str:
   return cfg.attention_impl
 
 
+class KVCache(nnx.Module):
+  """Keys, values and segment ids of every position decoded so far, for one attention layer.
+
+  Slots [0, index) are filled. New tokens are written at slot `index` onwards, and a query in slot
+  q attends to key slots s <= q of its own segment, so left-padded prompts (padding = segment 0)
+  decode in lockstep: every row writes the same slot each step while its positions (RoPE) count
+  from its own first real token. Arrays are sharded like activations ('batch','seq',...).
+  """
+
+  def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
+    kv_shape = (batch, max_len, num_kv_heads, head_dim)
+    self.k = nnx.Cache(shard_act(jnp.zeros(kv_shape, dtype), KV_AXES))
+    self.v = nnx.Cache(shard_act(jnp.zeros(kv_shape, dtype), KV_AXES))
+    self.segment_ids = nnx.Cache(shard_act(jnp.zeros((batch, max_len), jnp.int32),
+                                           ("batch", "seq")))
+    self.index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def attend(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array,
+             segment_ids_BT: jax.Array) -> jax.Array:
+    """Appends the T new keys/values, then attends the T queries over the whole cache."""
+    T, S = q_BTHK.shape[1], self.k.shape[1]
+    start = self.index[...]
+    k_BSGK = jax.lax.dynamic_update_slice(self.k[...], k_BTGK.astype(self.k.dtype),
+                                          (0, start, 0, 0))
+    v_BSGK = jax.lax.dynamic_update_slice(self.v[...], v_BTGK.astype(self.v.dtype),
+                                          (0, start, 0, 0))
+    seg_BS = jax.lax.dynamic_update_slice(self.segment_ids[...],
+                                          segment_ids_BT.astype(jnp.int32), (0, start))
+    self.k[...] = k_BSGK = shard_act(k_BSGK, KV_AXES)
+    self.v[...] = v_BSGK = shard_act(v_BSGK, KV_AXES)
+    self.segment_ids[...] = seg_BS
+    self.index[...] = start + T
+    query_slot_T = start + jnp.arange(T, dtype=jnp.int32)
+    causal_TS = jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
+    same_doc_BTS = seg_BS[:, None, :] == segment_ids_BT[:, :, None]
+    mask_B1TS = (causal_TS[None, :, :] & same_doc_BTS)[:, None, :, :]
+    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
+                                            implementation="xla")
+    return shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
+
+
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary embeddings and document (segment) masking.
 
@@ -114,6 +158,7 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.dtype = compute_dtype(cfg)
     self.implementation = attention_implementation(cfg)
+    self.cache: Optional[KVCache] = None  # set by Decoder.init_cache for incremental decoding
 
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
                positions_BT: jax.Array) -> jax.Array:
@@ -127,6 +172,10 @@ class Attention(nnx.Module):
     k_BTGK = shard_act(apply_rope(k_BTGK, positions_BT, self.rope_theta),
                        ("batch", "seq", "kv_heads", "head_dim"))
     v_BTGK = shard_act(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
+
+    if self.cache is not None:
+      out_BTHK = self.cache.attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt))
 
     # Causal AND same document. The same call serves both implementations:
     # - xla: is_causal builds the triangular mask and ANDs it with `mask`.
