@@ -132,3 +132,57 @@ def test_wrong_shapes_and_missing_files_are_errors(tmp_path):
   _edit_config(tmp_path, intermediate_size=64)
   with pytest.raises(hf.HFConversionError, match="does not fit"):
     hf.from_hf(str(tmp_path))
+
+
+def write_hf_tokenizer(directory):
+  """A small BPE tokenizer.json (fits the tiny vocab) plus tokenizer_config.json naming bos/eos."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60])
+  tok.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 20, trainer)
+  assert tok.get_vocab_size() <= VOCAB
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+
+
+def hf_greedy(model, ids, steps):
+  seq = list(ids)
+  for _ in range(steps):
+    seq.append(int(hf_logits(model, [seq])[0, -1].argmax()))
+  return seq[len(ids):]
+
+
+def test_cli_round_trip_with_hf_tokenizer(tmp_path, capsys):
+  from mai_jax import cli, sample, workdir
+  src, wd, out = tmp_path / "src", tmp_path / "wd", tmp_path / "out"
+  ref = make_hf_llama(src, rope_theta=50000.0)
+  write_hf_tokenizer(src)
+  assert cli.main(["convert", "from-hf", "--hf-dir", str(src), "--workdir", str(wd)]) == 0
+  for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    assert (wd / name).is_file(), name
+
+  cfg, model, step, mesh = workdir.load_model(str(wd))
+  tok = workdir.load_tokenizer(cfg, str(wd))
+  assert step == 0 and (tok.bos_id, tok.eos_id) == (1, 2)
+  ids = [tok.bos_id] + tok.encode("def add(a, b):")
+  assert tok.decode(ids[1:]) == "def add(a, b):"
+  got = sample.generate(model, [ids, ids[:3]], sample.SamplingConfig(5, temperature=0),
+                        eos_id=None, pad_id=tok.pad_id, mesh=mesh, rules=cfg.mesh.rules)
+  assert got == [hf_greedy(ref, ids, 5), hf_greedy(ref, ids[:3], 5)]
+
+  assert cli.main(["sample", "--workdir", str(wd), "--prompt", "def add(", "--temperature", "0",
+                   "--max-new-tokens", "4"]) == 0
+  assert "=== 'def add('\ndef add(" in capsys.readouterr().out
+
+  assert cli.main(["convert", "to-hf", "--workdir", str(wd), "--out", str(out)]) == 0
+  assert (out / "tokenizer.json").is_file()
+  exported = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+  x = tokens(4)
+  np.testing.assert_allclose(hf_logits(exported, x), hf_logits(ref, x), atol=1e-4, rtol=0)
+
+  assert cli.main(["convert", "from-hf", "--hf-dir", str(src), "--workdir", str(wd)]) == 2
+  assert "already holds checkpoints" in capsys.readouterr().err

@@ -24,12 +24,19 @@ def tiny_model():
   return Decoder(cfg, rngs=nnx.Rngs(0))
 
 
+_forward = nnx.jit(lambda model, tokens_BT: model(tokens_BT))
+
+
 def direct_logprob(model, context, continuation, max_len):
-  """log p(continuation | context) from one unpadded forward pass, with NumPy log-softmax."""
+  """log p(continuation | context) from one forward pass with NumPy log-softmax. The sequence sits
+  at the start of a fixed 64-token buffer (one compilation); attention is causal, so what follows
+  it cannot change its logits."""
   seq = (context + continuation)[-(max_len + 1):]
-  logits = np.asarray(model(jnp.asarray([seq[:-1]])), np.float64)[0]
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
+  buffer = np.zeros((1, 64), np.int32)
+  buffer[0, :len(seq) - 1] = seq[:-1]
+  logits = np.asarray(_forward(model, jnp.asarray(buffer)), np.float64)[0, :len(seq) - 1]
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   n = len(continuation)
   targets = seq[1:]
   return sum(logp[t, targets[t]] for t in range(len(targets) - n, len(targets)))
