@@ -1,4 +1,5 @@
-"""Hugging Face safetensors <-> mai_jax parameters for Llama-family models (Llama 2/3, Mistral, SmolLM).
+"""Hugging Face safetensors <-> mai_jax parameters for Llama-family models (Llama 2/3, Mistral,
+SmolLM) and Mixtral (when the model has Mixture-of-Experts support: ModelConfig.num_experts).
 
     cfg, model = hf.from_hf("path/to/hf_dir")      # model(tokens_BT) -> float32 logits_BTV
     hf.to_hf(cfg, params, "out_dir")                 # config.json + model*.safetensors
@@ -36,7 +37,7 @@ from mai_jax.train import state as state_lib
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_TYPES = ("llama", "mistral")
+SUPPORTED_TYPES = ("llama", "mistral", "mixtral")
 # Buffers some older exports carry that hold no learned weights.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -69,9 +70,10 @@ O_HEADS = Layout(lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.d_model),
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  hf_name: str          # may contain {layer}
+  hf_name: str          # may contain {layer} and {expert}
   path: tuple[str, ...]  # mai_jax param path inside the model (per block for layer rows)
   layout: Layout
+  per_expert: bool = False  # one HF tensor per expert, stacked on the param's experts axis
 
 
 GLOBAL_ROWS = (
@@ -94,8 +96,24 @@ DENSE_MLP_ROWS = (
 )
 
 
+# Mixtral: router [E, D] -> [D, E]; experts' w1 (gate), w3 (up) [F, D] -> [D, F] and w2 (down)
+# [D, F] -> [F, D], each stacked over experts: gate_proj/up_proj [E, D, F], down_proj [E, F, D].
+_EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{expert}"
+MOE_ROWS = (
+    Row("model.layers.{layer}.block_sparse_moe.gate.weight", ("moe", "router"), LINEAR),
+    Row(_EXPERT + ".w1.weight", ("moe", "gate_proj"), LINEAR, per_expert=True),
+    Row(_EXPERT + ".w3.weight", ("moe", "up_proj"), LINEAR, per_expert=True),
+    Row(_EXPERT + ".w2.weight", ("moe", "down_proj"), LINEAR, per_expert=True),
+)
+
+
+def num_experts(cfg: ModelConfig) -> int:
+  """0 for dense models (and for a ModelConfig that predates MoE)."""
+  return getattr(cfg, "num_experts", 0) or 0
+
+
 def layer_rows(cfg: ModelConfig) -> tuple[Row, ...]:
-  return ATTENTION_ROWS + DENSE_MLP_ROWS
+  return ATTENTION_ROWS + (MOE_ROWS if num_experts(cfg) else DENSE_MLP_ROWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +137,9 @@ def tensor_table(cfg: ModelConfig) -> dict[str, Target]:
         path, index = ("blocks",) + row.path, (layer,)
       else:
         path, index = ("blocks", layer) + row.path, ()
-      table[row.hf_name.format(layer=layer)] = Target(path, index, row.layout)
+      for expert in range(num_experts(cfg)) if row.per_expert else (None,):
+        name = row.hf_name.format(layer=layer, expert=expert)
+        table[name] = Target(path, index + ((expert,) if row.per_expert else ()), row.layout)
   return table
 
 
@@ -143,7 +163,14 @@ def model_config_from_hf(hf: dict, *, param_dtype: Optional[str] = None,
   heads = hf["num_attention_heads"]
   stored = _dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32")
   param_dtype = param_dtype or stored
-  return ModelConfig(
+  moe = {}
+  if model_type == "mixtral":
+    if "num_experts" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+      raise HFConversionError("HF model_type='mixtral' needs Mixture-of-Experts support "
+                              "(ModelConfig.num_experts), which this mai_jax version lacks")
+    moe = dict(num_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
+               d_ff_expert=hf["intermediate_size"], router="softmax_topk")
+  return ModelConfig(**moe,
       num_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
@@ -291,8 +318,13 @@ def from_hf(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
 
 
 def hf_config(cfg: Config, *, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> dict:
-  """config.json contents of a LlamaForCausalLM with cfg.model's shape."""
+  """config.json contents of a LlamaForCausalLM (MixtralForCausalLM with experts) like cfg.model."""
   m = cfg.model
+  moe = {}
+  if num_experts(m):
+    moe = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+           "num_local_experts": m.num_experts, "num_experts_per_tok": m.experts_per_token,
+           "intermediate_size": m.d_ff_expert}
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "hidden_size": m.d_model, "intermediate_size": m.d_ff, "num_hidden_layers": m.num_layers,
@@ -303,7 +335,7 @@ def hf_config(cfg: Config, *, bos_id: Optional[int] = None, eos_id: Optional[int
       "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
       "mlp_bias": False, "max_position_embeddings": max(cfg.data.seq_len, 2048),
       "dtype": m.param_dtype, "torch_dtype": m.param_dtype, "bos_token_id": bos_id,
-      "eos_token_id": eos_id,
+      "eos_token_id": eos_id, **moe,
   }
 
 

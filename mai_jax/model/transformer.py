@@ -122,17 +122,19 @@ class Decoder(nnx.Module):
   # -- Incremental decoding (sampling) --------------------------------------------------------
 
   def init_cache(self, batch_size: int, max_len: int) -> None:
-    """Gives every attention layer an empty KVCache of `max_len` slots; then call `decode`."""
+    """Gives every attention layer an empty KVCache of `max_len` slots; then call `decode`.
+
+    Each cache gets the same leading (stacking) axes as its layer's parameters, so it is sliced
+    along with them however the blocks are stacked.
+    """
     cfg = self.cfg
-    def empty():
-      return KVCache(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim, compute_dtype(cfg))
-    if cfg.scan_layers:
-      graphdef, state = nnx.split(empty())
-      state = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers,) + x.shape), state)
-      self.blocks.attn.cache = nnx.data(nnx.merge(graphdef, state))
-    else:
-      for block in self.blocks:
-        block.attn.cache = nnx.data(empty())
+    graphdef, empty = nnx.split(KVCache(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
+                                        compute_dtype(cfg)))
+    for _, module in self.iter_modules():
+      if isinstance(module, Attention):
+        lead = module.q_proj.shape[:-3]
+        state = jax.tree.map(lambda x, lead=lead: jnp.broadcast_to(x, lead + x.shape), empty)
+        module.cache = nnx.data(nnx.merge(graphdef, state))
 
   def decode(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array,
              positions_BT: jax.Array) -> jax.Array:
