@@ -59,6 +59,39 @@ def test_import_matches_transformers(tmp_path, tie, kv_heads, rope_theta):
   np.testing.assert_allclose(got, hf_logits(ref, x), atol=1e-4, rtol=0)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+  """head_dim 8, theta 5e5: wavelengths 6, 167, 4.4e3, 1.2e5 cover all three bands of the rule
+  (kept < 64 <= smoothed <= 256 < divided by 8)."""
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, rope_parameters=dict(LLAMA3_ROPE),
+      rms_norm_eps=1e-5, max_position_embeddings=2048)
+  ref = transformers.LlamaForCausalLM(hf_cfg).eval()
+  ref.save_pretrained(tmp_path / "src")
+  cfg, model = hf.from_hf(str(tmp_path / "src"))
+  assert (cfg.model.rope_scaling_factor, cfg.model.rope_original_max_len) == (8.0, 256)
+  x = tokens(6, shape=(2, 200))
+  ours = np.asarray(model(jax.numpy.asarray(x)))
+  np.testing.assert_allclose(ours, hf_logits(ref, x), atol=1e-4, rtol=0)
+  # The scaling matters at these lengths: without it the logits miss the 1e-4 tolerance.
+  import dataclasses
+  from mai_jax.model import Decoder
+  from flax import nnx
+  plain_cfg = dataclasses.replace(cfg.model, rope_scaling_factor=1.0)
+  plain = Decoder(plain_cfg, rngs=nnx.Rngs(0))
+  nnx.update(plain, nnx.state(model, nnx.Param))
+  assert np.abs(np.asarray(plain(jax.numpy.asarray(x))) - ours).max() > 3e-4
+  hf.to_hf(cfg, params_of(model), str(tmp_path / "out"))
+  exported = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  np.testing.assert_allclose(hf_logits(exported, x), ours, atol=1e-4, rtol=0)
+
+
 def test_sharded_checkpoint_with_index(tmp_path):
   ref = make_hf_llama(tmp_path, max_shard_size="20KB")
   assert os.path.isfile(tmp_path / hf.INDEX_FILE)
@@ -113,7 +146,9 @@ def _edit_config(directory, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "llama3"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "yarn"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+     "low_freq_factor"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
     ({"model_type": "gpt2"}, "model_type='gpt2'"),
     ({"attention_bias": True}, "biases"),

@@ -159,7 +159,7 @@ def model_config_from_hf(hf: dict, *, param_dtype: Optional[str] = None,
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
       raise HFConversionError(f"HF {key}=true: mai_jax projections have no biases")
-  rope = _rope(hf)
+  rope = _rope(hf)  # fields of ModelConfig
   heads = hf["num_attention_heads"]
   stored = _dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32")
   param_dtype = param_dtype or stored
@@ -174,22 +174,34 @@ def model_config_from_hf(hf: dict, *, param_dtype: Optional[str] = None,
       num_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
-      vocab_size=hf["vocab_size"], rope_theta=float(rope),
+      vocab_size=hf["vocab_size"], **rope,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), param_dtype=param_dtype,
       compute_dtype=compute_dtype or param_dtype, remat="none", scan_layers=True)
 
 
-def _rope(hf: dict) -> float:
-  """rope_theta from either layout (transformers >= 5 `rope_parameters`, older `rope_theta` +
-  `rope_scaling`); scaled variants change the frequencies, which mai_jax does not implement yet."""
-  params = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  types_ = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None}
-  for rope_type in sorted(types_ - {"default"}):
-    raise HFConversionError(f"HF rope type {rope_type!r} (rope scaling) is not supported: mai_jax "
-                            f"implements unscaled rotary embeddings only, so logits would differ")
-  return params.get("rope_theta", hf.get("rope_theta", 10000.0))
+def _rope(hf: dict) -> dict:
+  """ModelConfig rope fields from either layout (transformers >= 5 `rope_parameters`, older
+  `rope_theta` + `rope_scaling`). 'llama3' scaling is implemented; other scaled variants would
+  change the logits, so they are refused."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  merged = {**params, **scaling}
+  kinds = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None}
+  fields = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+  for kind in sorted(kinds - {"default"}):
+    if kind != "llama3":
+      raise HFConversionError(f"HF rope type {kind!r} (rope scaling) is not supported: mai_jax "
+                              f"implements unscaled and 'llama3' rotary embeddings only, so "
+                              f"logits would differ")
+    try:
+      fields.update(rope_scaling_factor=float(merged["factor"]),
+                    rope_low_freq_factor=float(merged["low_freq_factor"]),
+                    rope_high_freq_factor=float(merged["high_freq_factor"]),
+                    rope_original_max_len=int(merged["original_max_position_embeddings"]))
+    except KeyError as e:
+      raise HFConversionError(f"HF 'llama3' rope scaling lacks {e.args[0]!r}") from None
+  return fields
 
 
 def _dtype_name(name: str) -> str:
@@ -330,13 +342,21 @@ def hf_config(cfg: Config, *, bos_id: Optional[int] = None, eos_id: Optional[int
       "hidden_size": m.d_model, "intermediate_size": m.d_ff, "num_hidden_layers": m.num_layers,
       "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
       "head_dim": m.head_dim, "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps,
-      "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default",
-                                                      "rope_theta": m.rope_theta},
+      "rope_theta": m.rope_theta, "rope_parameters": _hf_rope(m),
+      "rope_scaling": _hf_rope(m) if m.rope_scaling_factor != 1 else None,
       "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
       "mlp_bias": False, "max_position_embeddings": max(cfg.data.seq_len, 2048),
       "dtype": m.param_dtype, "torch_dtype": m.param_dtype, "bos_token_id": bos_id,
       "eos_token_id": eos_id, **moe,
   }
+
+
+def _hf_rope(m: ModelConfig) -> dict:
+  if m.rope_scaling_factor == 1:
+    return {"rope_type": "default", "rope_theta": m.rope_theta}
+  return {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": m.rope_scaling_factor,
+          "low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
+          "original_max_position_embeddings": m.rope_original_max_len}
 
 
 def to_hf(cfg: Config, params: dict, out_dir: str, *, bos_id: Optional[int] = None,

@@ -63,14 +63,42 @@ def rotate_half(x_BTHK: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+# (factor, low_freq_factor, high_freq_factor, original_max_len) of Llama 3.1 RoPE scaling.
+RopeScaling = tuple[float, float, float, int]
+
+
+def rope_scaling(cfg: ModelConfig) -> Optional[RopeScaling]:
+  if cfg.rope_scaling_factor == 1:
+    return None
+  return (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+          cfg.rope_original_max_len)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None):
+  """theta^(-2i/K) for i < K/2, float32; with `scaling`, HF's 'llama3' rule: wavelengths longer
+  than original_max_len / low_freq_factor are divided by factor, shorter than
+  original_max_len / high_freq_factor kept, and the band between interpolated smoothly."""
+  inv_freq_k = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling is None:
+    return inv_freq_k
+  factor, low, high, original = scaling
+  wavelen_k = 2 * math.pi / inv_freq_k
+  scaled_k = jnp.where(wavelen_k > original / low, inv_freq_k / factor, inv_freq_k)
+  smooth_k = (original / wavelen_k - low) / (high - low)
+  smoothed_k = (1 - smooth_k) * scaled_k / factor + smooth_k * scaled_k
+  medium_k = (wavelen_k >= original / high) & (wavelen_k <= original / low)
+  return jnp.where(medium_k, smoothed_k, scaled_k)
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float,
+               scaling: Optional[RopeScaling] = None) -> jax.Array:
   """Rotary position embedding, HF LlamaRotaryEmbedding convention ("rotate half").
 
   Dimension i of the first half pairs with dimension i + K/2 and rotates by
-  positions * theta^(-2i/K). Angles are computed in float32 (bf16 positions lose integers past 256).
+  positions * theta^(-2i/K) (see rope_inv_freq for `scaling`). Angles are computed in float32
+  (bf16 positions lose integers past 256).
   """
-  K = x_BTHK.shape[-1]
-  inv_freq_k = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)  # k = K/2
+  inv_freq_k = rope_inv_freq(x_BTHK.shape[-1], theta, scaling)  # k = K/2
   freqs_BTk = positions_BT.astype(jnp.float32)[:, :, None] * inv_freq_k[None, None, :]
   angles_BT1K = jnp.concatenate([freqs_BTk, freqs_BTk], axis=-1)[:, :, None, :]
   x32_BTHK = x_BTHK.astype(jnp.float32)
@@ -156,6 +184,7 @@ class Attention(nnx.Module):
     self.v_proj = create_param(rngs, init, (D, KV, K), ("embed", "kv_heads", "head_dim"), p)
     self.o_proj = create_param(rngs, out_init, (H, K, D), ("heads", "head_dim", "embed"), p)
     self.rope_theta = cfg.rope_theta
+    self.rope_scaling = rope_scaling(cfg)
     self.dtype = compute_dtype(cfg)
     self.implementation = attention_implementation(cfg)
     self.cache: Optional[KVCache] = None  # set by Decoder.init_cache for incremental decoding
@@ -167,9 +196,9 @@ class Attention(nnx.Module):
     q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
     k_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.k_proj[...].astype(dt))  # G = kv heads
     v_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.v_proj[...].astype(dt))
-    q_BTHK = shard_act(apply_rope(q_BTHK, positions_BT, self.rope_theta),
+    q_BTHK = shard_act(apply_rope(q_BTHK, positions_BT, self.rope_theta, self.rope_scaling),
                        ("batch", "seq", "heads", "head_dim"))
-    k_BTGK = shard_act(apply_rope(k_BTGK, positions_BT, self.rope_theta),
+    k_BTGK = shard_act(apply_rope(k_BTGK, positions_BT, self.rope_theta, self.rope_scaling),
                        ("batch", "seq", "kv_heads", "head_dim"))
     v_BTGK = shard_act(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
 
