@@ -2,7 +2,8 @@
 
   mai-jax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.SECTION.KEY=VALUE ...]
   mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
-  mai-jax convert from-hf --hf-dir DIR --workdir OUT ;  mai-jax convert to-hf --workdir DIR --out DIR
+  mai-jax convert from-hf --hf-dir DIR --workdir OUT
+  mai-jax convert to-hf --workdir DIR --out OUT
 
 A bad config, override or file is reported on one line naming the key and the fix, exit code 2.
 """

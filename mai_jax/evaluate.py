@@ -78,7 +78,8 @@ def load_task(path: str) -> list[Example]:
         raise ConfigError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
       answer = raw.get("answer")
       if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-        raise ConfigError(f"{where}: 'answer' must be an index into choices (0..{len(choices) - 1})")
+        raise ConfigError(f"{where}: 'answer' must be an index into choices "
+                          f"(0..{len(choices) - 1})")
       examples.append(Example(raw["context"], tuple(choices), answer))
   if not examples:
     raise ConfigError(f"task file {path} has no examples")

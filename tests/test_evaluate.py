@@ -126,6 +126,7 @@ def trained_workdir(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow  # trains a tiny workdir first (~30 s on 2 busy cores)
 def test_eval_cli_reproduces_the_training_eval_loss(trained_workdir, capsys):
   workdir, result = trained_workdir
   assert cli.main(["eval", "--workdir", str(workdir)]) == 0
@@ -145,6 +146,7 @@ def test_eval_cli_reproduces_the_training_eval_loss(trained_workdir, capsys):
   assert "validation loss" in out
 
 
+@pytest.mark.slow
 def test_sample_cli_is_deterministic_and_batched(trained_workdir, capsys):
   workdir, _ = trained_workdir
   args = ["sample", "--workdir", str(workdir), "--prompt", "def f(x):", "--prompt", "import",

@@ -130,7 +130,7 @@ class Decoder(nnx.Module):
     cfg = self.cfg
     graphdef, empty = nnx.split(KVCache(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
                                         compute_dtype(cfg)))
-    for _, module in self.iter_modules():
+    for _, module in nnx.iter_graph(self):
       if isinstance(module, Attention):
         lead = module.q_proj.shape[:-3]
         state = jax.tree.map(lambda x, lead=lead: jnp.broadcast_to(x, lead + x.shape), empty)
