@@ -284,3 +284,18 @@ def test_mixtral_name_table_covers_every_expert_tensor(tmp_path):
   assert set(table) == names
   target = table["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
   assert target.path == ("blocks", "moe", "down_proj") and target.index == (1, 3)
+
+
+def test_export_from_unstacked_layers(tmp_path):
+  """A run with scan_layers=False keeps one params subtree per block; export reads that layout."""
+  import dataclasses
+  ref = make_hf_llama(tmp_path / "src")
+  cfg, model = hf.from_hf(str(tmp_path / "src"))
+  stacked = params_of(model)
+  unstacked = dict(stacked, blocks={
+      i: jax.tree.map(lambda x, i=i: x[i], stacked["blocks"]) for i in range(cfg.model.num_layers)})
+  loop_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+  hf.to_hf(loop_cfg, unstacked, str(tmp_path / "out"))
+  exported = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  x = tokens(7)
+  np.testing.assert_allclose(hf_logits(exported, x), hf_logits(ref, x), atol=1e-6, rtol=0)
