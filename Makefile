@@ -9,21 +9,28 @@ BIN := $(VENV)/bin
 $(BIN)/mai-jax: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[data]"
 	touch $@
 
 install: $(BIN)/mai-jax
+
+# Test-only dependencies. torch is pinned to the CPU wheel (a plain `torch` would pull CUDA
+# libraries); it and transformers are the reference for the Hugging Face parity tests.
+$(VENV)/.test-deps: $(BIN)/mai-jax
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test,hf]"
+	touch $@
 
 # Trains experiments/tiny.py on the embedded corpus (the interpreter's standard library) on CPU.
 train: install
 	$(BIN)/mai-jax train --config experiments/tiny.py --workdir $(WORKDIR)
 
 # The whole suite: the fast tests, then the slow end-to-end ones.
-test: install
+test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m slow
 
-test-fast: install
+test-fast: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q
 
 clean:

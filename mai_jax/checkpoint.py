@@ -44,6 +44,7 @@ from mai_jax.config import CheckpointConfig, ConfigError
 MANIFEST = "mai_jax_manifest.json"
 CORRUPT_SUFFIX = ".corrupt"
 ITEMS = ("state", "data", "config", "metadata")
+REQUIRED_ITEMS = ("state",)  # a params-only checkpoint (save_params) has no data state
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _CRC_CHUNK = 1 << 22
 
@@ -109,7 +110,7 @@ def write_manifest(step_dir: str, checksums: bool) -> None:
 
 def verify_step(step_dir: str) -> tuple[str, str]:
   """(status, detail) of a finalized step directory: ok, unverified or corrupt."""
-  missing_items = [i for i in ITEMS if not os.path.isdir(os.path.join(step_dir, i))]
+  missing_items = [i for i in REQUIRED_ITEMS if not os.path.isdir(os.path.join(step_dir, i))]
   if missing_items:
     return "corrupt", f"missing item(s) {', '.join(missing_items)}"
   path = os.path.join(step_dir, MANIFEST)
@@ -212,25 +213,6 @@ def _from_process_0(compute: Callable[[], str]) -> str:
   data[:len(raw)] = np.frombuffer(raw, np.uint8)
   data = multihost_utils.broadcast_one_to_all(data)
   return bytes(np.asarray(data)).rstrip(b"\0").decode(errors="replace")
-
-
-# ------------------------------------------------------------------------------ params only
-
-def restore_params_subtree(path: str, abstract_params: Any, key: Optional[str]) -> Any:
-  """Restores `abstract_params`' arrays (shardings included) from an orbax pytree at `path`,
-  either the whole tree (key=None) or its `key` subtree, skipping everything else."""
-  target = abstract_params if key is None else {key: abstract_params}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=key is not None))
-  return restored if key is None else restored[key]
-
-
-def save_params(path: str, params: Any) -> None:
-  """Writes a parameters-only orbax checkpoint (for inference, eval and conversion)."""
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-    checkpointer.save(path, args=ocp.args.StandardSave(params))
 
 
 # ------------------------------------------------------------------------------- checkpointer
@@ -361,11 +343,6 @@ class Checkpointer:
     ))
     return restored["state"], restored["data"], dict(restored["metadata"] or {})
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the parameters of `step` (no optimizer state is read or allocated)."""
-    return restore_params_subtree(os.path.join(self.step_dir(step), "state"), abstract_params,
-                                  key="params")
-
   def _check_structure(self, step: int, abstract_state: Any) -> None:
     """A checkpoint whose arrays differ from the config's (a changed model or optimizer) is a
     config error, not corruption: say which array differs instead of falling back."""
@@ -449,3 +426,49 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def restore_params(directory: str, step: int, abstract_params: Any) -> Any:
+  """Restores only `state.params` of checkpoint `step` into `abstract_params`' shapes/shardings.
+
+  Evaluation and sampling need no optimizer state, so they never build or read it: orbax's
+  partial restore reads the params subtree alone, from a training checkpoint (a full TrainState)
+  or from a params-only one written by `save_params`.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  target = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(target, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+  finally:
+    manager.close()
+
+
+def save_params(directory: str, step: int, params: Any, config: dict, metadata: dict) -> None:
+  """Writes a params-only checkpoint (item `state` = {'params': ...}), e.g. imported weights;
+  `restore_params` reads it. Synchronous: returns once it is on disk."""
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "config": ocp.JsonCheckpointHandler(),
+                     "metadata": ocp.JsonCheckpointHandler()})
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                             config=ocp.args.JsonSave(config),
+                                             metadata=ocp.args.JsonSave(metadata)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  if jax.process_index() == 0:
+    write_manifest(os.path.join(os.path.abspath(directory), str(step)), checksums=True)
+
+
+def latest_step(directory: str) -> Optional[int]:
+  """The newest finalized step under `directory`, or None (no manager with write options)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()

@@ -5,6 +5,9 @@
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
+  mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
+  mai-jax convert from-hf --hf-dir DIR --workdir OUT
+  mai-jax convert to-hf --workdir DIR --out OUT
 
 A bad config, override or file is reported on one line naming the key and the fix, exit code 2.
 """
@@ -75,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
   _add_checkpoints_parser(sub)
   _add_data_parser(sub)
   _add_plan_parser(sub)
+  _add_eval_parser(sub)
+  _add_sample_parser(sub)
+  _add_convert_parser(sub)
   return parser
 
 
@@ -100,7 +106,7 @@ def _run_checkpoints(args) -> int:
   from mai_jax import checkpoint as checkpoint_lib
   directory = os.path.join(args.workdir, "checkpoints")
   if args.export_params:
-    from mai_jax.train.export import export_params
+    from mai_jax.workdir import export_params
     step = export_params(args.workdir, args.export_params, args.step)
     print(f"exported the parameters of step {step} to {args.export_params}")
     return 0
@@ -243,6 +249,73 @@ def _run_plan(args, overrides: dict[str, str]) -> int:
   return 0
 
 
+def _add_eval_parser(sub) -> None:
+  p = sub.add_parser("eval", help="validation loss/perplexity and multiple-choice task accuracy "
+                     "of a workdir's latest checkpoint (writes WORKDIR/eval.json)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--tasks", nargs="*", default=None, metavar="TASK.jsonl",
+                 help="task files (default: the built-in mai_jax/tasks/*.jsonl; none: no tasks)")
+
+
+def _run_eval(args, overrides) -> None:
+  cfg = resolve_config(None, args.workdir, overrides)
+  from mai_jax import evaluate  # heavy imports only once the config is valid
+  results = evaluate.evaluate_workdir(args.workdir, cfg=cfg, task_paths=args.tasks)
+  print(evaluate.format_table(results))
+
+
+def _add_sample_parser(sub) -> None:
+  p = sub.add_parser("sample", help="continue prompts with a workdir's latest checkpoint "
+                     "(KV cache; several --prompt run as one batch)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+  p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def _run_sample(args, overrides) -> None:
+  cfg = resolve_config(None, args.workdir, overrides)
+  from mai_jax import sample  # heavy imports only once the config is valid
+  from mai_jax import workdir as workdir_lib
+  settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed)
+  sample.check(settings)
+  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
+  tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
+  texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh)
+  for prompt, text in zip(args.prompt, texts):
+    print(f"=== {prompt!r}\n{prompt}{text}")
+
+
+def _add_convert_parser(sub) -> None:
+  p = sub.add_parser("convert", help="import/export Hugging Face Llama-family checkpoints")
+  direction = p.add_subparsers(dest="direction", required=True)
+  from_hf = direction.add_parser("from-hf", help="HF config.json + *.safetensors -> a workdir")
+  from_hf.add_argument("--hf-dir", required=True)
+  from_hf.add_argument("--workdir", required=True)
+  from_hf.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                       help="default: the checkpoint's")
+  to_hf = direction.add_parser("to-hf", help="a workdir's latest params -> HF safetensors")
+  to_hf.add_argument("--workdir", required=True)
+  to_hf.add_argument("--out", required=True)
+
+
+def _run_convert(args, overrides) -> None:
+  from mai_jax.convert import workdir as convert_workdir  # heavy imports
+  if args.direction == "from-hf":
+    convert_workdir.hf_to_workdir(args.hf_dir, args.workdir, param_dtype=args.param_dtype,
+                                  overrides=overrides)
+    print(f"mai-jax: wrote {args.workdir} from {args.hf_dir}")
+  else:
+    cfg = resolve_config(None, args.workdir, overrides)
+    convert_workdir.workdir_to_hf(args.workdir, args.out, cfg=cfg)
+    print(f"mai-jax: wrote {args.out} from {args.workdir}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
@@ -261,6 +334,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _run_data(args, overrides)
     elif args.command == "plan":
       return _run_plan(args, overrides)
+    elif args.command == "eval":
+      _run_eval(args, overrides)
+    elif args.command == "sample":
+      _run_sample(args, overrides)
+    elif args.command == "convert":
+      _run_convert(args, overrides)
     return 0
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)

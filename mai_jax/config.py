@@ -68,6 +68,11 @@ class ModelConfig:
   scan_layers: bool = True
   # 'auto' picks cuDNN flash attention on GPU and XLA elsewhere.
   attention_impl: str = "auto"
+  # Llama 3.1-style RoPE frequency scaling (HF rope_type 'llama3'); factor 1.0 means none.
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +353,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide "
                       f"model.num_heads={m.num_heads}")
+  _validate_rope_scaling(m)
   if m.head_dim % 2:
     raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
   if t.global_batch_size % t.microbatches:
@@ -528,6 +534,15 @@ def scaled_to_devices(cfg: Config, num_devices: int, full_num_devices: int) -> C
   batch = rows * t.microbatches * math.prod(small[a] for a in batch_axes)
   return dataclasses.replace(cfg, mesh=dataclasses.replace(mesh, target_num_gpus=num_devices),
                              train=dataclasses.replace(t, global_batch_size=batch))
+def _validate_rope_scaling(m: ModelConfig) -> None:
+  if m.rope_scaling_factor < 1:
+    raise ConfigError(f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 "
+                      f"(1: no scaling)")
+  if m.rope_scaling_factor > 1 and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+    raise ConfigError(f"model.rope_low_freq_factor={m.rope_low_freq_factor} must be positive and "
+                      f"below model.rope_high_freq_factor={m.rope_high_freq_factor}")
+  if m.rope_scaling_factor > 1 and m.rope_original_max_len <= 0:
+    raise ConfigError(f"model.rope_original_max_len={m.rope_original_max_len} must be positive")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -19,7 +19,8 @@ from cli_runs import REPO, SMOKE, cli_env, losses, metrics, run_train, train_com
 from mai_jax import checkpoint as checkpoint_lib
 from mai_jax import config as C
 from mai_jax import sharding as S
-from mai_jax.train import export, loop as loop_lib
+from mai_jax import workdir as workdir_lib
+from mai_jax.train import loop as loop_lib
 from mai_jax.train.faults import FaultMonitor
 
 # 12 steps, checkpoints every 3, a schedule that does not depend on where a run stops.
@@ -341,7 +342,7 @@ def test_a_checkpoint_from_8_devices_restores_onto_a_2x2_mesh_of_4(trained, tmp_
     np.testing.assert_array_equal(got[jax.tree_util.keystr(path)], value)
 
 
-def test_params_export_loads_without_optimizer_state(trained, tmp_path):
+def test_params_export_is_a_workdir_without_optimizer_state(trained, tmp_path):
   out = tmp_path / "export"
   proc = subprocess.run([sys.executable, "-m", "mai_jax", "checkpoints", "--workdir", str(trained),
                          "--export-params", str(out), "--step", "4"], capture_output=True,
@@ -349,14 +350,18 @@ def test_params_export_loads_without_optimizer_state(trained, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "exported the parameters of step 4" in proc.stdout
   assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
-  cfg = C.load_json(str(out / "config.json"))
+  assert [(e.step, e.status) for e in checkpoint_lib.list_checkpoints(out / "checkpoints")] == [
+      (4, "ok")]
+  cfg = workdir_lib.load_config(str(out))
   mesh = S.make_mesh(cfg.mesh)
-  params = jax.device_get(export.load_params(str(out), cfg, mesh))
+  step, _, params = workdir_lib.load_params(cfg, str(out), mesh)
+  assert step == 4
   checkpointer = checkpoint_lib.Checkpointer(str(trained / "checkpoints"), cfg.checkpoint)
   from mai_jax.train.trainer import build_trainer
   full = checkpointer.restore(4, build_trainer(cfg, mesh).abstract_state())[0]
   checkpointer.close()
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(full.params))):
+  for a, b in zip(jax.tree.leaves(jax.device_get(params)),
+                  jax.tree.leaves(jax.device_get(full.params))):
     np.testing.assert_array_equal(a, b)
   size = lambda d: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
-  assert size(out / "params") < 0.5 * size(trained / "checkpoints" / "4" / "state")
+  assert size(out / "checkpoints") < 0.5 * size(trained / "checkpoints" / "4")

@@ -63,14 +63,42 @@ def rotate_half(x_BTHK: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+# (factor, low_freq_factor, high_freq_factor, original_max_len) of Llama 3.1 RoPE scaling.
+RopeScaling = tuple[float, float, float, int]
+
+
+def rope_scaling(cfg: ModelConfig) -> Optional[RopeScaling]:
+  if cfg.rope_scaling_factor == 1:
+    return None
+  return (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+          cfg.rope_original_max_len)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None):
+  """theta^(-2i/K) for i < K/2, float32; with `scaling`, HF's 'llama3' rule: wavelengths longer
+  than original_max_len / low_freq_factor are divided by factor, shorter than
+  original_max_len / high_freq_factor kept, and the band between interpolated smoothly."""
+  inv_freq_k = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling is None:
+    return inv_freq_k
+  factor, low, high, original = scaling
+  wavelen_k = 2 * math.pi / inv_freq_k
+  scaled_k = jnp.where(wavelen_k > original / low, inv_freq_k / factor, inv_freq_k)
+  smooth_k = (original / wavelen_k - low) / (high - low)
+  smoothed_k = (1 - smooth_k) * scaled_k / factor + smooth_k * scaled_k
+  medium_k = (wavelen_k >= original / high) & (wavelen_k <= original / low)
+  return jnp.where(medium_k, smoothed_k, scaled_k)
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float,
+               scaling: Optional[RopeScaling] = None) -> jax.Array:
   """Rotary position embedding, HF LlamaRotaryEmbedding convention ("rotate half").
 
   Dimension i of the first half pairs with dimension i + K/2 and rotates by
-  positions * theta^(-2i/K). Angles are computed in float32 (bf16 positions lose integers past 256).
+  positions * theta^(-2i/K) (see rope_inv_freq for `scaling`). Angles are computed in float32
+  (bf16 positions lose integers past 256).
   """
-  K = x_BTHK.shape[-1]
-  inv_freq_k = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)  # k = K/2
+  inv_freq_k = rope_inv_freq(x_BTHK.shape[-1], theta, scaling)  # k = K/2
   freqs_BTk = positions_BT.astype(jnp.float32)[:, :, None] * inv_freq_k[None, None, :]
   angles_BT1K = jnp.concatenate([freqs_BTk, freqs_BTk], axis=-1)[:, :, None, :]
   x32_BTHK = x_BTHK.astype(jnp.float32)
@@ -90,6 +118,50 @@ def attention_implementation(cfg: ModelConfig) -> str:
   if cfg.attention_impl not in ("xla", "cudnn"):
     raise ValueError(f"model.attention_impl={cfg.attention_impl!r} is not 'auto', 'xla' or 'cudnn'")
   return cfg.attention_impl
+
+
+class KVCache(nnx.Module):
+  """Keys, values and segment ids of every position decoded so far, for one attention layer.
+
+  Slots [0, index) are filled. New tokens are written at slot `index` onwards, and a query in slot
+  q attends to key slots s <= q of its own segment, so left-padded prompts (padding = segment 0)
+  decode in lockstep: every row writes the same slot each step while its positions (RoPE) count
+  from its own first real token. Arrays are sharded like activations ('batch','seq',...).
+  """
+
+  def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
+    kv_shape = (batch, max_len, num_kv_heads, head_dim)
+    self.k = nnx.Cache(shard_act(jnp.zeros(kv_shape, dtype), KV_AXES))
+    self.v = nnx.Cache(shard_act(jnp.zeros(kv_shape, dtype), KV_AXES))
+    self.segment_ids = nnx.Cache(shard_act(jnp.zeros((batch, max_len), jnp.int32),
+                                           ("batch", "seq")))
+    self.index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def attend(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array,
+             segment_ids_BT: jax.Array) -> jax.Array:
+    """Appends the T new keys/values, then attends the T queries over the whole cache."""
+    T, S = q_BTHK.shape[1], self.k.shape[1]
+    start = self.index[...]
+    k_BSGK = jax.lax.dynamic_update_slice(self.k[...], k_BTGK.astype(self.k.dtype),
+                                          (0, start, 0, 0))
+    v_BSGK = jax.lax.dynamic_update_slice(self.v[...], v_BTGK.astype(self.v.dtype),
+                                          (0, start, 0, 0))
+    seg_BS = jax.lax.dynamic_update_slice(self.segment_ids[...],
+                                          segment_ids_BT.astype(jnp.int32), (0, start))
+    self.k[...] = k_BSGK = shard_act(k_BSGK, KV_AXES)
+    self.v[...] = v_BSGK = shard_act(v_BSGK, KV_AXES)
+    self.segment_ids[...] = seg_BS
+    self.index[...] = start + T
+    query_slot_T = start + jnp.arange(T, dtype=jnp.int32)
+    causal_TS = jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
+    same_doc_BTS = seg_BS[:, None, :] == segment_ids_BT[:, :, None]
+    mask_B1TS = (causal_TS[None, :, :] & same_doc_BTS)[:, None, :, :]
+    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
+                                            implementation="xla")
+    return shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
+
+
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 class Attention(nnx.Module):
@@ -112,8 +184,10 @@ class Attention(nnx.Module):
     self.v_proj = create_param(rngs, init, (D, KV, K), ("embed", "kv_heads", "head_dim"), p)
     self.o_proj = create_param(rngs, out_init, (H, K, D), ("heads", "head_dim", "embed"), p)
     self.rope_theta = cfg.rope_theta
+    self.rope_scaling = rope_scaling(cfg)
     self.dtype = compute_dtype(cfg)
     self.implementation = attention_implementation(cfg)
+    self.cache: Optional[KVCache] = None  # set by Decoder.init_cache for incremental decoding
 
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
                positions_BT: jax.Array) -> jax.Array:
@@ -122,11 +196,15 @@ class Attention(nnx.Module):
     q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
     k_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.k_proj[...].astype(dt))  # G = kv heads
     v_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.v_proj[...].astype(dt))
-    q_BTHK = shard_act(apply_rope(q_BTHK, positions_BT, self.rope_theta),
+    q_BTHK = shard_act(apply_rope(q_BTHK, positions_BT, self.rope_theta, self.rope_scaling),
                        ("batch", "seq", "heads", "head_dim"))
-    k_BTGK = shard_act(apply_rope(k_BTGK, positions_BT, self.rope_theta),
+    k_BTGK = shard_act(apply_rope(k_BTGK, positions_BT, self.rope_theta, self.rope_scaling),
                        ("batch", "seq", "kv_heads", "head_dim"))
     v_BTGK = shard_act(v_BTGK, ("batch", "seq", "kv_heads", "head_dim"))
+
+    if self.cache is not None:
+      out_BTHK = self.cache.attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt))
 
     # Causal AND same document. The same call serves both implementations:
     # - xla: is_causal builds the triangular mask and ANDs it with `mask`.

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mai_jax.config import ModelConfig
-from mai_jax.model.layers import MLP, Attention, Embed, RMSNorm, compute_dtype, create_param
+from mai_jax.model.layers import (MLP, Attention, Embed, KVCache, RMSNorm, compute_dtype,
+                                  create_param)
 from mai_jax.sharding import shard_act
 
 RESIDUAL = ("batch", "seq", "embed")
@@ -104,6 +105,10 @@ class Decoder(nnx.Module):
         x_BTD = _block_fn(graphdef, cfg.remat, in_scan=False)(x_BTD, state, segment_ids_BT,
                                                                positions_BT)
 
+    return self._logits(x_BTD)
+
+  def _logits(self, x_BTD: jax.Array) -> jax.Array:
+    cfg = self.cfg
     x_BTD = self.final_norm(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = self.embed.attend(x_BTD)
@@ -112,6 +117,48 @@ class Decoder(nnx.Module):
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD.astype(dt), self.unembed[...].astype(dt),
                               preferred_element_type=jnp.float32)
     return shard_act(logits_BTV, ("batch", "seq", "vocab"))
+
+
+  # -- Incremental decoding (sampling) --------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_len: int) -> None:
+    """Gives every attention layer an empty KVCache of `max_len` slots; then call `decode`.
+
+    Each cache gets the same leading (stacking) axes as its layer's parameters, so it is sliced
+    along with them however the blocks are stacked.
+    """
+    cfg = self.cfg
+    graphdef, empty = nnx.split(KVCache(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
+                                        compute_dtype(cfg)))
+    for _, module in nnx.iter_graph(self):
+      if isinstance(module, Attention):
+        lead = module.q_proj.shape[:-3]
+        state = jax.tree.map(lambda x, lead=lead: jnp.broadcast_to(x, lead + x.shape), empty)
+        module.cache = nnx.data(nnx.merge(graphdef, state))
+
+  def decode(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array,
+             positions_BT: jax.Array) -> jax.Array:
+    """Logits of T new tokens given everything already in the KV cache, which they are appended to.
+
+    Prefill passes the (left-padded) prompts, then each step one token per row. segment_ids_BT: 1
+    for real tokens, 0 for padding; positions_BT: each row's own positions (RoPE). Equals
+    `__call__` on the whole sequence so far, restricted to the new tokens.
+    """
+    x_BTD = shard_act(self.embed(tokens_BT), RESIDUAL)
+    if self.cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def body(carry_BTD, layer_state):
+        block = nnx.merge(graphdef, layer_state)
+        carry_BTD = block(carry_BTD, segment_ids_BT, positions_BT)
+        return carry_BTD, nnx.state(block, nnx.Cache)  # only the cache changes; params stay put
+
+      x_BTD, caches = jax.lax.scan(body, x_BTD, stacked)
+      nnx.update(self.blocks, caches)
+    else:
+      for block in self.blocks:
+        x_BTD = block(x_BTD, segment_ids_BT, positions_BT)
+    return self._logits(x_BTD)
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:

@@ -24,6 +24,7 @@ from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
 from mai_jax.data.pipeline import DataMetrics, make_eval_batches, make_train_iterator
 from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
+from mai_jax.evaluate import evaluate
 from mai_jax.model import count_params
 from mai_jax.train import preemption
 from mai_jax.train import step as step_lib
@@ -78,16 +79,6 @@ def _tokenizer(cfg: Config, workdir: str):
   tokenizer = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
   check_tokenizer_record(workdir, tokenizer, write=jax.process_index() == 0)
   return tokenizer
-
-
-def evaluate(eval_step, params, batches) -> float:
-  """Token-weighted mean cross-entropy over the given (global, on-device) batches."""
-  ce_total, tokens_total = 0.0, 0.0
-  pending = [eval_step(params, batch) for batch in batches]
-  for ce, tokens in jax.device_get(pending):
-    ce_total += float(ce)
-    tokens_total += float(tokens)
-  return ce_total / max(tokens_total, 1.0)
 
 
 def train(cfg: Config, workdir: str) -> TrainResult:

@@ -1,0 +1,150 @@
+"""KV-cache decoding: prefill the prompts once, then one jitted decode step per new token.
+
+Several prompts run as one batch, left-padded to the longest: padding has segment id 0, so real
+tokens never attend to it, and positions count from each row's first real token, so a prompt's
+continuation does not depend on what it was batched with. Every row then writes the same cache slot
+each step (see model.layers.KVCache). The cache is created inside jit and constrained to the
+activation shardings of the config's rules ('batch', 'seq', 'kv_heads', 'head_dim').
+
+Choosing a token: temperature 0 is greedy (argmax); otherwise logits / temperature, optionally cut
+to the top_k tokens and to the smallest set whose probability reaches top_p (nucleus), then a
+categorical draw with key fold_in(key(seed), step), so a seed fixes the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mai_jax import sharding as sharding_lib
+from mai_jax.config import Config, ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 64
+  temperature: float = 1.0  # 0: greedy
+  top_k: int = 0  # 0: no cut
+  top_p: float = 1.0  # 1: no cut
+  seed: int = 0
+
+
+def check(s: SamplingConfig) -> None:
+  if s.max_new_tokens < 1:
+    raise ConfigError(f"--max-new-tokens={s.max_new_tokens} must be >= 1")
+  if s.temperature < 0:
+    raise ConfigError(f"--temperature={s.temperature} must be >= 0 (0 is greedy)")
+  if s.top_k < 0:
+    raise ConfigError(f"--top-k={s.top_k} must be >= 0 (0 keeps every token)")
+  if not 0 < s.top_p <= 1:
+    raise ConfigError(f"--top-p={s.top_p} must be in (0, 1] (1 keeps every token)")
+
+
+def choose_tokens(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int,
+                  top_p: float) -> jax.Array:
+  """Next token per row: greedy, or a draw after temperature / top-k / top-p (static settings)."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / temperature
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p < 1:
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of strictly better tokens
+    keep_BV = before_BV < top_p  # the best token is always kept
+    cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
+  """[B, P] tokens, segment ids (1 real / 0 pad) and per-row positions for left-padded prompts."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ConfigError("every prompt needs at least one token (e.g. bos)")
+  P = max(len(p) for p in prompts)
+  tokens_BP = np.full((len(prompts), P), pad_id, np.int32)
+  segment_ids_BP = np.zeros((len(prompts), P), np.int32)
+  for b, p in enumerate(prompts):
+    tokens_BP[b, P - len(p):] = p
+    segment_ids_BP[b, P - len(p):] = 1
+  positions_BP = np.maximum(np.cumsum(segment_ids_BP, axis=1) - 1, 0).astype(np.int32)
+  return tokens_BP, segment_ids_BP, positions_BP
+
+
+def _with_cache(model: nnx.Module, batch: int, max_len: int) -> nnx.Module:
+  model.init_cache(batch, max_len)
+  return model
+
+
+# Module-level jitted functions with the graph definitions as static arguments, so repeated
+# `generate` calls with the same shapes reuse their compilations.
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _empty_cache(graphdef, params, batch: int, max_len: int):
+  model = _with_cache(nnx.merge(graphdef, params), batch, max_len)
+  return nnx.split(model, nnx.Param, nnx.Cache)[2]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode(cached_graphdef, params, cache, tokens_BT, segment_ids_BT, positions_BT):
+  """Logits of each row's last new token, and the cache with the new tokens appended."""
+  model = nnx.merge(cached_graphdef, params, cache)
+  logits_BTV = model.decode(tokens_BT, segment_ids_BT, positions_BT)
+  return logits_BTV[:, -1, :], nnx.state(model, nnx.Cache)
+
+
+_choose = jax.jit(choose_tokens, static_argnames=("temperature", "top_k", "top_p"))
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+             eos_id: Optional[int], pad_id: int = 0, mesh: Optional[jax.sharding.Mesh] = None,
+             rules=None) -> list[list[int]]:
+  """New tokens for each prompt (token ids, bos included if wanted), ending at eos (kept) or
+  after max_new_tokens. `model` is a Decoder without a cache; it is not modified."""
+  check(sampling)
+  tokens_BP, segment_ids_BP, positions_BP = left_pad(prompts, pad_id)
+  B, P = tokens_BP.shape
+  max_len = P + sampling.max_new_tokens
+  graphdef, params = nnx.split(model, nnx.Param)
+  cached = nnx.eval_shape(lambda: _with_cache(nnx.merge(graphdef, params), B, max_len))
+  cached_graphdef = nnx.split(cached, nnx.Param, nnx.Cache)[0]
+  filters = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+  key = jax.random.key(sampling.seed)
+  outputs: list[list[int]] = [[] for _ in range(B)]
+  done = np.zeros(B, bool)
+  context = (sharding_lib.activate(mesh, rules) if mesh is not None
+             else sharding_lib.use_rules(()))
+  with context:
+    cache = _empty_cache(graphdef, params, B, max_len)
+    logits_BV, cache = _decode(cached_graphdef, params, cache, tokens_BP, segment_ids_BP,
+                               positions_BP)
+    next_pos_B1 = positions_BP[:, -1:] + 1
+    ones_B1 = np.ones((B, 1), np.int32)
+    for i in range(sampling.max_new_tokens):
+      next_B = np.asarray(_choose(logits_BV, jax.random.fold_in(key, i), **filters))
+      for b in np.flatnonzero(~done):
+        outputs[b].append(int(next_B[b]))
+        done[b] = eos_id is not None and next_B[b] == eos_id
+      if done.all() or i + 1 == sampling.max_new_tokens:
+        break
+      logits_BV, cache = _decode(cached_graphdef, params, cache, next_B[:, None], ones_B1,
+                                 next_pos_B1 + i)
+  return outputs
+
+
+def sample_text(cfg: Config, model: nnx.Module, tokenizer, prompts: Sequence[str],
+                sampling: SamplingConfig, mesh: Optional[jax.sharding.Mesh] = None) -> list[str]:
+  """Continuations of text prompts ([bos] + prompt tokens), decoded without the final eos."""
+  bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
+  ids = [bos + tokenizer.encode(p) for p in prompts]
+  outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                  mesh=mesh, rules=cfg.mesh.rules)
+  return [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
