@@ -23,6 +23,7 @@ from mai_jax.model import Decoder
 from mai_jax.train import state as state_lib
 
 CHECKPOINTS = "checkpoints"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 def load_config(workdir: str) -> Config:
@@ -93,16 +94,14 @@ def load_model(workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
 
 
 def load_tokenizer(cfg: Config, workdir: str):
-  """The run's tokenizer: data.tokenizer_path, else WORKDIR/tokenizer.model (SentencePiece), else
-  WORKDIR/tokenizer.json (Hugging Face)."""
-  from mai_jax.data.tokenizer import TOKENIZER_FILE, SentencePieceTokenizer
+  """The run's tokenizer: data.tokenizer_path, else WORKDIR/tokenizer.model (trained by the run),
+  else WORKDIR/tokenizer.json (a Hugging Face tokenizer imported with the weights)."""
+  from mai_jax.data.tokenizer import TOKENIZER_FILE, load_tokenizer as load_file
 
   if cfg.data.tokenizer_path:
-    return SentencePieceTokenizer(cfg.data.tokenizer_path)
-  if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
-    return SentencePieceTokenizer(os.path.join(workdir, TOKENIZER_FILE))
-  from mai_jax.convert.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
-  if os.path.isfile(os.path.join(workdir, TOKENIZER_JSON)):
-    return HFTokenizer(workdir)
-  raise ConfigError(f"no tokenizer in {workdir} ({TOKENIZER_FILE} or {TOKENIZER_JSON}) and "
+    return load_file(cfg.data.tokenizer_path, cfg.data.tokenizer_pattern)
+  for name in (TOKENIZER_FILE, HF_TOKENIZER_FILE):
+    if os.path.isfile(os.path.join(workdir, name)):
+      return load_file(os.path.join(workdir, name))
+  raise ConfigError(f"no tokenizer in {workdir} ({TOKENIZER_FILE} or {HF_TOKENIZER_FILE}) and "
                     f"data.tokenizer_path is empty")

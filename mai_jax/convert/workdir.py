@@ -21,7 +21,10 @@ from mai_jax import sharding as sharding_lib
 from mai_jax import workdir as workdir_lib
 from mai_jax.config import Config, ConfigError
 from mai_jax.convert import hf
-from mai_jax.convert.hf_tokenizer import TOKENIZER_FILES
+
+# Files save_pretrained writes for a tokenizer; `convert` copies the ones present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json")
 
 
 def _copy_tokenizer(src: str, dst: str) -> list[str]:
@@ -64,7 +67,8 @@ def workdir_to_hf(workdir: str, out_dir: str, *, cfg: Optional[Config] = None) -
   bos = eos = None
   try:
     tokenizer = workdir_lib.load_tokenizer(cfg, workdir)
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    bos, eos = (i if i is not None and i >= 0 else None for i in (tokenizer.bos_id,
+                                                                   tokenizer.eos_id))
   except ConfigError:
     pass
   files = hf.to_hf(cfg, params, out_dir, bos_id=bos, eos_id=eos)

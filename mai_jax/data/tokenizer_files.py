@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -36,8 +37,10 @@ def _read_bytes(path: str, what: str) -> bytes:
 class HFTokenizer:
   """A Hugging Face `tokenizer.json` (the `tokenizers` package) behind the `Tokenizer` interface.
 
-  bos/eos/pad are the first of the usual special-token names the file defines (`<s>`,
-  `<|begin_of_text|>`, ...); pad falls back to eos (padding is masked by segment id 0 anyway)."""
+  bos/eos/pad are those the model directory declares beside the file (tokenizer_config.json,
+  generation_config.json, config.json: what an imported checkpoint brings), else the first of the
+  usual special-token names the file defines (`<s>`, `<|begin_of_text|>`, ...); pad falls back to
+  eos (padding is masked by segment id 0 anyway); -1 means none."""
 
   def __init__(self, path: str):
     self._init(path, _read_bytes(path, "tokenizer.json"))
@@ -51,11 +54,12 @@ class HFTokenizer:
     except Exception as e:  # the package raises plain Exceptions for malformed files
       raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    declared = _declared_specials(os.path.dirname(os.path.abspath(path)), self._tok)
     ids = lambda names: [i for i in map(self._tok.token_to_id, names) if i is not None]
     bos, eos, pad = ids(_BOS_NAMES), ids(_EOS_NAMES), ids(_PAD_NAMES)
-    self.bos_id = bos[0] if bos else -1
-    self.eos_id = eos[0] if eos else -1
-    self.pad_id = pad[0] if pad else max(self.eos_id, 0)
+    self.bos_id = declared.get("bos", bos[0] if bos else -1)
+    self.eos_id = declared.get("eos", eos[0] if eos else -1)
+    self.pad_id = declared.get("pad", pad[0] if pad else max(self.eos_id, 0))
 
   def __getstate__(self):
     return {"path": self.path, "raw": self._raw}
@@ -74,6 +78,35 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _declared_specials(directory: str, tok) -> dict[str, int]:
+  """bos/eos/pad ids a model directory declares beside its tokenizer.json: the token strings of
+  tokenizer_config.json (`bos_token`, or {"content": ...}), else the ids of generation_config.json /
+  config.json (`eos_token_id`; Llama 3 lists several, the first ends a turn)."""
+  def read(name):
+    file = os.path.join(directory, name)
+    if not os.path.isfile(file):
+      return {}
+    with open(file) as f:
+      try:
+        return json.load(f)
+      except ValueError:
+        raise TokenizerError(f"{file} is not valid JSON") from None
+
+  settings = read("tokenizer_config.json")
+  ids_cfg = {**read("config.json"), **read("generation_config.json")}
+  out = {}
+  for kind in ("bos", "eos", "pad"):
+    token = settings.get(f"{kind}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    token_id = tok.token_to_id(token) if isinstance(token, str) else None
+    if token_id is None:
+      token_id = ids_cfg.get(f"{kind}_token_id")
+      token_id = (token_id[0] if token_id else None) if isinstance(token_id, list) else token_id
+    if isinstance(token_id, int):
+      out[kind] = token_id
+  return out
 
 
 class TiktokenTokenizer:
