@@ -14,8 +14,6 @@ Restore time includes verifying the manifest's checksums.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -25,7 +23,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import git_commit, machine_info, random_batch, versions  # noqa: E402
+from train_step import random_batch, write_record  # noqa: E402
 
 from mai_jax import cli, config as config_lib, sharding as sharding_lib  # noqa: E402
 from mai_jax.checkpoint import Checkpointer  # noqa: E402
@@ -102,20 +100,8 @@ def main(argv=None) -> int:
   except config_lib.ConfigError as e:
     print(f"checkpoint.py: error: {e}", file=sys.stderr)
     return 2
-  record = {
-      "benchmark": "checkpoint",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(["python", "benchmarks/checkpoint.py"] + argv),
-      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
-      "config": config_lib.to_dict(cfg), "result": result}
+  out = write_record("checkpoint", args.config, argv, cfg, result, args.out)
   name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
-  variant = args.config.partition(":")[2]
-  out = args.out or os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results",
-      f"checkpoint_{name}{'_' + variant if variant else ''}_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
   print(f"{name}: {result['checkpoint_bytes'] / 2**20:.0f} MB, blocked "
         f"{result['blocked_s_per_save_median'] * 1e3:.0f} ms per save = "
         f"{result['blocked_fraction']:.2%} of {args.every} steps of "

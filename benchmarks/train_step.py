@@ -111,6 +111,27 @@ def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
           "compile_s": compile_s, "final_loss": float(m["loss"]), "peak_bytes_in_use": memory}
 
 
+def write_record(benchmark: str, config_spec: str, argv, cfg: config_lib.Config, result: dict,
+                 out=None, **extra) -> str:
+  """Writes a benchmark result with its machine, versions, commit and exact command; returns the
+  path (default: benchmarks/results/{benchmark}_{experiment}[_{variant}]_{backend}.json)."""
+  record = {
+      "benchmark": benchmark, **extra,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join(["python", f"benchmarks/{benchmark}.py"] + list(argv)),
+      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
+      "config": config_lib.to_dict(cfg), "result": result}
+  name = os.path.splitext(os.path.basename(config_spec.split(":")[0]))[0]
+  variant = config_spec.partition(":")[2]
+  out = out or os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "results",
+      f"{benchmark}_{name}{'_' + variant if variant else ''}_{jax.default_backend()}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=2)
+  return out
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = cli.split_overrides(argv)
@@ -127,21 +148,10 @@ def main(argv=None) -> int:
   except config_lib.ConfigError as e:
     print(f"train_step.py: error: {e}", file=sys.stderr)
     return 2
-  record = {
-      "benchmark": "train_step", "label": args.label,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(["python", "benchmarks/train_step.py"] + argv),
-      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
-      "config": config_lib.to_dict(cfg), "mfu_formula": "(6*N_matmul + 6*L*T*H*K) * tokens/s / "
-      "(devices * dense bf16 peak)", "result": result}
+  out = write_record("train_step", args.config, argv, cfg, result, args.out, label=args.label,
+                     mfu_formula="(6*N_matmul + 6*L*T*H*K) * tokens/s / (devices * dense bf16 "
+                                 "peak)")
   name = os.path.splitext(os.path.basename(args.config.split(":")[0]))[0]
-  variant = args.config.partition(":")[2]
-  out = args.out or os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results",
-      f"train_step_{name}{'_' + variant if variant else ''}_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
   print(f"{name}: step {result['step_time_s_median'] * 1e3:.1f} ms, "
         f"{result['tokens_per_sec']:,.0f} tokens/s, MFU "
         f"{'n/a' if result['mfu'] is None else format(result['mfu'], '.1%')} -> {out}")

@@ -121,15 +121,7 @@ def read_text(path: str) -> tuple[Optional[str], str]:
       raw = f.read()
   except OSError as e:
     return None, f"unreadable ({type(e).__name__})"
-  if b"\0" in raw:
-    return None, "binary"
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError:
-    return None, "invalid UTF-8"
-  if not text.strip():
-    return None, "empty"
-  return text, ""
+  return readers.decode_text(raw)
 
 
 def read_documents(name: str, root: str, relpaths: Sequence[str],
