@@ -24,7 +24,7 @@ from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
 from mai_jax.data.pipeline import make_eval_batches, make_train_iterator
 from mai_jax.data.tokenizer import load_or_train_tokenizer
-from mai_jax.model import count_params
+from mai_jax.model import count_active_params, count_params
 from mai_jax.train import step as step_lib
 from mai_jax.train.trainer import build_trainer
 
@@ -94,7 +94,8 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   num_steps = cfg.train.num_steps
   trainer = build_trainer(cfg, mesh)
   num_params = count_params(cfg.model)
-  flops_per_token = metrics_lib.train_flops_per_token(cfg.model, num_params, cfg.data.seq_len)
+  flops_per_token = metrics_lib.train_flops_per_token(cfg.model, count_active_params(cfg.model),
+                                                      cfg.data.seq_len)  # MoE: active params
   peak = metrics_lib.device_peak_flops()
 
   pid, nproc = jax.process_index(), jax.process_count()
