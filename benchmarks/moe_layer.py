@@ -6,7 +6,8 @@
 The dense MLP has d_ff = top_k * d_ff_expert, so both do the same expert matmul FLOPs per token; the
 MoE layer adds routing (router matmul, top-k, sort, gather/scatter). Its time over the dense time is
 the overhead of sparsity, which should fall towards 1 as tokens grow and the grouped matmuls
-dominate. Single device, no expert parallelism (tests/test_moe.py covers EP correctness).
+dominate. `--impl` times the grouped-matmul implementations of mai_jax/model/moe.py ('auto' is
+'tiled' on CPU, where jax lowers ragged_dot to a dense matmul against every expert). Single device, no expert parallelism (tests/test_moe.py covers EP correctness).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flax import nnx
 
 from mai_jax.config import ModelConfig
 from mai_jax.model.layers import MLP
+from mai_jax.model import moe as moe_lib
 from mai_jax.model.moe import MoE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +63,9 @@ def main(argv=None) -> int:
   parser.add_argument("--top-k", type=int, default=2)
   parser.add_argument("--d-ff-expert", type=int, default=512)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--impl", nargs="+", default=["auto"],
+                      choices=("auto", "ragged_dot", "tiled"),
+                      help="grouped-matmul implementations to time (mai_jax.model.moe)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   moe_cfg = ModelConfig(d_model=args.d_model, d_ff=args.d_ff_expert, num_experts=args.num_experts,
@@ -72,12 +77,14 @@ def main(argv=None) -> int:
   for tokens in args.tokens:
     x_BTD = jax.random.normal(jax.random.key(1), (tokens // 256, 256, args.d_model),
                               jnp.dtype(args.dtype))
-    m = time_fwd_bwd(moe, x_BTD, args.steps, returns_aux=True)
     d = time_fwd_bwd(dense, x_BTD, args.steps, returns_aux=False)
-    rows.append({"tokens": tokens, "moe": m, "dense": d, "moe_over_dense": m["median_s"] /
-                 d["median_s"]})
-    print(f"tokens {tokens}: moe {m['median_s'] * 1e3:.1f} ms, dense {d['median_s'] * 1e3:.1f} ms,"
-          f" ratio {rows[-1]['moe_over_dense']:.2f}")
+    for impl in args.impl:
+      moe_lib.EXPERT_FFN_IMPL = impl
+      m = time_fwd_bwd(moe, x_BTD, args.steps, returns_aux=True)
+      rows.append({"tokens": tokens, "impl": impl, "moe": m, "dense": d,
+                   "moe_over_dense": m["median_s"] / d["median_s"]})
+      print(f"tokens {tokens} {impl}: moe {m['median_s'] * 1e3:.1f} ms, dense "
+            f"{d['median_s'] * 1e3:.1f} ms, ratio {rows[-1]['moe_over_dense']:.2f}")
   record = {
       "benchmark": "moe_layer",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -95,8 +95,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_layer_matches_per_token_reference(kw):
+def test_layer_matches_per_token_reference(kw, impl, monkeypatch):
+  monkeypatch.setattr(moe_lib, "EXPERT_FFN_IMPL", impl)
   cfg = moe_cfg(**kw)
   layer = make_moe(cfg)
   x_BTD = jax.random.normal(jax.random.key(7), (4, 6, cfg.d_model))
@@ -114,20 +116,21 @@ def test_layer_matches_per_token_reference(kw):
 
 
 MESHES = [
-    (C.MeshConfig(data=1, fsdp=1, expert=8, tensor=1), dict(router="softmax_topk")),
-    (C.MeshConfig(data=1, fsdp=1, expert=8, tensor=1), dict(router="sigmoid_bias",
-                                                            capacity_factor=1.0)),
-    (C.MeshConfig(data=1, fsdp=2, expert=2, tensor=2), dict(router="softmax_topk",
-                                                            num_shared_experts=1)),
-    (C.MeshConfig(data=2, fsdp=1, expert=2, tensor=2), dict(router="sigmoid_bias",
-                                                            capacity_factor=0.5)),
+    (C.MeshConfig(data=1, fsdp=1, expert=8, tensor=1), dict(router="softmax_topk"), "ragged_dot"),
+    (C.MeshConfig(data=1, fsdp=1, expert=8, tensor=1),
+     dict(router="sigmoid_bias", capacity_factor=1.0), "tiled"),
+    (C.MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
+     dict(router="softmax_topk", num_shared_experts=1), "ragged_dot"),
+    (C.MeshConfig(data=2, fsdp=1, expert=2, tensor=2),
+     dict(router="sigmoid_bias", capacity_factor=0.5), "tiled"),
 ]
 
 
-@pytest.mark.parametrize("mesh_cfg,kw", MESHES,
-                         ids=lambda v: "x".join(str(getattr(v, a)) for a in C.MESH_AXES)
-                         if isinstance(v, C.MeshConfig) else "-".join(map(str, v.values())))
-def test_expert_parallel_equals_single_device(mesh_cfg, kw, monkeypatch):
+@pytest.mark.parametrize("mesh_cfg,kw,impl", MESHES, ids=[
+    "x".join(str(getattr(m, a)) for a in C.MESH_AXES) + "-" + "-".join(map(str, kw.values()))
+    + "-" + impl for m, kw, impl in MESHES])
+def test_expert_parallel_equals_single_device(mesh_cfg, kw, impl, monkeypatch):
+  monkeypatch.setattr(moe_lib, "EXPERT_FFN_IMPL", impl)
   cfg = moe_cfg(**kw)
   layer = make_moe(cfg)
   graphdef, state = nnx.split(layer)
@@ -240,14 +243,17 @@ def test_expert_params_are_sharded_over_the_expert_axis():
   assert moe["router_bias"].spec == P(None, "expert")
 
 
-@pytest.mark.parametrize("kw", [
+COUNT_CASES = [
     dict(), dict(scan_layers=False, router="sigmoid_bias"),
     dict(num_layers=5, first_dense_layers=1, moe_layer_interval=2, num_shared_experts=1,
          d_ff_expert=8),
     dict(num_layers=5, first_dense_layers=1, moe_layer_interval=2, scan_layers=False),
     dict(num_layers=3, first_dense_layers=1, tie_embeddings=True),
-])
-def test_count_params_matches_created_and_moe_layers_are_placed(kw):
+]
+
+
+@pytest.mark.parametrize("kw", COUNT_CASES)
+def test_count_params_matches_created(kw):
   cfg = moe_cfg(**kw)
   model, _, _ = abstract_specs(cfg)
   created = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -257,17 +263,24 @@ def test_count_params_matches_created_and_moe_layers_are_placed(kw):
   D, F, Fe, E, K = cfg.d_model, cfg.d_ff, moe_lib.expert_d_ff(cfg), 8, cfg.experts_per_token
   per_moe_extra = D * E + (cfg.num_shared_experts + K) * 3 * D * Fe - 3 * D * F
   assert count_active_params(cfg) == count_params(dense) + n_moe * per_moe_extra
-  # The MoE layers are the ones is_moe_layer names, and the forward pass reports each of them.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", COUNT_CASES[2:4])
+def test_moe_layers_are_placed_and_reported(kw):
+  cfg = moe_cfg(**kw)
   want_layers = [i for i in range(cfg.num_layers)
                  if i >= cfg.first_dense_layers
                  and (i - cfg.first_dense_layers + 1) % cfg.moe_layer_interval == 0]
+  assert want_layers == [2, 4]
   assert [i for i in range(cfg.num_layers) if moe_lib.is_moe_layer(cfg, i)] == want_layers
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
   tokens = jnp.ones((2, 4), jnp.int32)
-  real = Decoder(cfg, rngs=nnx.Rngs(0))
-  logits, aux = real.forward_with_aux(tokens)
+  logits, aux = nnx.jit(lambda m, t: m.forward_with_aux(t))(model, tokens)
   assert logits.dtype == jnp.float32 and logits.shape == (2, 4, cfg.vocab_size)
   assert aux["load"].shape == (len(want_layers), 8)
-  np.testing.assert_array_equal(np.asarray(real(tokens)), np.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens)),
+                                np.asarray(logits))
 
 
 def test_mixtral_8x7b_counts():
@@ -293,6 +306,7 @@ def test_bad_moe_config_is_a_clear_error(kw, match):
 # Train step: aux losses, router bias update, metrics
 
 
+@pytest.mark.slow
 def test_train_step_updates_router_bias_from_load_and_reports_metrics():
   model = moe_cfg(router="sigmoid_bias", router_bias_update_rate=0.01, router_z_loss_weight=1e-3,
                   load_balance_loss_weight=1e-2, num_experts=4)

@@ -2,8 +2,9 @@
 
 Computation (no per-expert loop, no one-hot einsum over all experts): every token's top-k
 (token, expert) assignments are sorted by expert, the gathered rows go through the expert SwiGLU as
-grouped matmuls (`jax.lax.ragged_dot`, one group per expert), and the outputs are unsorted and summed
-with the routing weights. Capacity mode (`capacity_factor`) keeps at most
+grouped matmuls (`jax.lax.ragged_dot`, one group per expert; on CPU, where jax lowers ragged_dot to
+a dense matmul against every expert, a scan over expert-padded row tiles instead), and the outputs
+are unsorted and summed with the routing weights. Capacity mode (`capacity_factor`) keeps at most
 C = ceil(capacity_factor * tokens * k / E) assignments per expert, in global token order (token n's
 slots before token n+1's), so drops are deterministic and identical with or without expert
 parallelism; dropped assignments contribute nothing (the residual carries the token).
@@ -123,11 +124,61 @@ def load_balance_loss(probs_NE: jax.Array, counts_E: jax.Array) -> jax.Array:
 # Grouped expert computation
 
 
-def _expert_ffn(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """SwiGLU per expert group on expert-sorted rows (rows past sum(group_sizes) come out zero)."""
+# 'auto', 'ragged_dot' or 'tiled' (see _expert_ffn); a module setting so tests and benchmarks can
+# compare the two on one backend.
+EXPERT_FFN_IMPL = "auto"
+
+
+def _expert_ffn(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
+                impl: Optional[str] = None):
+  """SwiGLU per expert group on expert-sorted rows (rows past sum(group_sizes) come out zero).
+
+  impl 'ragged_dot': jax.lax.ragged_dot grouped matmuls (native grouped GEMMs on GPU/TPU).
+  impl 'tiled': groups padded to tiles of rows, one scan over tiles, each tile one expert's
+  matmuls; used on CPU, where jax lowers ragged_dot to a dense matmul against every expert
+  followed by a mask (E times the FLOPs). 'auto' picks by backend.
+  """
+  impl = impl or EXPERT_FFN_IMPL
+  if impl == "auto":
+    impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  if impl == "tiled":
+    return _expert_ffn_tiled(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
   gate_MF = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E)
   up_MF = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E)
   return jax.lax.ragged_dot(jax.nn.silu(gate_MF) * up_MF, w_down_EFD, group_sizes_E)
+
+
+def _expert_ffn_tiled(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int = 128):
+  """Grouped SwiGLU by tiles: each group is padded to a multiple of `tile` rows (at most
+  M + E * (tile - 1) rows in all, a static bound), and a scan runs one [tile, D] x [D, F] matmul
+  chain per tile with that tile's expert weights (dynamic index, no weight gather)."""
+  M, D = x_MD.shape
+  E = w_gate_EDF.shape[0]
+  tile = max(1, min(tile, M))
+  num_tiles = -(-(M + E * (tile - 1)) // tile)
+  padded_E = -(-group_sizes_E // tile) * tile
+  pad_end_E = jnp.cumsum(padded_E)
+  starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+  row_M = jnp.arange(M, dtype=jnp.int32)
+  group_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), row_M, side="right")  # E: past the end
+  valid_M = group_M < E
+  group_M = jnp.minimum(group_M, E - 1)
+  dest_M = jnp.where(valid_M, pad_end_E[group_M] - padded_E[group_M] + row_M - starts_E[group_M],
+                     num_tiles * tile)
+  x_RD = jnp.zeros((num_tiles * tile, D), x_MD.dtype).at[dest_M].set(x_MD, mode="drop")
+  tile_expert = jnp.minimum(
+      jnp.searchsorted(pad_end_E, jnp.arange(num_tiles, dtype=jnp.int32) * tile, side="right"),
+      E - 1)
+
+  def one_tile(args):
+    x_bD, e = args
+    gate_bF = x_bD @ w_gate_EDF[e]
+    up_bF = x_bD @ w_up_EDF[e]
+    return (jax.nn.silu(gate_bF) * up_bF) @ w_down_EFD[e]
+
+  y_RD = jax.lax.map(one_tile, (x_RD.reshape(num_tiles, tile, D), tile_expert)).reshape(-1, D)
+  y_MD = jnp.take(y_RD, jnp.minimum(dest_M, num_tiles * tile - 1), axis=0)
+  return jnp.where(valid_M[:, None], y_MD, jnp.zeros((), y_MD.dtype))
 
 
 def _sort_by(key_A: jax.Array, num_groups: int):
