@@ -364,6 +364,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
                       f"start from mai_jax.config.DEFAULT_RULES")
   if num_devices is not None:
     mesh_shape(cfg.mesh, num_devices)
+    _validate_expert_mesh(cfg, num_devices)
     per_step = t.global_batch_size // t.microbatches
     batch_shards = 1
     for axis in dict(cfg.mesh.rules).get("batch", ()):
@@ -404,6 +405,21 @@ def _validate_moe(m: ModelConfig) -> None:
   if m.router_bias_update_rate and m.router != "sigmoid_bias":
     raise ConfigError(f"model.router_bias_update_rate={m.router_bias_update_rate} needs "
                       f"model.router='sigmoid_bias' (only that router has a selection bias)")
+
+
+def _validate_expert_mesh(cfg: Config, num_devices: int) -> None:
+  """Experts must split evenly over the mesh axes the 'experts' logical axis maps to."""
+  if not cfg.model.num_experts:
+    return
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  axes = dict(cfg.mesh.rules).get("experts", ())
+  shards = 1
+  for axis in axes:
+    shards *= sizes[axis]
+  if cfg.model.num_experts % shards:
+    raise ConfigError(f"model.num_experts={cfg.model.num_experts} must be divisible by the "
+                      f"{shards} devices the experts are sharded over (mesh axes {tuple(axes)}); "
+                      f"change mesh.expert or model.num_experts")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

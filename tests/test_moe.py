@@ -302,6 +302,13 @@ def test_bad_moe_config_is_a_clear_error(kw, match):
     C.validate(C.Config(model=moe_cfg(**kw)))
 
 
+def test_experts_must_split_over_the_expert_axis():
+  cfg = C.Config(model=moe_cfg(num_experts=6), mesh=C.MeshConfig(fsdp=-1, expert=4),
+                 train=C.TrainConfig(global_batch_size=8))
+  with pytest.raises(C.ConfigError, match=r"num_experts=6 must be divisible by the 4 devices"):
+    C.validate(cfg, 8)
+
+
 # ------------------------------------------------------------------------------------------------
 # Train step: aux losses, router bias update, metrics
 
@@ -361,3 +368,24 @@ def test_tiny_moe_trains_from_the_cli(tmp_path):
   for key in ("moe/layer0/load_min", "moe/layer1/load_cv", "moe/layer1/router_bias_norm",
               "moe/dropped_fraction", "moe/balance_loss"):
     assert key in last, sorted(last)
+
+
+@pytest.mark.slow
+def test_decoder_with_remat_and_expert_parallelism_equals_single_device():
+  cfg = moe_cfg(num_layers=3, remat="full", num_experts=4, first_dense_layers=1,
+                router="sigmoid_bias")
+  graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  tokens = jax.random.randint(jax.random.key(0), (8, 8), 0, cfg.vocab_size)
+
+  def loss(state):
+    logits, _ = nnx.merge(graphdef, state).forward_with_aux(tokens)
+    return jnp.sum(jnp.sin(logits)), logits
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, logits0), grads0 = grad_fn(state)
+  mesh_cfg = C.MeshConfig(data=1, fsdp=2, expert=4, tensor=1)
+  with S.activate(S.make_mesh(mesh_cfg), mesh_cfg.rules):
+    (_, logits1), grads1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+  np.testing.assert_allclose(np.asarray(logits1), np.asarray(logits0), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-4)
