@@ -355,7 +355,7 @@ def test_tiny_moe_trains_from_the_cli(tmp_path):
              JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, "-m", "mai_jax", "train", "--config",
-       os.path.join(REPO, "experiments", "tiny.py") + ":moe_smoke", "--workdir", str(workdir),
+       os.path.join(REPO, "experiments", "tiny.py") + ":moe_quick", "--workdir", str(workdir),
        "--config.mesh.expert=2", "--config.train.num_steps=12", "--config.train.eval_every=0",
        "--config.checkpoint.every_steps=0"],
       capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
