@@ -389,3 +389,29 @@ def test_decoder_with_remat_and_expert_parallelism_equals_single_device():
   np.testing.assert_allclose(np.asarray(logits1), np.asarray(logits0), atol=1e-5)
   for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-4)
+
+
+def test_softmax_topk_layer_matches_transformers_mixtral_block():
+  torch = pytest.importorskip("torch")
+  modeling = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+  from transformers import MixtralConfig
+  cfg = moe_cfg()
+  hf = modeling.MixtralSparseMoeBlock(MixtralConfig(
+      hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_local_experts=cfg.num_experts,
+      num_experts_per_tok=cfg.experts_per_token)).eval()
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.normal_(0, 0.5)
+  layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+  F = cfg.d_ff
+  gate_up = hf.experts.gate_up_proj.detach().numpy()  # [E, 2F, D]
+  layer.router[...] = jnp.asarray(hf.gate.weight.detach().numpy().T)
+  layer.gate_proj[...] = jnp.asarray(np.swapaxes(gate_up[:, :F], 1, 2))
+  layer.up_proj[...] = jnp.asarray(np.swapaxes(gate_up[:, F:], 1, 2))
+  layer.down_proj[...] = jnp.asarray(np.swapaxes(hf.experts.down_proj.detach().numpy(), 1, 2))
+  x = np.random.default_rng(0).normal(size=(2, 5, cfg.d_model)).astype(np.float32)
+  with torch.no_grad():
+    out = hf(torch.from_numpy(x))
+  want = (out[0] if isinstance(out, tuple) else out).numpy()
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))[0]), want, atol=1e-4, rtol=1e-4)
