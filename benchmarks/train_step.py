@@ -7,7 +7,7 @@ Batches are random tokens already on the devices, so this measures the jitted st
 backward, optimizer) and not the input pipeline (see benchmarks/data_pipeline.py for that).
 
 MFU formula (mai_jax/metrics.py): training FLOPs per token = 6 * N_matmul + 6 * L * T * H * K
-(6N with N the parameters in matmuls, i.e. without the untied input embedding table, plus causal
+(6N with N the parameters in matmuls that a token uses (the active ones for MoE), i.e. without the untied input embedding table, plus causal
 attention, halved), times tokens/s, over (devices x dense bf16 peak). On CPU there is no meaningful
 peak; MFU is null unless MAI_JAX_PEAK_FLOPS is set.
 """
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from mai_jax import cli, config as config_lib, metrics, sharding as sharding_lib
-from mai_jax.model import count_params
+from mai_jax.model import count_active_params, count_params
 from mai_jax.train.trainer import build_trainer
 
 
@@ -95,7 +95,8 @@ def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
       times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   n = count_params(cfg.model)
-  fpt = metrics.train_flops_per_token(cfg.model, n, seq)
+  # MoE: FLOPs follow the parameters a token uses (equal to n for dense models).
+  fpt = metrics.train_flops_per_token(cfg.model, count_active_params(cfg.model), seq)
   tps = rows * seq / step_s
   peak = metrics.device_peak_flops()
   memory = None

@@ -23,17 +23,25 @@
   Token budget: 10T tokens, Chinchilla-optimal (Hoffmann et al. 2022: ~20 tokens per parameter);
   the planner puts it at ~76 days on 15,360 H100, so training longer is a schedule decision.
 
-`:moe` (needs the MoE model fields, being added in parallel; until they merge it raises
-ConfigError): same 8,192 context, vocab and attention family, narrower and fine-grained:
+`:moe`: same vocab and attention family, narrower and fine-grained, pretrained at 4,096 context:
   64 layers, d_model 8,192, 64 heads of 128, 8 KV heads; the first 2 layers dense (d_ff 28,672,
   as Llama 2 70B: early layers route poorly, DeepSeek-V3 keeps its first 3 dense), then every
   layer MoE with 128 routed experts of d_ff_expert 2,560, 8 routed per token, 1 shared expert
   (DeepSeek-MoE's fine-grained + shared design: more expert combinations at the same FLOPs).
-  Parameters, by the formula in mai_jax.plan.moe_param_counts: ~516B total, ~47B active per token
+  Parameters (mai_jax.model.count_params / count_active_params): ~516B total, ~47B active per token
   (9 x 3 x 8,192 x 2,560 = 0.57B expert weights per MoE layer). capacity_factor 1.25.
-  Layout: expert=8 inside a node (each GPU holds 16 experts of every MoE layer; the all-to-all stays
-  on NVLink), fsdp across nodes, tensor=1 (the 47B-active compute per token is small enough that
-  tensor all-reduces would cost more than they save). Token budget 10T as `:dense`.
+  Layout: expert=64 (each GPU holds 2 experts of every MoE layer; the all-to-all crosses nodes),
+  fsdp=8, data=30, tensor=1 (the 47B-active compute per token is small enough that
+  tensor all-reduces would cost more than they save). With tensor=1 and no pipeline stages every
+  GPU needs at least one row, so the batch is 15,360 rows x 4,096 = 63M tokens, DeepSeek-V3's
+  final batch size (15,360 sequences of 4K); the context is extended after pretraining as theirs
+  was. Token budget 10T as `:dense`.
+  The planner predicts only ~13% MFU for this layout (`mai-jax plan --config
+  experiments/mai1_500b.py:moe`): with one 4K row per GPU the compute per step (2.3 s) is small
+  next to the expert all-to-all over InfiniBand (6.2 s, exposed) and the FSDP traffic. expert=8
+  inside a node instead keeps the all-to-all on NVLink but then every node gathers all experts'
+  weights over InfiniBand (9.8% MFU). Overlapping the all-to-all with the shared expert and
+  attention, fp8 dispatch and pipeline stages (DeepSeek-V3's remedies) are the open work.
 
 Variants:
   dense     the default
@@ -43,7 +51,7 @@ Variants:
 
 import dataclasses
 
-from mai_jax.config import (Config, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig,
+from mai_jax.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
                             TrainConfig, scaled_to_devices)
 
 VARIANTS = ("dense", "moe", "ci")
@@ -51,6 +59,8 @@ TARGET_GPUS = 15360
 GLOBAL_BATCH = 1920
 SEQ_LEN = 8192
 TOKEN_BUDGET = 10 * 10**12
+MOE_GLOBAL_BATCH = 15360
+MOE_SEQ_LEN = 4096
 
 # The MoE fields of `:moe` (ModelConfig names used by the MoE model). router is left at the MoE
 # model's default.
@@ -75,17 +85,16 @@ def dense() -> Config:
 
 
 def moe() -> Config:
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  if "num_experts" not in fields:
-    raise ConfigError("experiments/mai1_500b.py:moe needs the MoE model fields "
-                      "(model.num_experts, ...), which this mai_jax does not have yet; "
-                      "use :dense or update mai_jax")
   cfg = dense()
   model = dataclasses.replace(cfg.model, num_layers=64, d_model=8192, num_heads=64,
                               num_kv_heads=8, head_dim=128, d_ff=28672, **MOE_FIELDS)
-  return dataclasses.replace(cfg, model=model,
-                             mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=64, expert=8,
-                                                      tensor=1))
+  # tensor=1: every GPU needs its own rows, so 15,360 rows of 4,096 (DeepSeek-V3's final batch).
+  return dataclasses.replace(
+      cfg, model=model,
+      mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=8, expert=64, tensor=1),
+      data=dataclasses.replace(cfg.data, seq_len=MOE_SEQ_LEN),
+      train=dataclasses.replace(cfg.train, global_batch_size=MOE_GLOBAL_BATCH,
+                                num_steps=TOKEN_BUDGET // (MOE_GLOBAL_BATCH * MOE_SEQ_LEN)))
 
 
 def get_config(variant=None) -> Config:

@@ -10,6 +10,10 @@ train_step_tiny_fp32_cpu.json (float32 compute, 1.34 s/step).
 Variants:
   smoke   a few steps of a much smaller model, for end-to-end tests of the CLI and resume
   tp      the default on an fsdp x tensor mesh (needs an even device count)
+  moe     the default with 8 top-2 experts of d_ff 512 in every layer (the active FFN FLOPs equal
+          the dense model's d_ff 1024), load-balancing and router z-losses; float32 compute,
+          since bf16 grouped matmuls are ~2.5x slower on CPU (benchmarks/results/moe_layer_*cpu.json)
+  moe_quick  the smoke model with 4 experts (sigmoid_bias router), for end-to-end tests
 """
 
 import dataclasses
@@ -17,7 +21,7 @@ import dataclasses
 from mai_jax.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
                             OptimConfig, TrainConfig)
 
-VARIANTS = ("smoke", "tp")
+VARIANTS = ("smoke", "tp", "moe", "moe_quick")
 
 
 def get_config(variant=None) -> Config:
@@ -33,7 +37,7 @@ def get_config(variant=None) -> Config:
       train=TrainConfig(num_steps=250, global_batch_size=8, log_every=10, eval_every=125,
                         eval_batches=4),
   )
-  if variant == "smoke":
+  if variant in ("smoke", "moe_quick"):
     cfg = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
@@ -46,4 +50,12 @@ def get_config(variant=None) -> Config:
         optim=dataclasses.replace(cfg.optim, warmup_steps=2))
   elif variant == "tp":
     cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=-1, tensor=2))
+  if variant == "moe":
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, num_experts=8, experts_per_token=2, d_ff_expert=512, compute_dtype="float32",
+        load_balance_loss_weight=0.01, router_z_loss_weight=1e-3))
+  elif variant == "moe_quick":
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, num_experts=4, experts_per_token=2, router="sigmoid_bias",
+        router_bias_update_rate=1e-3, router_z_loss_weight=1e-3))
   return cfg

@@ -73,6 +73,23 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  # Mixture-of-Experts (mai_jax/model/moe.py). num_experts=0: a dense model.
+  num_experts: int = 0
+  experts_per_token: int = 2
+  num_shared_experts: int = 0
+  d_ff_expert: int = 0  # 0: use d_ff
+  # After the first `first_dense_layers` dense layers, every `moe_layer_interval`-th layer is MoE
+  # (layer i is MoE iff (i - first_dense_layers + 1) % moe_layer_interval == 0).
+  moe_layer_interval: int = 1
+  first_dense_layers: int = 0
+  # 'softmax_topk' (Mixtral: softmax over all experts, top-k, renormalize over the chosen);
+  # 'sigmoid_bias' (DeepSeek-V3: sigmoid scores, a bias added for selection only, updated from the
+  # realized load outside the gradient by router_bias_update_rate * sign(mean load - load)).
+  router: str = "softmax_topk"
+  capacity_factor: Optional[float] = None  # None: dropless
+  router_z_loss_weight: float = 0.0
+  load_balance_loss_weight: float = 0.0
+  router_bias_update_rate: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +202,7 @@ CHOICES = {
     ("model", "attention_impl"): ("auto", "xla", "cudnn"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "compute_dtype"): ("float32", "bfloat16"),
+    ("model", "router"): ("softmax_topk", "sigmoid_bias"),
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
     ("data", "source"): ("stdlib",),
 }
@@ -369,6 +387,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_fault_handling(cfg)
   _validate_data_sources(d)
   _validate_plan_target(cfg)
+  _validate_moe(m)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -381,6 +400,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
                       f"start from mai_jax.config.DEFAULT_RULES")
   if num_devices is not None:
     mesh_shape(cfg.mesh, num_devices)
+    _validate_expert_mesh(cfg, num_devices)
     per_step = t.global_batch_size // t.microbatches
     batch_shards = 1
     for axis in dict(cfg.mesh.rules).get("batch", ()):
@@ -543,6 +563,50 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
                       f"below model.rope_high_freq_factor={m.rope_high_freq_factor}")
   if m.rope_scaling_factor > 1 and m.rope_original_max_len <= 0:
     raise ConfigError(f"model.rope_original_max_len={m.rope_original_max_len} must be positive")
+def _validate_moe(m: ModelConfig) -> None:
+  """MoE fields are consistent (they are ignored when num_experts=0, except that they must be sane)."""
+  if m.num_experts < 0:
+    raise ConfigError(f"model.num_experts={m.num_experts} must be >= 0 (0: a dense model)")
+  if m.num_experts == 0:
+    return
+  if not 1 <= m.experts_per_token <= m.num_experts:
+    raise ConfigError(f"model.experts_per_token={m.experts_per_token} must be in "
+                      f"[1, model.num_experts={m.num_experts}]")
+  for key in ("num_shared_experts", "d_ff_expert", "first_dense_layers"):
+    if getattr(m, key) < 0:
+      raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 0")
+  if m.moe_layer_interval < 1:
+    raise ConfigError(f"model.moe_layer_interval={m.moe_layer_interval} must be >= 1")
+  sparse = m.num_layers - m.first_dense_layers
+  if sparse < m.moe_layer_interval or sparse % m.moe_layer_interval:
+    raise ConfigError(
+        f"model.num_layers={m.num_layers} - model.first_dense_layers={m.first_dense_layers} = "
+        f"{sparse} must be a positive multiple of model.moe_layer_interval={m.moe_layer_interval} "
+        f"(the MoE part repeats groups of moe_layer_interval layers)")
+  if m.capacity_factor is not None and m.capacity_factor <= 0:
+    raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be positive, or None "
+                      f"for dropless routing")
+  for key in ("router_z_loss_weight", "load_balance_loss_weight", "router_bias_update_rate"):
+    if getattr(m, key) < 0:
+      raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 0")
+  if m.router_bias_update_rate and m.router != "sigmoid_bias":
+    raise ConfigError(f"model.router_bias_update_rate={m.router_bias_update_rate} needs "
+                      f"model.router='sigmoid_bias' (only that router has a selection bias)")
+
+
+def _validate_expert_mesh(cfg: Config, num_devices: int) -> None:
+  """Experts must split evenly over the mesh axes the 'experts' logical axis maps to."""
+  if not cfg.model.num_experts:
+    return
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  axes = dict(cfg.mesh.rules).get("experts", ())
+  shards = 1
+  for axis in axes:
+    shards *= sizes[axis]
+  if cfg.model.num_experts % shards:
+    raise ConfigError(f"model.num_experts={cfg.model.num_experts} must be divisible by the "
+                      f"{shards} devices the experts are sharded over (mesh axes {tuple(axes)}); "
+                      f"change mesh.expert or model.num_experts")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -68,33 +68,27 @@ def layout_of(cfg: Config, num_gpus: int) -> Layout:
 
 
 def is_moe(model: ModelConfig) -> bool:
-  """True for a Mixture-of-Experts model. Until the MoE fields exist on ModelConfig every model is
-  dense; the lead replaces this body with `model.num_experts > 1` when they merge."""
-  return "num_experts" in {f.name for f in dataclasses.fields(model)} and model.num_experts > 1
+  return model.num_experts > 0
 
 
 def param_counts(model: ModelConfig) -> tuple[int, int]:
-  """(total, active per token), exact from the shapes alone; active == total for dense models."""
-  if is_moe(model):
-    return moe_param_counts(model)
-  from mai_jax.model.transformer import count_params
-  total = count_params(model)
-  return total, total
+  """(total, active per token), exact from the shapes alone; active == total for dense models
+  (the model's own counts, checked against the abstract init and Mixtral's published numbers)."""
+  from mai_jax.model.transformer import count_active_params, count_params
+  return count_params(model), count_active_params(model)
 
 
-def moe_param_counts(model: ModelConfig) -> tuple[int, int]:
-  """MoE (total, active): the lead completes this against the MoE model's parameter layout.
-
-  Intended formula (per MoE layer, SwiGLU experts of width d_ff_expert, router D x E):
-    expert = 3 * D * d_ff_expert
-    total  = dense_total_with_d_ff_for_dense_layers + n_moe * ((E + S) * expert + D * E)
-             - n_moe * 3 * D * d_ff
-    active = total - n_moe * (E - k) * expert
-  with E experts, k per token, S shared, n_moe the layers that are MoE (first_dense_layers dense,
-  then every moe_layer_interval-th). It must equal the abstract model's size, as count_params does.
-  """
-  raise ConfigError("mai_jax.plan.moe_param_counts needs the MoE model fields "
-                    "(model.num_experts ...): not merged on this branch yet")
+def ffn_width(model: ModelConfig) -> float:
+  """Feed-forward width per token, averaged over the layers (for activation memory): d_ff for
+  dense layers; for MoE layers the routed experts' experts_per_token x d_ff_expert (x the capacity
+  factor: the padded expert buffers) plus the shared experts."""
+  if not is_moe(model):
+    return float(model.d_ff)
+  from mai_jax.model.moe import expert_d_ff, num_moe_layers
+  n_moe, L = num_moe_layers(model), model.num_layers
+  routed = model.experts_per_token * (model.capacity_factor or 1.0)
+  moe_width = (routed + model.num_shared_experts) * expert_d_ff(model)
+  return ((L - n_moe) * model.d_ff + n_moe * moe_width) / L
 
 
 @functools.lru_cache(maxsize=16)
@@ -199,7 +193,7 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str) -> dict[
   T = cfg.data.seq_len
   rows = rows_per_device(cfg, layout)
   n = rows * T
-  D, H, KV, K, F = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.d_ff
+  D, H, KV, K, F = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, ffn_width(m)
   Ht = H // t if H % t == 0 else H
   if attention == "flash":
     core = n * Ht * 4
@@ -326,10 +320,20 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
 
 
 def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
-  """Expert-parallel all-to-all (bytes, calls, overlapped): the lead completes it with the MoE
-  model. Intended: per MoE layer and microbatch, dispatch + combine forward, the same backward
-  (+2 with full remat), each n_tokens x experts_per_token x capacity_factor x D x c x (e-1)/e."""
-  raise ConfigError("mai_jax.plan.moe_communication needs the MoE model fields: not merged yet")
+  """Expert-parallel all-to-all (bytes, calls, overlapped) per step on one device.
+
+  Per MoE layer and microbatch: dispatch + combine in the forward, the same two in the backward,
+  two more for the full-remat recompute; each moves this device's n tokens x experts_per_token
+  (x capacity_factor, the padded buffers) x D in the compute dtype, of which (e-1)/e leave the
+  device. On the critical path (the experts wait for their tokens).
+  """
+  from mai_jax.model.moe import num_moe_layers
+  m, e = cfg.model, layout.size("expert")
+  c = DTYPE_BYTES[m.compute_dtype]
+  n_tokens = rows_per_device(cfg, layout) * cfg.data.seq_len
+  per_call = n_tokens * m.experts_per_token * (m.capacity_factor or 1.0) * m.d_model * c
+  calls = (6 if layout.remat == "full" else 4) * num_moe_layers(m) * layout.microbatches
+  return calls * per_call * (e - 1) / e, calls, False
 
 
 @dataclasses.dataclass(frozen=True)

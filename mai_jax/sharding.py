@@ -98,6 +98,11 @@ def use_rules(rules: Rules):
     _active.rules = previous
 
 
+def active_rules() -> Optional[tuple]:
+  """The rules set by `use_rules` for the code being traced (None outside)."""
+  return getattr(_active, "rules", None)
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules):
   """Sets the mesh and the rules for everything traced within the block."""

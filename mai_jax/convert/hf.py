@@ -1,5 +1,5 @@
 """Hugging Face safetensors <-> mai_jax parameters for Llama-family models (Llama 2/3, Mistral,
-SmolLM) and Mixtral (when the model has Mixture-of-Experts support: ModelConfig.num_experts).
+SmolLM) and Mixtral (Mixture-of-Experts).
 
     cfg, model = hf.from_hf("path/to/hf_dir")      # model(tokens_BT) -> float32 logits_BTV
     hf.to_hf(cfg, params, "out_dir")                 # config.json + model*.safetensors
@@ -107,13 +107,8 @@ MOE_ROWS = (
 )
 
 
-def num_experts(cfg: ModelConfig) -> int:
-  """0 for dense models (and for a ModelConfig that predates MoE)."""
-  return getattr(cfg, "num_experts", 0) or 0
-
-
 def layer_rows(cfg: ModelConfig) -> tuple[Row, ...]:
-  return ATTENTION_ROWS + (MOE_ROWS if num_experts(cfg) else DENSE_MLP_ROWS)
+  return ATTENTION_ROWS + (MOE_ROWS if cfg.num_experts else DENSE_MLP_ROWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +132,7 @@ def tensor_table(cfg: ModelConfig) -> dict[str, Target]:
         path, index = ("blocks",) + row.path, (layer,)
       else:
         path, index = ("blocks", layer) + row.path, ()
-      for expert in range(num_experts(cfg)) if row.per_expert else (None,):
+      for expert in range(cfg.num_experts) if row.per_expert else (None,):
         name = row.hf_name.format(layer=layer, expert=expert)
         table[name] = Target(path, index + ((expert,) if row.per_expert else ()), row.layout)
   return table
@@ -165,9 +160,6 @@ def model_config_from_hf(hf: dict, *, param_dtype: Optional[str] = None,
   param_dtype = param_dtype or stored
   moe = {}
   if model_type == "mixtral":
-    if "num_experts" not in {f.name for f in dataclasses.fields(ModelConfig)}:
-      raise HFConversionError("HF model_type='mixtral' needs Mixture-of-Experts support "
-                              "(ModelConfig.num_experts), which this mai_jax version lacks")
     moe = dict(num_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
                d_ff_expert=hf["intermediate_size"], router="softmax_topk")
   return ModelConfig(**moe,
@@ -333,7 +325,7 @@ def hf_config(cfg: Config, *, bos_id: Optional[int] = None, eos_id: Optional[int
   """config.json contents of a LlamaForCausalLM (MixtralForCausalLM with experts) like cfg.model."""
   m = cfg.model
   moe = {}
-  if num_experts(m):
+  if m.num_experts:
     moe = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
            "num_local_experts": m.num_experts, "num_experts_per_tok": m.experts_per_token,
            "intermediate_size": m.d_ff_expert}

@@ -20,7 +20,8 @@ from mai_jax.config import ModelConfig
 from mai_jax.sharding import shard_act
 
 # The only logical names parameters may use (the mesh rules in mai_jax.config map them).
-PARAM_AXES = ("embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm")
+PARAM_AXES = ("embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "experts", "layers",
+              "norm")
 
 
 def create_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str],

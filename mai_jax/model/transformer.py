@@ -17,6 +17,7 @@ from flax import nnx
 from mai_jax.config import ModelConfig
 from mai_jax.model.layers import (MLP, Attention, Embed, KVCache, RMSNorm, compute_dtype,
                                   create_param)
+from mai_jax.model.moe import MoE, expert_d_ff, is_moe_layer, num_moe_layers
 from mai_jax.sharding import shard_act
 
 RESIDUAL = ("batch", "seq", "embed")
@@ -28,30 +29,62 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  The feed-forward is `mlp` (dense SwiGLU) or, with `moe=True`, `moe` (routed experts; see moe.py).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    if moe:
+      self.moe = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
                positions_BT: jax.Array) -> jax.Array:
+    return self.forward_with_aux(x_BTD, segment_ids_BT, positions_BT)[0]
+
+  def forward_with_aux(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
+                       positions_BT: jax.Array):
+    """-> (x_BTD, aux): aux is the MoE layer's dict of router statistics, {} for a dense block."""
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT)
     x_BTD = shard_act(x_BTD, RESIDUAL)
-    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-    return shard_act(x_BTD, RESIDUAL)
+    aux = {}
+    if hasattr(self, "moe"):
+      y_BTD, aux = self.moe(self.mlp_norm(x_BTD))
+    else:
+      y_BTD = self.mlp(self.mlp_norm(x_BTD))
+    return shard_act(x_BTD + y_BTD, RESIDUAL), aux
+
+
+class BlockGroup(nnx.Module):
+  """The scan unit when moe_layer_interval = k > 1: k - 1 dense blocks (stacked) then one MoE block."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dense = _stacked_blocks(cfg, rngs, count=cfg.moe_layer_interval - 1)
+    self.moe = Block(cfg, rngs=rngs, moe=True)
+
+  def forward_with_aux(self, x_BTD, segment_ids_BT, positions_BT):
+    x_BTD, _ = _scan_blocks(self.dense, "none", x_BTD, segment_ids_BT, positions_BT)
+    return self.moe.forward_with_aux(x_BTD, segment_ids_BT, positions_BT)
 
 
 def _block_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
-  """Pure (x, block_state, segment_ids, positions) -> x, wrapped in jax.checkpoint per `remat`.
+  """Pure (x, block_state, segment_ids, positions) -> (x, aux, kv caches), wrapped in
+  jax.checkpoint per `remat`.
 
   A pure function of the block's state (instead of a Module method) lets the same body run under
-  jax.lax.scan over stacked states and under jax.checkpoint without NNX transforms in between.
+  jax.lax.scan over stacked states and under jax.checkpoint without NNX transforms in between. The
+  block's updated KV caches (when decoding; an empty state otherwise) are returned so the caller
+  can write them back.
   """
   def apply(x_BTD, state, segment_ids_BT, positions_BT):
-    return nnx.merge(graphdef, state)(x_BTD, segment_ids_BT, positions_BT)
+    block = nnx.merge(graphdef, state)
+    x_BTD, aux = block.forward_with_aux(x_BTD, segment_ids_BT, positions_BT)
+    return x_BTD, aux, nnx.state(block, nnx.Cache)
 
   if remat == "none":
     return apply
@@ -73,10 +106,20 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = Embed(cfg, rngs=rngs)
-    if cfg.scan_layers:
+    if not cfg.scan_layers:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs, moe=is_moe_layer(cfg, i))
+                              for i in range(cfg.num_layers)])
+    elif not cfg.num_experts:
       self.blocks = _stacked_blocks(cfg, rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+      # MoE: `dense_blocks` (first_dense_layers), then `blocks`, a stack of MoE Blocks
+      # (moe_layer_interval 1) or of BlockGroups (k - 1 dense blocks and one MoE block).
+      if cfg.first_dense_layers:
+        self.dense_blocks = _stacked_blocks(cfg, rngs, count=cfg.first_dense_layers)
+      units = (cfg.num_layers - cfg.first_dense_layers) // cfg.moe_layer_interval
+      make = ((lambda r: Block(cfg, rngs=r, moe=True)) if cfg.moe_layer_interval == 1 else
+              (lambda r: BlockGroup(cfg, rngs=r)))
+      self.blocks = _stacked_blocks(cfg, rngs, count=units, make=make)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
     if not cfg.tie_embeddings:
       self.unembed = create_param(rngs, nnx.initializers.normal(cfg.init_std),
@@ -85,6 +128,13 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array, segment_ids_BT: Optional[jax.Array] = None,
                positions_BT: Optional[jax.Array] = None) -> jax.Array:
+    return self.forward_with_aux(tokens_BT, segment_ids_BT, positions_BT)[0]
+
+  def forward_with_aux(self, tokens_BT: jax.Array, segment_ids_BT: Optional[jax.Array] = None,
+                       positions_BT: Optional[jax.Array] = None):
+    """-> (float32 logits_BTV, aux): aux maps router statistic names ('load' [L_moe, E],
+    'dropped_fraction', 'z_loss', 'balance_loss' [L_moe]) to arrays over the MoE layers in depth
+    order; {} for a dense model."""
     cfg = self.cfg
     B, T = tokens_BT.shape
     if positions_BT is None:
@@ -92,20 +142,20 @@ class Decoder(nnx.Module):
     x_BTD = shard_act(self.embed(tokens_BT), RESIDUAL)
 
     if cfg.scan_layers:
-      graphdef, stacked = nnx.split(self.blocks)
-      block_fn = _block_fn(graphdef, cfg.remat, in_scan=True)
-
-      def body(carry_BTD, layer_state):
-        return block_fn(carry_BTD, layer_state, segment_ids_BT, positions_BT), None
-
-      x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+      if hasattr(self, "dense_blocks"):
+        x_BTD, _ = _scan_blocks(self.dense_blocks, cfg.remat, x_BTD, segment_ids_BT, positions_BT)
+      x_BTD, aux = _scan_blocks(self.blocks, cfg.remat, x_BTD, segment_ids_BT, positions_BT)
     else:
+      layer_aux = []
       for block in self.blocks:
         graphdef, state = nnx.split(block)
-        x_BTD = _block_fn(graphdef, cfg.remat, in_scan=False)(x_BTD, state, segment_ids_BT,
-                                                               positions_BT)
-
-    return self._logits(x_BTD)
+        x_BTD, block_aux, caches = _block_fn(graphdef, cfg.remat, in_scan=False)(
+            x_BTD, state, segment_ids_BT, positions_BT)
+        nnx.update(block, caches)
+        if block_aux:
+          layer_aux.append(block_aux)
+      aux = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_aux) if layer_aux else {}
+    return self._logits(x_BTD), aux
 
   def _logits(self, x_BTD: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -118,14 +168,13 @@ class Decoder(nnx.Module):
                               preferred_element_type=jnp.float32)
     return shard_act(logits_BTV, ("batch", "seq", "vocab"))
 
-
   # -- Incremental decoding (sampling) --------------------------------------------------------
 
   def init_cache(self, batch_size: int, max_len: int) -> None:
     """Gives every attention layer an empty KVCache of `max_len` slots; then call `decode`.
 
     Each cache gets the same leading (stacking) axes as its layer's parameters, so it is sliced
-    along with them however the blocks are stacked.
+    along with them however the blocks are stacked (dense, MoE, groups of both).
     """
     cfg = self.cfg
     graphdef, empty = nnx.split(KVCache(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
@@ -142,44 +191,98 @@ class Decoder(nnx.Module):
 
     Prefill passes the (left-padded) prompts, then each step one token per row. segment_ids_BT: 1
     for real tokens, 0 for padding; positions_BT: each row's own positions (RoPE). Equals
-    `__call__` on the whole sequence so far, restricted to the new tokens.
+    `__call__` on the whole sequence so far, restricted to the new tokens: the same forward pass,
+    whose attention layers read and extend their caches (see `_scan_blocks`).
     """
-    x_BTD = shard_act(self.embed(tokens_BT), RESIDUAL)
-    if self.cfg.scan_layers:
-      graphdef, stacked = nnx.split(self.blocks)
-
-      def body(carry_BTD, layer_state):
-        block = nnx.merge(graphdef, layer_state)
-        carry_BTD = block(carry_BTD, segment_ids_BT, positions_BT)
-        return carry_BTD, nnx.state(block, nnx.Cache)  # only the cache changes; params stay put
-
-      x_BTD, caches = jax.lax.scan(body, x_BTD, stacked)
-      nnx.update(self.blocks, caches)
-    else:
-      for block in self.blocks:
-        x_BTD = block(x_BTD, segment_ids_BT, positions_BT)
-    return self._logits(x_BTD)
+    return self.forward_with_aux(tokens_BT, segment_ids_BT, positions_BT)[0]
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-  """num_layers Blocks as one Block whose params have a leading 'layers' axis (own keys each)."""
+def _scan_blocks(stacked_blocks: nnx.Module, remat: str, x_BTD, segment_ids_BT, positions_BT):
+  """Runs a stack of blocks (leading 'layers' axis) with one lax.scan; -> (x_BTD, stacked aux).
+  KV caches the blocks extended (decoding) are written back into the stack."""
+  graphdef, stacked = nnx.split(stacked_blocks)
+  block_fn = _block_fn(graphdef, remat, in_scan=True)
 
-  @nnx.split_rngs(splits=cfg.num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,
+  def body(carry_BTD, layer_state):
+    carry_BTD, aux, caches = block_fn(carry_BTD, layer_state, segment_ids_BT, positions_BT)
+    return carry_BTD, (aux, caches)
+
+  x_BTD, (aux, caches) = jax.lax.scan(body, x_BTD, stacked)
+  nnx.update(stacked_blocks, caches)
+  return x_BTD, aux
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: Optional[int] = None,
+                    make=None) -> nnx.Module:
+  """`count` (default num_layers) modules from `make(rngs)` (default a dense Block) as one module
+  whose params have a leading 'layers' axis (own keys each)."""
+  count = cfg.num_layers if count is None else count
+  make = make or (lambda layer_rngs: Block(cfg, rngs=layer_rngs))
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count,
             transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def create(layer_rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs=layer_rngs)
+  def create(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return make(layer_rngs)
 
   return create(rngs)
 
 
 def count_params(cfg: ModelConfig) -> int:
-  """Exact parameter count from the shapes alone (no allocation; e.g. for the planner)."""
+  """Exact parameter count from the shapes alone (no allocation; e.g. for the planner).
+
+  Counts nnx.Params; the sigmoid_bias router's selection bias (state, not trained) is not included.
+  """
+  return _count(cfg, active=False)
+
+
+def count_active_params(cfg: ModelConfig) -> int:
+  """Parameters one token's forward pass uses: each MoE layer contributes its router, its
+  experts_per_token routed experts and the shared experts (equals count_params for dense models)."""
+  return _count(cfg, active=True)
+
+
+def _count(cfg: ModelConfig, active: bool) -> int:
   D, H, KV, K, F, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff,
                        cfg.vocab_size)
   attention = D * H * K + 2 * D * KV * K + H * K * D
-  mlp = 3 * D * F
   norms = 2 * D
-  per_layer = attention + mlp + norms
+  Fe = expert_d_ff(cfg)
+  experts_used = cfg.experts_per_token if active else cfg.num_experts
+  moe = D * cfg.num_experts + experts_used * 3 * D * Fe + cfg.num_shared_experts * 3 * D * Fe
+  n_moe = num_moe_layers(cfg)
+  layers = cfg.num_layers * (attention + norms) + (cfg.num_layers - n_moe) * 3 * D * F + n_moe * moe
   embeddings = V * D * (1 if cfg.tie_embeddings else 2)
-  return cfg.num_layers * per_layer + embeddings + D  # + final norm
+  return layers + embeddings + D  # + final norm
+
+
+def _router_bias_paths(cfg: ModelConfig) -> list[tuple]:
+  """Where the sigmoid_bias router's biases live in the params dict, in MoE-layer order (one
+  stacked [L_moe, E] leaf with scan_layers, one [E] leaf per MoE layer without)."""
+  if cfg.scan_layers:
+    unit = ("blocks",) if cfg.moe_layer_interval == 1 else ("blocks", "moe")
+    return [unit + ("moe", "router_bias")]
+  return [("blocks", i, "moe", "router_bias") for i in range(cfg.num_layers)
+          if is_moe_layer(cfg, i)]
+
+
+def router_bias_LE(cfg: ModelConfig, params: dict) -> jax.Array:
+  """The sigmoid_bias router's selection biases [L_moe, E] from a params dict."""
+  leaves = []
+  for path in _router_bias_paths(cfg):
+    node = params
+    for key in path:
+      node = node[key]
+    leaves.append(node if cfg.scan_layers else node[None])
+  return jnp.concatenate(leaves, axis=0)
+
+
+def replace_router_bias(cfg: ModelConfig, params: dict, bias_LE: jax.Array) -> dict:
+  """A copy of `params` (dicts copied along the changed paths only) holding `bias_LE`."""
+  def set_path(node, path, value):
+    node = dict(node)
+    node[path[0]] = value if len(path) == 1 else set_path(node[path[0]], path[1:], value)
+    return node
+  for i, path in enumerate(_router_bias_paths(cfg)):
+    params = set_path(params, path, bias_LE if cfg.scan_layers else bias_LE[i])
+  return params

@@ -25,7 +25,7 @@ from mai_jax.config import Config
 from mai_jax.data.pipeline import DataMetrics, make_eval_batches, make_train_iterator
 from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
 from mai_jax.evaluate import evaluate
-from mai_jax.model import count_params
+from mai_jax.model import count_active_params, count_params
 from mai_jax.train import preemption
 from mai_jax.train import step as step_lib
 from mai_jax.train.faults import FaultMonitor
@@ -124,8 +124,8 @@ class _Run:
     self.trainer = build_trainer(cfg, mesh)
     num_params = count_params(cfg.model)
     self.num_params = num_params
-    self.flops_per_token = metrics_lib.train_flops_per_token(cfg.model, num_params,
-                                                             cfg.data.seq_len)
+    self.flops_per_token = metrics_lib.train_flops_per_token(  # MoE: the active parameters
+        cfg.model, count_active_params(cfg.model), cfg.data.seq_len)
     self.peak = metrics_lib.device_peak_flops()
     pid, nproc = jax.process_index(), jax.process_count()
     self.data_iter = make_train_iterator(cfg, tokenizer, process_index=pid, process_count=nproc)

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import Config
+from mai_jax.train import moe_aux
 from mai_jax.train.state import ModelSpec, TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -38,12 +39,20 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss_weight: fl
 
 
 def summed_loss(params, batch, model_spec: ModelSpec, z_loss_weight: float):
-  """Sum over non-padding tokens of the loss; aux = (ce sum, token count)."""
+  """Sum over non-padding tokens of the loss; aux = (ce sum, token count, MoE router statistics).
+
+  MoE models add their per-token aux objective (router z-loss, load balancing) times the token
+  count, so dividing by the total token count gives loss + aux as for one big batch."""
   model = model_spec.merge(params)
-  logits_BTV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+  logits_BTV, moe = model.forward_with_aux(batch["inputs"], batch["segment_ids"],
+                                           batch["positions"])
   loss_BT, ce_BT = token_losses(logits_BTV, batch["targets"], z_loss_weight)
   weights_BT = (batch["segment_ids"] != 0).astype(jnp.float32)
-  return jnp.sum(loss_BT * weights_BT), (jnp.sum(ce_BT * weights_BT), jnp.sum(weights_BT))
+  tokens = jnp.sum(weights_BT)
+  loss_sum = jnp.sum(loss_BT * weights_BT)
+  if moe:
+    loss_sum = loss_sum + tokens * moe_aux.aux_loss(model.cfg, moe)
+  return loss_sum, (jnp.sum(ce_BT * weights_BT), tokens, moe)
 
 
 def _split_microbatches(batch, num_micro: int):
@@ -66,23 +75,27 @@ def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransf
 
   def train_step(state: TrainState, batch):
     if num_micro == 1:
-      (loss_sum, (ce_sum, tokens)), grads = grad_fn(state.params, batch, model_spec, z_loss_weight)
+      (loss_sum, (ce_sum, tokens, moe)), grads = grad_fn(state.params, batch, model_spec,
+                                                         z_loss_weight)
     else:
       def accumulate(carry, micro):
-        (loss_i, (ce_i, tokens_i)), grads_i = grad_fn(state.params, micro, model_spec,
-                                                      z_loss_weight)
+        (loss_i, (ce_i, tokens_i, moe_i)), grads_i = grad_fn(state.params, micro, model_spec,
+                                                             z_loss_weight)
         grads_acc, loss_acc, ce_acc, tokens_acc = carry
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads_i)
-        return (grads_acc, loss_acc + loss_i, ce_acc + ce_i, tokens_acc + tokens_i), None
+        return (grads_acc, loss_acc + loss_i, ce_acc + ce_i, tokens_acc + tokens_i), moe_i
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-      (grads, loss_sum, ce_sum, tokens), _ = jax.lax.scan(
+      (grads, loss_sum, ce_sum, tokens), moe_M = jax.lax.scan(
           accumulate, init, _split_microbatches(batch, num_micro))
+      moe = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_M)  # equal-size microbatches
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if moe_aux.updates_router_bias(cfg.model):
+      params = moe_aux.with_updated_router_bias(cfg.model, state.params, params, moe["load"])
     finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     params, opt_state = _select_tree(finite, (params, opt_state), (state.params, state.opt_state))
     metrics = {
@@ -93,6 +106,7 @@ def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransf
         "learning_rate": schedule(state.step),
         "tokens": tokens,
         "update_skipped": 1.0 - finite.astype(jnp.float32),
+        **moe_aux.moe_metrics(cfg.model, moe, params),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -108,7 +122,7 @@ def _select_tree(ok: jax.Array, new, old):
 def make_eval_step(cfg: Config, model_spec: ModelSpec) -> Callable:
   """eval_step(params, batch) -> (ce sum, token count); the caller sums over batches."""
   def eval_step(params, batch):
-    _, (ce_sum, tokens) = summed_loss(params, batch, model_spec, 0.0)
+    _, (ce_sum, tokens, _) = summed_loss(params, batch, model_spec, 0.0)
     return ce_sum, tokens
   return eval_step
 

@@ -1,0 +1,417 @@
+"""Mixture-of-Experts: the layer against a per-token NumPy loop, expert parallelism against one
+device, aux losses against their formulas, shardings, parameter counts, the train step's bias update
+and a CLI run."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from mai_jax import config as C, sharding as S
+from mai_jax.model import Decoder, count_active_params, count_params
+from mai_jax.model import moe as moe_lib
+from mai_jax.train import state as state_lib
+from mai_jax.train.trainer import build_trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def moe_cfg(**kw):
+  base = dict(num_layers=2, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, d_ff=24,
+              vocab_size=64, compute_dtype="float32", remat="none", num_experts=8,
+              experts_per_token=2)
+  base.update(kw)
+  return C.ModelConfig(**base)
+
+
+def make_moe(cfg, seed=0, bias_scale=0.3):
+  layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(seed))
+  # Larger router weights than init so routing is decisive; a nonzero bias so it matters.
+  layer.router[...] = jax.random.normal(jax.random.key(seed + 1), layer.router.shape)
+  if cfg.router == "sigmoid_bias":
+    layer.router_bias[...] = bias_scale * jax.random.normal(jax.random.key(seed + 2),
+                                                           (cfg.num_experts,))
+  return layer
+
+
+# ------------------------------------------------------------------------------------------------
+# Independent reference: loop over tokens and their top-k experts
+
+
+def swiglu(x, w_gate, w_up, w_down):
+  g = x @ w_gate
+  return ((g / (1 + np.exp(-g))) * (x @ w_up)) @ w_down
+
+
+def moe_reference(layer, cfg, x_BTD):
+  x = np.asarray(x_BTD, np.float64).reshape(-1, cfg.d_model)
+  router = np.asarray(layer.router[...], np.float64)
+  wg, wu, wd = (np.asarray(layer.gate_proj[...], np.float64),
+                np.asarray(layer.up_proj[...], np.float64),
+                np.asarray(layer.down_proj[...], np.float64))
+  N, E, K = x.shape[0], cfg.num_experts, cfg.experts_per_token
+  cap = None if cfg.capacity_factor is None else int(np.ceil(cfg.capacity_factor * N * K / E))
+  used = np.zeros(E, int)
+  out = np.zeros_like(x)
+  dropped = 0
+  for n in range(N):
+    logits = x[n] @ router
+    if cfg.router == "softmax_topk":
+      probs = np.exp(logits - logits.max())
+      probs /= probs.sum()
+      chosen = np.argsort(-probs, kind="stable")[:K]
+      top = probs[chosen]
+    else:
+      scores = 1 / (1 + np.exp(-logits))
+      chosen = np.argsort(-(scores + np.asarray(layer.router_bias[...])), kind="stable")[:K]
+      top = scores[chosen]
+    weights = top / top.sum()
+    for e, w in zip(chosen, weights):
+      if cap is not None and used[e] >= cap:
+        dropped += 1
+        continue
+      used[e] += 1
+      out[n] += w * swiglu(x[n], wg[e], wu[e], wd[e])
+  if cfg.num_shared_experts:
+    out += swiglu(x, np.asarray(layer.shared.gate_proj[...]), np.asarray(layer.shared.up_proj[...]),
+                  np.asarray(layer.shared.down_proj[...]))
+  return out.reshape(x_BTD.shape), dropped / (N * K)
+
+
+CASES = [
+    dict(router="softmax_topk"),
+    dict(router="softmax_topk", capacity_factor=1.0),
+    dict(router="sigmoid_bias"),
+    dict(router="sigmoid_bias", capacity_factor=0.5, num_shared_experts=1, d_ff_expert=12),
+    dict(router="softmax_topk", experts_per_token=3, num_shared_experts=2),
+]
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_layer_matches_per_token_reference(kw, impl, monkeypatch):
+  monkeypatch.setattr(moe_lib, "EXPERT_FFN_IMPL", impl)
+  cfg = moe_cfg(**kw)
+  layer = make_moe(cfg)
+  x_BTD = jax.random.normal(jax.random.key(7), (4, 6, cfg.d_model))
+  y_BTD, aux = layer(x_BTD)
+  want, want_dropped = moe_reference(layer, cfg, x_BTD)
+  np.testing.assert_allclose(np.asarray(y_BTD), want, atol=2e-5, rtol=2e-5)
+  assert float(aux["dropped_fraction"]) == pytest.approx(want_dropped)
+  if cfg.capacity_factor is not None:
+    assert want_dropped > 0  # the case really exercises dropping
+  assert float(jnp.sum(aux["load"])) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Expert parallelism equals one device
+
+
+MESHES = [
+    (C.MeshConfig(data=1, fsdp=1, expert=8, tensor=1), dict(router="softmax_topk"), "ragged_dot"),
+    (C.MeshConfig(data=1, fsdp=1, expert=8, tensor=1),
+     dict(router="sigmoid_bias", capacity_factor=1.0), "tiled"),
+    (C.MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
+     dict(router="softmax_topk", num_shared_experts=1), "ragged_dot"),
+    (C.MeshConfig(data=2, fsdp=1, expert=2, tensor=2),
+     dict(router="sigmoid_bias", capacity_factor=0.5), "tiled"),
+]
+
+
+@pytest.mark.parametrize("mesh_cfg,kw,impl", MESHES, ids=[
+    "x".join(str(getattr(m, a)) for a in C.MESH_AXES) + "-" + "-".join(map(str, kw.values()))
+    + "-" + impl for m, kw, impl in MESHES])
+def test_expert_parallel_equals_single_device(mesh_cfg, kw, impl, monkeypatch):
+  monkeypatch.setattr(moe_lib, "EXPERT_FFN_IMPL", impl)
+  cfg = moe_cfg(**kw)
+  layer = make_moe(cfg)
+  graphdef, state = nnx.split(layer)
+  x_BTD = jax.random.normal(jax.random.key(3), (8, 4, cfg.d_model))
+
+  def loss(state, x_BTD):
+    y_BTD, aux = nnx.merge(graphdef, state)(x_BTD)
+    return jnp.sum(jnp.sin(y_BTD)), (y_BTD, aux["dropped_fraction"])
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True, argnums=(0, 1))
+  (_, (y0, drop0)), (g0, gx0) = grad_fn(state, x_BTD)
+
+  used = []
+  original = moe_lib.moe_expert_parallel
+  monkeypatch.setattr(moe_lib, "moe_expert_parallel",
+                      lambda *a, **k: used.append(a[0].ep) or original(*a, **k))
+  mesh = S.make_mesh(mesh_cfg)
+  with S.activate(mesh, mesh_cfg.rules):
+    (_, (y1, drop1)), (g1, gx1) = jax.jit(grad_fn)(state, x_BTD)
+  assert used == [mesh_cfg.expert]  # the all-to-all path really ran
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=1e-5)
+  assert float(drop1) == float(drop0)
+  np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=1e-5, rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
+    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-5, rtol=1e-4,
+                               err_msg=str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Router and aux losses on hand-made logits
+
+
+LOGITS = np.array([[2.0, 1.0, 0.0, -1.0],
+                   [0.0, 3.0, 1.0, 0.5],
+                   [1.0, 1.5, 5.0, 0.0],
+                   [0.2, 0.1, 0.0, 4.0],
+                   [3.0, -2.0, 2.5, 0.0]], np.float32)
+
+
+def test_softmax_topk_routing_and_losses_match_formulas():
+  experts, weights, probs = moe_lib.route(jnp.asarray(LOGITS), 2, "softmax_topk")
+  p = np.exp(LOGITS) / np.exp(LOGITS).sum(-1, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(experts), [[0, 1], [1, 2], [2, 1], [3, 0], [0, 2]])
+  top = np.take_along_axis(p, np.asarray(experts), -1)
+  np.testing.assert_allclose(np.asarray(weights), top / top.sum(-1, keepdims=True), rtol=1e-6)
+  # HF MixtralSparseMoeBlock load_balancing_loss_func for one layer: one-hot per slot.
+  one_hot = np.eye(4)[np.asarray(experts)]  # [N, K, E]
+  hf = 4 * np.sum(one_hot.mean(0) * p.mean(0)[None, :])
+  counts = moe_lib.expert_counts(experts, 4)
+  np.testing.assert_array_equal(np.asarray(counts), [3, 3, 3, 1])
+  assert float(moe_lib.load_balance_loss(probs, counts)) == pytest.approx(hf, rel=1e-6)
+  z = np.log(np.exp(LOGITS).sum(-1))
+  assert float(moe_lib.router_z_loss(jnp.asarray(LOGITS))) == pytest.approx(np.mean(z ** 2),
+                                                                           rel=1e-6)
+
+
+def test_balance_loss_is_k_when_balanced():
+  # Each token puts equal probability on its two experts; the pairs cover every expert equally.
+  logits = np.full((4, 4), -30.0, np.float32)
+  for n, pair in enumerate([(0, 1), (2, 3), (0, 2), (1, 3)]):
+    logits[n, list(pair)] = 0.0
+  experts, _, probs = moe_lib.route(jnp.asarray(logits), 2, "softmax_topk")
+  loss = moe_lib.load_balance_loss(probs, moe_lib.expert_counts(experts, 4))
+  assert float(loss) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_sigmoid_bias_selects_with_bias_but_weights_without():
+  logits = jnp.asarray([[0.0, 1.0, 2.0, 3.0]])
+  bias = jnp.asarray([5.0, 4.0, 0.0, 0.0])
+  experts, weights, _ = moe_lib.route(logits, 2, "sigmoid_bias", bias)
+  np.testing.assert_array_equal(np.asarray(experts), [[0, 1]])
+  s = 1 / (1 + np.exp(-np.array([0.0, 1.0])))
+  np.testing.assert_allclose(np.asarray(weights), [s / s.sum()], rtol=1e-6)
+  new = moe_lib.update_router_bias(bias, jnp.asarray([0.5, 0.3, 0.1, 0.1]), 0.01)
+  np.testing.assert_allclose(np.asarray(new), [4.99, 3.99, 0.01, 0.01], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder layout, shardings and parameter counts
+
+
+def abstract_specs(cfg):
+  model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(model)
+  specs = {"/".join(map(str, p)): tuple(v.get_value())
+           for p, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
+  return model, state, specs
+
+
+def test_expert_params_are_sharded_over_the_expert_axis():
+  cfg = moe_cfg(router="sigmoid_bias", num_shared_experts=1)
+  _, state, specs = abstract_specs(cfg)
+  assert specs["blocks/moe/router"] == ("layers", "embed", "experts")
+  assert specs["blocks/moe/gate_proj"] == ("layers", "experts", "embed", "mlp")
+  assert specs["blocks/moe/up_proj"] == ("layers", "experts", "embed", "mlp")
+  assert specs["blocks/moe/down_proj"] == ("layers", "experts", "mlp", "embed")
+  assert specs["blocks/moe/router_bias"] == ("layers", "experts")
+  assert specs["blocks/moe/shared/gate_proj"] == ("layers", "embed", "mlp")
+  assert isinstance(state["blocks"]["moe"]["router_bias"], moe_lib.RouterBias)
+  assert not isinstance(state["blocks"]["moe"]["router_bias"], nnx.Param)
+
+  mesh_cfg = C.MeshConfig(data=1, fsdp=2, expert=2, tensor=2)
+  mesh = S.make_mesh(mesh_cfg)
+  _, abstract, logical = state_lib.abstract_model(lambda r: Decoder(cfg, rngs=r))
+  shardings = state_lib.param_shardings(mesh, mesh_cfg.rules, abstract, logical)
+  moe = shardings["blocks"]["moe"]
+  assert moe["gate_proj"].spec == P(None, "expert", "fsdp", "tensor")
+  assert moe["down_proj"].spec == P(None, "expert", "tensor", "fsdp")
+  assert moe["router"].spec == P(None, "fsdp", "expert")
+  assert moe["router_bias"].spec == P(None, "expert")
+
+
+COUNT_CASES = [
+    dict(), dict(scan_layers=False, router="sigmoid_bias"),
+    dict(num_layers=5, first_dense_layers=1, moe_layer_interval=2, num_shared_experts=1,
+         d_ff_expert=8),
+    dict(num_layers=5, first_dense_layers=1, moe_layer_interval=2, scan_layers=False),
+    dict(num_layers=3, first_dense_layers=1, tie_embeddings=True),
+]
+
+
+@pytest.mark.parametrize("kw", COUNT_CASES)
+def test_count_params_matches_created(kw):
+  cfg = moe_cfg(**kw)
+  model, _, _ = abstract_specs(cfg)
+  created = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count_params(cfg) == created
+  dense = dataclasses.replace(cfg, num_experts=0)
+  n_moe = moe_lib.num_moe_layers(cfg)
+  D, F, Fe, E, K = cfg.d_model, cfg.d_ff, moe_lib.expert_d_ff(cfg), 8, cfg.experts_per_token
+  per_moe_extra = D * E + (cfg.num_shared_experts + K) * 3 * D * Fe - 3 * D * F
+  assert count_active_params(cfg) == count_params(dense) + n_moe * per_moe_extra
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", COUNT_CASES[2:4])
+def test_moe_layers_are_placed_and_reported(kw):
+  cfg = moe_cfg(**kw)
+  want_layers = [i for i in range(cfg.num_layers)
+                 if i >= cfg.first_dense_layers
+                 and (i - cfg.first_dense_layers + 1) % cfg.moe_layer_interval == 0]
+  assert want_layers == [2, 4]
+  assert [i for i in range(cfg.num_layers) if moe_lib.is_moe_layer(cfg, i)] == want_layers
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.ones((2, 4), jnp.int32)
+  logits, aux = nnx.jit(lambda m, t: m.forward_with_aux(t))(model, tokens)
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 4, cfg.vocab_size)
+  assert aux["load"].shape == (len(want_layers), 8)
+  np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens)),
+                                np.asarray(logits))
+
+
+def test_mixtral_8x7b_counts():
+  cfg = C.load_experiment(os.path.join(REPO, "experiments", "mixtral_8x7b.py"))
+  C.validate(cfg)
+  assert count_params(cfg.model) == 46_702_792_704
+  assert count_active_params(cfg.model) == 12_879_925_248
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(experts_per_token=9), r"experts_per_token=9 must be in \[1, model.num_experts=8\]"),
+    (dict(num_layers=5, moe_layer_interval=2), r"positive multiple of model.moe_layer_interval"),
+    (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be positive, or None"),
+    (dict(router="topk"), r"model.router='topk' is not one of"),
+    (dict(router_bias_update_rate=0.1), r"needs model.router='sigmoid_bias'"),
+])
+def test_bad_moe_config_is_a_clear_error(kw, match):
+  with pytest.raises(C.ConfigError, match=match):
+    C.validate(C.Config(model=moe_cfg(**kw)))
+
+
+def test_experts_must_split_over_the_expert_axis():
+  cfg = C.Config(model=moe_cfg(num_experts=6), mesh=C.MeshConfig(fsdp=-1, expert=4),
+                 train=C.TrainConfig(global_batch_size=8))
+  with pytest.raises(C.ConfigError, match=r"num_experts=6 must be divisible by the 4 devices"):
+    C.validate(cfg, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train step: aux losses, router bias update, metrics
+
+
+@pytest.mark.slow
+def test_train_step_updates_router_bias_from_load_and_reports_metrics():
+  model = moe_cfg(router="sigmoid_bias", router_bias_update_rate=0.01, router_z_loss_weight=1e-3,
+                  load_balance_loss_weight=1e-2, num_experts=4)
+  cfg = C.Config(model=model, data=C.DataConfig(seq_len=8),
+                 mesh=C.MeshConfig(data=1, fsdp=-1, expert=2),
+                 train=C.TrainConfig(global_batch_size=8),
+                 optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
+  C.validate(cfg, jax.device_count())
+  trainer = build_trainer(cfg, S.make_mesh(cfg.mesh), num_steps=4)
+  state = trainer.init_state()
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 64, (8, 9)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "segment_ids": np.ones((8, 8), np.int32),
+           "positions": np.tile(np.arange(8, dtype=np.int32), (8, 1))}
+  old_bias = np.asarray(state.params["blocks"]["moe"]["router_bias"])
+  new_state, metrics = trainer.jit_train_step()(state, batch)
+  new_bias = np.asarray(new_state.params["blocks"]["moe"]["router_bias"])
+  for layer in range(2):
+    load = np.array([metrics[f"moe/layer{layer}/load_{s}"] for s in ("min", "max")])
+    assert load[0] <= 1.0 <= load[1]
+    step = new_bias[layer] - old_bias[layer]
+    assert set(np.round(step / 0.01, 5)) <= {-1.0, 0.0, 1.0}  # sign(mean - load), no decay
+    assert float(metrics[f"moe/layer{layer}/router_bias_norm"]) == pytest.approx(
+        np.linalg.norm(new_bias[layer]), rel=1e-5)
+  assert np.any(new_bias != old_bias)
+  for key in ("moe/balance_loss", "moe/z_loss", "moe/dropped_fraction", "moe/load_cv"):
+    assert np.isfinite(float(metrics[key])), key
+  # total_loss = cross-entropy + the weighted aux losses.
+  want = (float(metrics["loss"]) + 1e-3 * float(metrics["moe/z_loss"])
+          + 1e-2 * float(metrics["moe/balance_loss"]))
+  assert float(metrics["total_loss"]) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_tiny_moe_trains_from_the_cli(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "mai_jax", "train", "--config",
+       os.path.join(REPO, "experiments", "tiny.py") + ":moe_quick", "--workdir", str(workdir),
+       "--config.mesh.expert=2", "--config.train.num_steps=12", "--config.train.eval_every=0",
+       "--config.checkpoint.every_steps=0"],
+      capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(workdir / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < losses[0] - 0.5, losses
+  last = [r for r in rows if "moe/layer0/load_max" in r][-1]
+  for key in ("moe/layer0/load_min", "moe/layer1/load_cv", "moe/layer1/router_bias_norm",
+              "moe/dropped_fraction", "moe/balance_loss"):
+    assert key in last, sorted(last)
+
+
+@pytest.mark.slow
+def test_decoder_with_remat_and_expert_parallelism_equals_single_device():
+  cfg = moe_cfg(num_layers=3, remat="full", num_experts=4, first_dense_layers=1,
+                router="sigmoid_bias")
+  graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  tokens = jax.random.randint(jax.random.key(0), (8, 8), 0, cfg.vocab_size)
+
+  def loss(state):
+    logits, _ = nnx.merge(graphdef, state).forward_with_aux(tokens)
+    return jnp.sum(jnp.sin(logits)), logits
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, logits0), grads0 = grad_fn(state)
+  mesh_cfg = C.MeshConfig(data=1, fsdp=2, expert=4, tensor=1)
+  with S.activate(S.make_mesh(mesh_cfg), mesh_cfg.rules):
+    (_, logits1), grads1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+  np.testing.assert_allclose(np.asarray(logits1), np.asarray(logits0), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-4)
+
+
+def test_softmax_topk_layer_matches_transformers_mixtral_block():
+  torch = pytest.importorskip("torch")
+  modeling = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+  from transformers import MixtralConfig
+  cfg = moe_cfg()
+  hf = modeling.MixtralSparseMoeBlock(MixtralConfig(
+      hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_local_experts=cfg.num_experts,
+      num_experts_per_tok=cfg.experts_per_token)).eval()
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.normal_(0, 0.5)
+  layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+  F = cfg.d_ff
+  gate_up = hf.experts.gate_up_proj.detach().numpy()  # [E, 2F, D]
+  layer.router[...] = jnp.asarray(hf.gate.weight.detach().numpy().T)
+  layer.gate_proj[...] = jnp.asarray(np.swapaxes(gate_up[:, :F], 1, 2))
+  layer.up_proj[...] = jnp.asarray(np.swapaxes(gate_up[:, F:], 1, 2))
+  layer.down_proj[...] = jnp.asarray(np.swapaxes(hf.experts.down_proj.detach().numpy(), 1, 2))
+  x = np.random.default_rng(0).normal(size=(2, 5, cfg.d_model)).astype(np.float32)
+  with torch.no_grad():
+    out = hf(torch.from_numpy(x))
+  want = (out[0] if isinstance(out, tuple) else out).numpy()
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))[0]), want, atol=1e-4, rtol=1e-4)
