@@ -17,7 +17,8 @@ VOCAB = 61
 
 
 def tiny_model(scan_layers=True, seed=0, **kw):
-  cfg = ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+  kw.setdefault("num_layers", 2)
+  cfg = ModelConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
                     vocab_size=VOCAB, compute_dtype="float32", remat="none", init_std=0.3,
                     scan_layers=scan_layers, **kw)
   return Decoder(cfg, rngs=nnx.Rngs(seed))
@@ -49,6 +50,21 @@ def test_greedy_batched_equals_no_cache_argmax_path(scan_layers):
   got = sample.generate(model, PROMPTS, sample.SamplingConfig(max_new_tokens=6, temperature=0),
                         eos_id=None)
   assert got == [greedy_without_cache(model, p, 6) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("moe", [
+    dict(num_experts=4, experts_per_token=2),  # every layer MoE (Mixtral)
+    dict(num_experts=4, experts_per_token=2, num_layers=5, first_dense_layers=1,
+         moe_layer_interval=2),  # dense stack, then groups of (dense, MoE): nested scans
+], ids=["mixtral", "dense_then_groups"])
+def test_greedy_moe_decoding_equals_no_cache_argmax_path(moe, scan_layers):
+  """The KV caches of every stack (dense_blocks, MoE blocks, the dense blocks inside groups) are
+  extended: a cache left behind anywhere would change the continuation."""
+  model = tiny_model(scan_layers, **moe)
+  got = sample.generate(model, PROMPTS, sample.SamplingConfig(max_new_tokens=5, temperature=0),
+                        eos_id=None)
+  assert got == [greedy_without_cache(model, p, 5) for p in PROMPTS]
 
 
 def test_cached_logits_equal_full_forward_on_8_devices():
