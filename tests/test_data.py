@@ -321,3 +321,13 @@ def test_worker_processes_give_the_same_stream(tok):
     assert_batches_equal([next(resumed) for _ in range(2)], following)
   finally:
     resumed.close()
+
+
+def test_documents_are_framed_only_with_the_special_tokens_the_tokenizer_has():
+  from types import SimpleNamespace
+  from mai_jax.data.pipeline import Tokenize
+  encode = lambda text: [10 + ord(c) % 5 for c in text]  # noqa: E731
+  both = SimpleNamespace(bos_id=2, eos_id=3, encode=encode)
+  no_bos = SimpleNamespace(bos_id=-1, eos_id=3, encode=encode)
+  assert Tokenize(both).map("ab").tolist() == [2, *encode("ab"), 3]
+  assert Tokenize(no_bos).map("ab").tolist() == [*encode("ab"), 3]

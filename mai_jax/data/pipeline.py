@@ -70,14 +70,17 @@ READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 
 
 class Tokenize(grain.transforms.Map):
-  """text -> int32 [len(ids) + 2]: [bos] + ids + [eos]."""
+  """text -> int32 [len(ids) + 2]: [bos] + ids + [eos]. A tokenizer without one of them (id -1,
+  e.g. an imported HF tokenizer without a BOS token, evaluated with `mai-jax eval`) frames
+  documents with the one it has; training requires both (tokenizer._checked)."""
 
   def __init__(self, tokenizer: Tokenizer):
     self._tokenizer = tokenizer
+    self._bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    self._eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
 
   def map(self, text: str) -> np.ndarray:
-    tok = self._tokenizer
-    return np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
+    return np.asarray([*self._bos, *self._tokenizer.encode(text), *self._eos], dtype=np.int32)
 
 
 class ChunkAndShift(grain.experimental.FlatMapTransform):
