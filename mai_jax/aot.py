@@ -24,11 +24,22 @@ from mai_jax.train import step as step_lib
 from mai_jax.train.trainer import build_trainer
 
 
+def model_at_depth(model, num_layers: int):
+  """`model` with about `num_layers` layers of the same kinds: an MoE model keeps one of its first
+  dense layers (if it has any) and whole groups of moe_layer_interval layers (at least one)."""
+  if not model.num_experts:
+    return dataclasses.replace(model, num_layers=num_layers)
+  dense = min(model.first_dense_layers, 1)
+  k = model.moe_layer_interval
+  sparse = max((num_layers - dense) // k, 1) * k
+  return dataclasses.replace(model, num_layers=dense + sparse, first_dense_layers=dense)
+
+
 def reduced_config(cfg: Config, num_layers: int, num_devices: int,
                    full_num_devices: Optional[int]) -> Config:
   """`cfg` at `num_layers` depth, its mesh pattern scaled from `full_num_devices` to the devices at
   hand (None: the mesh already fits them)."""
-  small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=num_layers))
+  small = dataclasses.replace(cfg, model=model_at_depth(cfg.model, num_layers))
   if full_num_devices and full_num_devices != num_devices:
     small = config_lib.scaled_to_devices(small, num_devices, full_num_devices)
   config_lib.validate(small, num_devices)
@@ -106,8 +117,8 @@ def planned_flops_as_xla_counts(cfg: Config, num_devices: int) -> float:
   layers, and over microbatches) once, whatever its trip count. So the comparable figure is one
   block's FLOPs (with scan_layers) for one microbatch's tokens."""
   model = cfg.model
-  if model.scan_layers:
-    model = dataclasses.replace(model, num_layers=1)
+  if model.scan_layers:  # MoE: one body per stack (exact for moe_layer_interval <= 2)
+    model = model_at_depth(model, 1)
   train = dataclasses.replace(cfg.train,
                               global_batch_size=cfg.train.global_batch_size
                               // cfg.train.microbatches, microbatches=1)

@@ -213,3 +213,11 @@ def test_hardware_table_matches_the_config_choices():
   assert h100.hbm_bytes == 80e9 and h100.peak_bf16_flops == 989.4e12
   assert h100.peak_fp8_flops == pytest.approx(2 * h100.peak_bf16_flops, rel=1e-3)
   assert h100.internode_bandwidth == 50e9
+
+
+def test_reduced_depth_keeps_the_moe_layer_kinds():
+  moe = C.ModelConfig(num_layers=64, num_experts=8, first_dense_layers=2, moe_layer_interval=2)
+  small = aot.model_at_depth(moe, 2)
+  assert (small.num_layers, small.first_dense_layers) == (3, 1)  # one dense, one (dense, MoE) group
+  C.validate(C.Config(model=small))
+  assert aot.model_at_depth(C.ModelConfig(num_layers=80), 2).num_layers == 2
