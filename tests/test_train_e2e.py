@@ -40,6 +40,9 @@ def test_run_writes_the_workdir_contract(runs):
   for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s"):
     assert all(key in r for r in train_rows), key
   assert [r["step"] for r in train_rows] == list(range(1, 9))
+  # one row per logged step: the realized data mixture rides with the step's training metrics
+  assert all(r["data/tokens/stdlib"] > 0 for r in train_rows)
+  assert len([r for r in rows if "eval_loss" not in r]) == len(train_rows)
   assert any("eval_loss" in r for r in rows)
   assert "validation loss" in runs["out_first"]
 

@@ -114,6 +114,7 @@ class _Pending:
   metrics: dict
   position: int  # which batch of the data stream it trained on
   stop_vote: Optional[jax.Array]
+  data_metrics: dict  # realized mixture so far (host counters), logged with the step's metrics
 
 
 class _Run:
@@ -236,10 +237,11 @@ class _Run:
           batch, position = self._next_batch()
           state, step_metrics = train_step(state, batch)
           vote = self.vote.dispatch(stop.requested) if self.vote is not None else None
-          dispatched = _Pending(step + 1, step_metrics, position, vote)
-          if (step + 1) % cfg.train.log_every == 0 or step + 1 == num_steps:
-            self.writer.write(step + 1, self.data_metrics.scalars(
-                _sum_over_processes if jax.process_count() > 1 else None))
+          data_metrics = {}
+          if self._logs(step + 1):  # a collective with several processes: same steps on all
+            data_metrics = self.data_metrics.scalars(
+                _sum_over_processes if jax.process_count() > 1 else None)
+          dispatched = _Pending(step + 1, step_metrics, position, vote, data_metrics)
         if pending is not None:  # step N is queued: now read step N-1
           verdict, voted_stop = self._read(pending)
           stop_agreed = stop_agreed or voted_stop
@@ -313,12 +315,16 @@ class _Run:
       postfix["mfu"] = f"{utilization:.1%}" if utilization is not None else "n/a"
       self.progress.set_postfix(postfix, refresh=False)
       self.progress.update(1)
-    if verdict.bad or step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
-      self.writer.write(step, {**values, "tokens_per_sec": tokens_per_sec,
-                               "step_time_s": step_time, "mfu": utilization,
+    if verdict.bad or self._logs(step):
+      self.writer.write(step, {**values, **pending.data_metrics,
+                               "tokens_per_sec": tokens_per_sec, "step_time_s": step_time,
+                               "mfu": utilization,
                                "skipped_updates_total": self.monitor.skipped_updates,
                                "loss_spikes_total": self.monitor.spikes})
     return verdict, voted_stop
+
+  def _logs(self, step: int) -> bool:
+    return step % self.cfg.train.log_every == 0 or step == self.cfg.train.num_steps
 
   def close(self) -> None:
     if self.progress is not None:
