@@ -90,6 +90,11 @@ class ModelConfig:
   router_z_loss_weight: float = 0.0
   load_balance_loss_weight: float = 0.0
   router_bias_update_rate: float = 0.0
+  # Dropless expert parallelism: rows of each device's send buffer per destination device, as a
+  # multiple of the balanced load (local tokens x experts_per_token / expert devices); overflow is
+  # dropped and counted in moe/dropped_fraction. None: the exact worst case (ep x the balanced
+  # load). Capacity mode needs no bound: its buffers hold capacity_factor x the balanced load.
+  expert_buffer_factor: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +393,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_data_sources(d)
   _validate_plan_target(cfg)
   _validate_moe(m)
+  _validate_expert_buffer(m)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -592,6 +598,19 @@ def _validate_moe(m: ModelConfig) -> None:
   if m.router_bias_update_rate and m.router != "sigmoid_bias":
     raise ConfigError(f"model.router_bias_update_rate={m.router_bias_update_rate} needs "
                       f"model.router='sigmoid_bias' (only that router has a selection bias)")
+
+
+def _validate_expert_buffer(m: ModelConfig) -> None:
+  """expert_buffer_factor bounds the dropless expert-parallel buffers; nothing else."""
+  if m.expert_buffer_factor is None:
+    return
+  if m.expert_buffer_factor <= 0:
+    raise ConfigError(f"model.expert_buffer_factor={m.expert_buffer_factor} must be positive, or "
+                      f"None for exact (worst-case) dropless buffers")
+  if m.num_experts and m.capacity_factor is not None:
+    raise ConfigError(f"model.expert_buffer_factor={m.expert_buffer_factor} bounds dropless "
+                      f"buffers only; with model.capacity_factor={m.capacity_factor} the buffers "
+                      f"are capacity-bounded already: set one of them to None")
 
 
 def _validate_expert_mesh(cfg: Config, num_devices: int) -> None:

@@ -58,11 +58,15 @@ def moe_reference(layer, cfg, x_BTD):
                 np.asarray(layer.up_proj[...], np.float64),
                 np.asarray(layer.down_proj[...], np.float64))
   N, E, K = x.shape[0], cfg.num_experts, cfg.experts_per_token
-  cap = None if cfg.capacity_factor is None else int(np.ceil(cfg.capacity_factor * N * K / E))
-  used = np.zeros(E, int)
+  T = x_BTD.shape[1]
+  # Capacity per expert per sequence (row), filled in token order.
+  cap = (None if cfg.capacity_factor is None
+         else min(T, int(np.ceil(cfg.capacity_factor * T * K / E))))
   out = np.zeros_like(x)
   dropped = 0
   for n in range(N):
+    if n % T == 0:
+      used = np.zeros(E, int)
     logits = x[n] @ router
     if cfg.router == "softmax_topk":
       probs = np.exp(logits - logits.max())

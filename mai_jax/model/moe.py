@@ -1,23 +1,32 @@
 """Mixture-of-Experts feed-forward: routers, dropless/capacity grouped experts, expert parallelism.
 
-Computation (no per-expert loop, no one-hot einsum over all experts): every token's top-k
-(token, expert) assignments are sorted by expert, the gathered rows go through the expert SwiGLU as
-grouped matmuls (`jax.lax.ragged_dot`, one group per expert; on CPU, where jax lowers ragged_dot to
-a dense matmul against every expert, a scan over expert-padded row tiles instead), and the outputs
-are unsorted and summed with the routing weights. Capacity mode (`capacity_factor`) keeps at most
-C = ceil(capacity_factor * tokens * k / E) assignments per expert, in global token order (token n's
-slots before token n+1's), so drops are deterministic and identical with or without expert
-parallelism; dropped assignments contribute nothing (the residual carries the token).
+Dropless mode (capacity_factor None): every token's top-k (token, expert) assignments are sorted by
+expert, the gathered rows go through the expert SwiGLU as grouped matmuls (`jax.lax.ragged_dot`,
+one group per expert; on CPU, where jax lowers ragged_dot to a dense matmul against every expert, a
+scan over expert-padded row tiles instead), and the outputs are unsorted and summed with the routing
+weights.
+
+Capacity mode (`capacity_factor`, GShard / Switch "groups"): capacity is per expert and per group,
+and a group is one sequence (one row of the batch): C = ceil(capacity_factor * seq_len * k / E)
+(at most seq_len). Expert e's assignments from row b take the slots (e, b, 0..C-1) in token order
+(token t's before token t+1's) and later ones are dropped; dropped assignments contribute nothing
+(the residual carries the token). Rows are never split over devices, so the drops depend on the
+batch alone, not on the mesh, and expert parallelism computes exactly what one device does. The
+slots form a dense [E, rows x C, D] buffer (about capacity_factor x the assignments) that runs
+through the experts as one batched matmul per projection, padding slots included.
 
 Expert parallelism: when the 'experts' logical axis maps to mesh axes of size > 1, the dispatch runs
-inside `shard_map`: each device sorts its own tokens' assignments by destination device into a
-fixed-size buffer per destination, one all-to-all delivers them to the devices that hold the
-experts, the grouped matmuls run on the local experts, and a second all-to-all brings the results
-back. Weight shards along 'embed' (fsdp) are all-gathered inside and 'mlp' (tensor) shards give
-partial sums that are psum'ed, so EP composes with data/fsdp/tensor. The buffer per destination is
-sized for the worst case (every local assignment to one device: tokens * k rows, or E_local * C in
-capacity mode), which is exact but costs ep x the activation memory of the dispatch;
-`ragged_all_to_all` would remove that and is the next step for large runs.
+inside `shard_map`: each device builds a fixed-size buffer per destination device, one all-to-all
+delivers them to the devices that hold the experts, the experts run on the local buffer, and a
+second all-to-all brings the results back. Weight shards along 'embed' (fsdp) are all-gathered
+inside and 'mlp' (tensor) shards give partial sums that are psum'ed, so EP composes with
+data/fsdp/tensor. Buffer per destination: in capacity mode the destination's E / ep experts' slots
+for this device's rows (so the whole send buffer is ~capacity_factor x this device's assignments,
+whatever ep is); dropless, every local assignment could go to one device, so the exact buffer is
+this device's tokens x k rows per destination (ep x the balanced load) unless
+`model.expert_buffer_factor` bounds it to ceil(factor x tokens x k / ep) rows, the overflow (in
+token order) counted as dropped. `ragged_all_to_all` (variable-size exchange without padding) is
+the next step for dropless runs at scale.
 
 Routing math is float32. Aux outputs per layer: expert load (fraction of assignments per expert),
 dropped fraction, router z-loss (ST-MoE) and load-balancing loss (Switch / HF Mixtral).
@@ -67,12 +76,22 @@ def num_moe_layers(cfg: ModelConfig) -> int:
   return sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
 
 
-def capacity(cfg: ModelConfig, num_tokens: int) -> Optional[int]:
-  """Per-expert capacity for `num_tokens` routed together (None: dropless)."""
+def capacity(cfg: ModelConfig, seq_len: int) -> Optional[int]:
+  """Per-expert capacity of one group (one sequence of `seq_len` tokens); None: dropless. A token
+  picks an expert at most once, so more than seq_len slots could never fill."""
   if cfg.capacity_factor is None:
     return None
-  return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.experts_per_token
-                          / cfg.num_experts))
+  slots = math.ceil(cfg.capacity_factor * seq_len * cfg.experts_per_token / cfg.num_experts)
+  return min(seq_len, max(1, slots))
+
+
+def expert_buffer_rows(buffer_factor: Optional[float], assignments: int, ep: int) -> int:
+  """Dropless expert parallelism: rows of each destination's send buffer for `assignments` local
+  (token, expert) pairs: all of them (exact) or ceil(model.expert_buffer_factor x assignments /
+  ep)."""
+  if buffer_factor is None:
+    return assignments
+  return min(assignments, max(1, math.ceil(buffer_factor * assignments / ep)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +146,7 @@ def load_balance_loss(probs_NE: jax.Array, counts_E: jax.Array) -> jax.Array:
 # 'auto', 'ragged_dot' or 'tiled' (see _expert_ffn); a module setting so tests and benchmarks can
 # compare the two on one backend.
 EXPERT_FFN_IMPL = "auto"
+TILE_ROWS = 128  # rows per tile of the CPU tiled path
 
 
 def _expert_ffn(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
@@ -148,14 +168,22 @@ def _expert_ffn(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
   return jax.lax.ragged_dot(jax.nn.silu(gate_MF) * up_MF, w_down_EFD, group_sizes_E)
 
 
-def _expert_ffn_tiled(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int = 128):
+def tiled_rows(rows: int, num_groups: int, tile: int = TILE_ROWS) -> int:
+  """Rows of the CPU tiled path's padded buffer: `rows` split into `num_groups` groups, each padded
+  up to a multiple of `tile` (the planner sizes CPU buffers with it)."""
+  tile = max(1, min(tile, rows))
+  return -(-(rows + num_groups * (tile - 1)) // tile) * tile
+
+
+def _expert_ffn_tiled(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
+                      tile: int = TILE_ROWS):
   """Grouped SwiGLU by tiles: each group is padded to a multiple of `tile` rows (at most
-  M + E * (tile - 1) rows in all, a static bound), and a scan runs one [tile, D] x [D, F] matmul
-  chain per tile with that tile's expert weights (dynamic index, no weight gather)."""
+  M + E * (tile - 1) rows in all, a static bound: `tiled_rows`), and a scan runs one [tile, D] x
+  [D, F] matmul chain per tile with that tile's expert weights (dynamic index, no weight gather)."""
   M, D = x_MD.shape
   E = w_gate_EDF.shape[0]
   tile = max(1, min(tile, M))
-  num_tiles = -(-(M + E * (tile - 1)) // tile)
+  num_tiles = tiled_rows(M, E, tile) // tile
   padded_E = -(-group_sizes_E // tile) * tile
   pad_end_E = jnp.cumsum(padded_E)
   starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
@@ -170,13 +198,16 @@ def _expert_ffn_tiled(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, til
       jnp.searchsorted(pad_end_E, jnp.arange(num_tiles, dtype=jnp.int32) * tile, side="right"),
       E - 1)
 
-  def one_tile(args):
-    x_bD, e = args
+  # Rematerialized: otherwise the scan would save each tile's sliced expert weights w[e] for the
+  # backward, [num_tiles, D, F] per projection; this way the tile inputs are its only residuals.
+  @jax.checkpoint
+  def one_tile(x_bD, e):
     gate_bF = x_bD @ w_gate_EDF[e]
     up_bF = x_bD @ w_up_EDF[e]
     return (jax.nn.silu(gate_bF) * up_bF) @ w_down_EFD[e]
 
-  y_RD = jax.lax.map(one_tile, (x_RD.reshape(num_tiles, tile, D), tile_expert)).reshape(-1, D)
+  y_RD = jax.lax.map(lambda args: one_tile(*args),
+                     (x_RD.reshape(num_tiles, tile, D), tile_expert)).reshape(-1, D)
   y_MD = jnp.take(y_RD, jnp.minimum(dest_M, num_tiles * tile - 1), axis=0)
   return jnp.where(valid_M[:, None], y_MD, jnp.zeros((), y_MD.dtype))
 
@@ -189,18 +220,52 @@ def _sort_by(key_A: jax.Array, num_groups: int):
   return order_A, sizes[:num_groups]
 
 
-def _keep_within_capacity(experts_A, num_experts: int, cap: Optional[int], offset_E=None):
-  """Bool [A]: the assignment is among the first `cap` of its expert in assignment order (plus
-  `offset_E` assignments of each expert that come earlier on other devices)."""
-  if cap is None:
-    return jnp.ones(experts_A.shape, bool)
-  order_A, sizes_E = _sort_by(experts_A, num_experts)
-  starts_E = jnp.cumsum(sizes_E) - sizes_E
-  sorted_experts = experts_A[order_A]
-  rank_sorted = jnp.arange(experts_A.shape[0], dtype=jnp.int32) - starts_E[sorted_experts]
-  if offset_E is not None:
-    rank_sorted = rank_sorted + offset_E[sorted_experts]
-  return jnp.zeros(experts_A.shape, bool).at[order_A].set(rank_sorted < cap)
+def _rank_within_expert(experts_GA: jax.Array, num_experts: int) -> jax.Array:
+  """int32 [groups, A]: each assignment's rank among its group's assignments to the same expert, in
+  assignment (token) order."""
+  def one(experts_A):
+    order_A, sizes_E = _sort_by(experts_A, num_experts)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    rank_sorted = jnp.arange(experts_A.shape[0], dtype=jnp.int32) - starts_E[experts_A[order_A]]
+    return jnp.zeros_like(experts_A).at[order_A].set(rank_sorted)
+  return jax.vmap(one)(experts_GA)
+
+
+def capacity_slots(experts_BTK: jax.Array, num_experts: int, cap: int):
+  """Capacity slots (module docstring) of B rows' assignments -> (slot_A int32, keep_A bool).
+
+  slot_A indexes the flattened [E, B, cap] slot buffer (expert-major, so a contiguous block of
+  E / ep experts is one destination's buffer); dropped assignments get E * B * cap (out of range).
+  """
+  B, T, K = experts_BTK.shape
+  experts_BA = experts_BTK.reshape(B, T * K)
+  rank_BA = _rank_within_expert(experts_BA, num_experts)
+  keep_BA = rank_BA < cap
+  row_BA = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T * K))
+  slot_BA = jnp.where(keep_BA, (experts_BA * B + row_BA) * cap + rank_BA, num_experts * B * cap)
+  return slot_BA.reshape(-1), keep_BA.reshape(-1)
+
+
+def _fill_slots(x_ND: jax.Array, slot_A: jax.Array, num_slots: int, k: int) -> jax.Array:
+  """[num_slots, D]: each slot holds the token whose assignment took it, empty slots zeros (one
+  gather straight into the buffer, no [assignments, D] copy)."""
+  N = x_ND.shape[0]
+  token_S = jnp.full((num_slots,), N, jnp.int32).at[slot_A].set(
+      jnp.arange(slot_A.shape[0], dtype=jnp.int32) // k, mode="drop")
+  return jnp.take(x_ND, token_S, axis=0, mode="fill", fill_value=0)
+
+
+def _slot_ffn(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """SwiGLU of every expert on its capacity slots: one batched matmul per projection."""
+  gate_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w_gate_EDF)
+  up_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w_up_EDF)
+  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate_ECF) * up_ECF, w_down_EFD)
+
+
+def _read_slots(out_SD: jax.Array, slot_A: jax.Array) -> jax.Array:
+  """[assignments, D]: each assignment's expert output (dropped ones read a slot the combine
+  weights by zero)."""
+  return jnp.take(out_SD, jnp.minimum(slot_A, out_SD.shape[0] - 1), axis=0)
 
 
 def _combine(out_A_D, weights_NK, keep_NK, dtype):
@@ -211,20 +276,30 @@ def _combine(out_A_D, weights_NK, keep_NK, dtype):
   return jnp.einsum("nkd,nk->nd", out_NKD, w_NK).astype(dtype)
 
 
-def moe_local(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD,
+def moe_local(x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
               cap: Optional[int]):
-  """Single-program dispatch: sort assignments by expert, grouped matmuls, unsort, combine.
-  Returns (y_ND, dropped assignment count)."""
-  N, K = experts_NK.shape
+  """Single-program dispatch. Capacity mode: fill the [E, B * cap] slots, batched expert matmuls,
+  read back. Dropless: sort assignments by expert, grouped matmuls, unsort.
+  Returns (y_BTD, dropped assignment count)."""
+  B, T, D = x_BTD.shape
+  K = experts_BTK.shape[-1]
   E = w_gate_EDF.shape[0]
-  experts_A = experts_NK.reshape(-1)
-  keep_A = _keep_within_capacity(experts_A, E, cap)
-  order_A, sizes_E = _sort_by(jnp.where(keep_A, experts_A, E), E)
-  x_AD = x_ND[order_A // K]
-  out_sorted_AD = _expert_ffn(x_AD, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
-  inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0]))
-  y_ND = _combine(out_sorted_AD[inverse_A], weights_NK, keep_A.reshape(N, K), x_ND.dtype)
-  return y_ND, jnp.sum(~keep_A).astype(jnp.float32)
+  x_ND = x_BTD.reshape(B * T, D)
+  if cap is not None:
+    slot_A, keep_A = capacity_slots(experts_BTK, E, cap)
+    x_SD = _fill_slots(x_ND, slot_A, E * B * cap, K)
+    out_SD = _slot_ffn(x_SD.reshape(E, B * cap, D), w_gate_EDF, w_up_EDF,
+                       w_down_EFD).reshape(E * B * cap, D)
+    out_AD = _read_slots(out_SD, slot_A)
+  else:
+    experts_A = experts_BTK.reshape(-1)
+    keep_A = jnp.ones(experts_A.shape, bool)
+    order_A, sizes_E = _sort_by(experts_A, E)
+    out_sorted_AD = _expert_ffn(x_ND[order_A // K], sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0]))
+    out_AD = out_sorted_AD[inverse_A]
+  y_ND = _combine(out_AD, weights_BTK.reshape(B * T, K), keep_A.reshape(B * T, K), x_ND.dtype)
+  return y_ND.reshape(B, T, D), jnp.sum(~keep_A).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,39 +340,45 @@ def ep_layout(batch: int, w_gate_shape, w_down_shape) -> Optional[_EPLayout]:
 
 
 def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF,
-                        w_down_EFD, cap: Optional[int]):
-  """Expert-parallel dispatch (see the module docstring). Returns (y_BTD, dropped count)."""
+                        w_down_EFD, cap: Optional[int], buffer_factor: Optional[float] = None):
+  """Expert-parallel dispatch (see the module docstring). Returns (y_BTD, dropped count).
+
+  `buffer_factor` (model.expert_buffer_factor) bounds the dropless per-destination buffers."""
   ep, K = layout.ep, experts_BTK.shape[-1]
   E = w_gate_EDF.shape[0]
   E_loc = E // ep
   batch_spec = PartitionSpec(layout.x_spec[0])
 
-  def body(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down):
-    B, T, D = x_BTD.shape
-    x_ND = x_BTD.reshape(B * T, D)
+  def experts_capacity(x_ND, experts_BTK, w_gate, w_up, w_down):
+    """Send this device's [E, b, cap] slots; the buffer for destination d is its E_loc experts'."""
+    B, T, K = experts_BTK.shape
+    D = x_ND.shape[-1]
+    rows = E_loc * B * cap  # per destination
+    slot_A, keep_A = capacity_slots(experts_BTK, E, cap)
+    send_x = _fill_slots(x_ND, slot_A, ep * rows, K).reshape(ep, rows, D)
+    recv_x = jax.lax.all_to_all(send_x, layout.expert_axes, 0, 0, tiled=True)
+    # [source, E_loc, b cap, D] -> [E_loc, source x b cap, D]: each local expert's slots together.
+    x_ECD = recv_x.reshape(ep, E_loc, B * cap, D).transpose(1, 0, 2, 3).reshape(
+        E_loc, ep * B * cap, D)
+    out_ECD = _slot_ffn(x_ECD, w_gate, w_up, w_down)
+    if layout.mlp_axes:  # tensor: each shard holds a partial sum over its slice of d_ff
+      out_ECD = jax.lax.psum(out_ECD, layout.mlp_axes)
+    out = out_ECD.reshape(E_loc, ep, B * cap, D).transpose(1, 0, 2, 3).reshape(ep, rows, D)
+    back = jax.lax.all_to_all(out, layout.expert_axes, 0, 0, tiled=True)
+    return _read_slots(back.reshape(ep * rows, D), slot_A), keep_A
+
+  def experts_dropless(x_ND, experts_BTK, w_gate, w_up, w_down):
+    """Row r of destination d's buffer holds the r-th local assignment bound for device d; the
+    buffer has M rows (all local assignments, or fewer with buffer_factor: the rest overflow)."""
+    D = x_ND.shape[-1]
     experts_A = experts_BTK.reshape(-1)
     A = experts_A.shape[0]
-    if layout.embed_axes:  # fsdp: gather the weights' embed dim
-      w_gate = jax.lax.all_gather(w_gate, layout.embed_axes, axis=1, tiled=True)
-      w_up = jax.lax.all_gather(w_up, layout.embed_axes, axis=1, tiled=True)
-      w_down = jax.lax.all_gather(w_down, layout.embed_axes, axis=2, tiled=True)
-
-    offset_E = None
-    if cap is not None and layout.batch_axes:
-      # Assignments of each expert on earlier batch shards come first in global token order.
-      counts_SE = jax.lax.all_gather(expert_counts(experts_A, E), layout.batch_axes, tiled=False)
-      me = jax.lax.axis_index(layout.batch_axes)
-      earlier_S = jnp.arange(counts_SE.shape[0]) < me
-      offset_E = jnp.sum(jnp.where(earlier_S[:, None], counts_SE, 0.0), axis=0).astype(jnp.int32)
-    keep_A = _keep_within_capacity(experts_A, E, cap, offset_E)
-
-    # Send buffer: row r of destination d holds the r-th kept assignment bound for device d.
-    M = A if cap is None else min(A, E_loc * cap)
-    dest_A = jnp.where(keep_A, experts_A // E_loc, ep)
-    order_A, dest_sizes = _sort_by(dest_A, ep)
-    dest_sorted = dest_A[order_A]
+    M = expert_buffer_rows(buffer_factor, A, ep)
+    order_A, dest_sizes = _sort_by(experts_A // E_loc, ep)
+    dest_sorted = experts_A[order_A] // E_loc
     starts = jnp.cumsum(dest_sizes) - dest_sizes
-    rank_sorted = jnp.arange(A, dtype=jnp.int32) - starts[jnp.minimum(dest_sorted, ep - 1)]
+    rank_sorted = jnp.arange(A, dtype=jnp.int32) - starts[dest_sorted]
+    keep_A = jnp.zeros((A,), bool).at[order_A].set(rank_sorted < M)
     send_x = jnp.zeros((ep, M, D), x_ND.dtype).at[dest_sorted, rank_sorted].set(
         x_ND[order_A // K], mode="drop")
     send_e = jnp.full((ep, M), E_loc, jnp.int32).at[dest_sorted, rank_sorted].set(
@@ -313,11 +394,20 @@ def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_ga
       out_sorted = jax.lax.psum(out_sorted, layout.mlp_axes)
     out = jnp.zeros_like(out_sorted).at[recv_order].set(out_sorted).reshape(ep, M, D)
     back = jax.lax.all_to_all(out, layout.expert_axes, 0, 0, tiled=True)
-
-    out_sorted_AD = back[jnp.minimum(dest_sorted, ep - 1), jnp.minimum(rank_sorted, M - 1)]
+    out_sorted_AD = back[dest_sorted, jnp.minimum(rank_sorted, M - 1)]
     inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(A))
-    y_ND = _combine(out_sorted_AD[inverse_A], weights_BTK.reshape(B * T, K),
-                    keep_A.reshape(B * T, K), x_ND.dtype)
+    return out_sorted_AD[inverse_A], keep_A
+
+  def body(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down):
+    B, T, D = x_BTD.shape
+    x_ND = x_BTD.reshape(B * T, D)
+    if layout.embed_axes:  # fsdp: gather the weights' embed dim
+      w_gate = jax.lax.all_gather(w_gate, layout.embed_axes, axis=1, tiled=True)
+      w_up = jax.lax.all_gather(w_up, layout.embed_axes, axis=1, tiled=True)
+      w_down = jax.lax.all_gather(w_down, layout.embed_axes, axis=2, tiled=True)
+    experts_fn = experts_dropless if cap is None else experts_capacity
+    out_AD, keep_A = experts_fn(x_ND, experts_BTK, w_gate, w_up, w_down)
+    y_ND = _combine(out_AD, weights_BTK.reshape(B * T, K), keep_A.reshape(B * T, K), x_ND.dtype)
     dropped = jnp.sum(~keep_A).astype(jnp.float32)[None]
     return y_ND.reshape(B, T, D), dropped
 
@@ -368,19 +458,17 @@ class MoE(nnx.Module):
     if cfg.router == "sigmoid_bias":
       bias_E = jax.lax.stop_gradient(self.router_bias[...])
     experts_NK, weights_NK, probs_NE = route(logits_NE, K, cfg.router, bias_E)
-    cap = capacity(cfg, B * T)
+    cap = capacity(cfg, T)
     w_gate, w_up, w_down = (self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt),
                             self.down_proj[...].astype(dt))
     x_BTD = x_BTD.astype(dt)
     layout = ep_layout(B, w_gate.shape, w_down.shape)
+    experts_BTK, weights_BTK = experts_NK.reshape(B, T, K), weights_NK.reshape(B, T, K)
     if layout is None:
-      y_ND, dropped = moe_local(x_BTD.reshape(B * T, D), experts_NK, weights_NK, w_gate, w_up,
-                                w_down, cap)
-      y_BTD = y_ND.reshape(B, T, D)
+      y_BTD, dropped = moe_local(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down, cap)
     else:
-      y_BTD, dropped = moe_expert_parallel(layout, x_BTD, experts_NK.reshape(B, T, K),
-                                           weights_NK.reshape(B, T, K), w_gate, w_up, w_down,
-                                           cap)
+      y_BTD, dropped = moe_expert_parallel(layout, x_BTD, experts_BTK, weights_BTK, w_gate, w_up,
+                                           w_down, cap, cfg.expert_buffer_factor)
     if cfg.num_shared_experts:
       y_BTD = y_BTD + self.shared(x_BTD)
     counts_E = expert_counts(experts_NK, E)
