@@ -20,6 +20,7 @@ from mai_jax import config as config_lib
 from mai_jax import plan as plan_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import Config
+from mai_jax.model import moe as moe_lib
 from mai_jax.train import step as step_lib
 from mai_jax.train.trainer import build_trainer
 
@@ -78,14 +79,16 @@ def compile_check(cfg: Config, num_layers: int, full_num_devices: Optional[int],
   FLOPs and memory next to the planner's figures for the same reduced config and mesh.
 
   The planner side uses the 'xla' attention memory model (CPU has no flash kernel), no GPU
-  workspace and, on CPU, float32 activations (as_this_backend); planner FLOPs are per device:
+  workspace, the MoE grouped-matmul path this backend takes (CPU: tiled, with its padded rows)
+  and, on CPU, float32 activations (as_this_backend); planner FLOPs are per device:
   tokens x (model + recompute FLOPs) / devices.
   """
   devices = list(devices) if devices is not None else jax.devices()
   small = reduced_config(cfg, num_layers, len(devices), full_num_devices)
   compiled = compile_train_step(small, devices)
   layout = plan_lib.layout_of(small, len(devices))
-  memory = plan_lib.memory_per_device(as_this_backend(small), layout, attention="xla", workspace=0)
+  memory = plan_lib.memory_per_device(as_this_backend(small), layout, attention="xla", workspace=0,
+                                      expert_ffn=moe_lib.expert_ffn_impl())
   return {"num_layers": num_layers, "num_devices": len(devices), "mesh": dict(layout.mesh),
           "global_batch_size": small.train.global_batch_size, "seq_len": small.data.seq_len,
           "remat": layout.remat, "microbatches": layout.microbatches,

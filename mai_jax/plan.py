@@ -104,9 +104,18 @@ def _abstract_params(model: ModelConfig):
   out = []
   for (path, leaf), spec in zip(leaves, specs, strict=True):
     names = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
-    in_block = any(getattr(k, "key", None) == "blocks" for k in path)
-    out.append((tuple(leaf.shape), names, in_block))
+    out.append((tuple(leaf.shape), names, _block_unit(path)))
   return tuple(out)
+
+
+def _block_unit(path) -> Optional[tuple]:
+  """The repeated unit a parameter belongs to: (stack,) for a scanned stack (its leading dim counts
+  the units: blocks, or groups of blocks with moe_layer_interval > 1), (stack, i) for block i of an
+  unscanned list, None outside the blocks (embeddings, final norm)."""
+  keys = [getattr(k, "key", None) for k in path]
+  if keys[0] not in ("blocks", "dense_blocks"):
+    return None
+  return (keys[0], keys[1]) if isinstance(keys[1], int) else (keys[0],)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +124,9 @@ class ParamShards:
   per_device: int  # elements of all parameter shards on one device
   fsdp_gathered: int  # elements the fsdp-sharded leaves have on one device once all-gathered
   fsdp_sharded: int  # elements (per device) of the leaves that are sharded over fsdp
-  per_layer_gathered: int  # one block's gathered elements (the transient during its matmuls)
+  # the largest repeated unit's (block, or MoE group) gathered elements: the transient during its
+  # matmuls (with MoE, the MoE blocks' local experts outweigh a dense block)
+  per_layer_gathered: int
 
 
 def param_shards(cfg: Config, layout: Layout) -> ParamShards:
@@ -123,8 +134,9 @@ def param_shards(cfg: Config, layout: Layout) -> ParamShards:
   from jax.sharding import AbstractMesh
   from mai_jax.sharding import logical_to_spec
   mesh = AbstractMesh(tuple(s for _, s in layout.mesh), tuple(a for a, _ in layout.mesh))
-  per_device = gathered = sharded = layer = 0
-  for shape, names, in_block in _abstract_params(cfg.model):
+  per_device = gathered = sharded = 0
+  unit_elems: dict[tuple, float] = {}
+  for shape, names, unit in _abstract_params(cfg.model):
     spec = logical_to_spec(names, cfg.mesh.rules, mesh, shape)
     axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
     elems = math.prod(shape) // math.prod(layout.size(a) for a in axes)
@@ -133,9 +145,10 @@ def param_shards(cfg: Config, layout: Layout) -> ParamShards:
     if fsdp > 1:
       gathered += elems * fsdp
       sharded += elems
-    if in_block:
-      layer += elems * fsdp
-  return ParamShards(per_device, gathered, sharded, layer // cfg.model.num_layers)
+    if unit is not None:
+      units = shape[0] if len(unit) == 1 else 1  # a scanned stack's leading dim
+      unit_elems[unit] = unit_elems.get(unit, 0) + elems * fsdp / units
+  return ParamShards(per_device, gathered, sharded, int(max(unit_elems.values(), default=0)))
 
 
 def flops_per_token(cfg: Config) -> float:
@@ -177,7 +190,8 @@ def rows_per_device(cfg: Config, layout: Layout) -> int:
   return per_micro // shards
 
 
-def layer_activation_bytes(cfg: Config, layout: Layout, attention: str) -> dict[str, float]:
+def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
+                           d_ff: Optional[float] = None) -> dict[str, float]:
   """Bytes one block keeps for its backward pass on one device, per remat policy.
 
   Korthikanti et al. 2022 (34 s b h + 5 a s^2 b for GPT) adapted to this model's ops, with
@@ -188,12 +202,15 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str) -> dict[
     carry: n c D                                    (the residual stream between blocks)
   attention core: 'flash' keeps a float32 log-sum-exp per head; 'xla' materializes the float32
   logits and probabilities [b, H/t, T, T] and the boolean causal/document masks [b, T, T].
+  F is `d_ff` (default: ffn_width, the average over the layers); an MoE block passes the shared
+  experts' width and adds moe_layer_bytes for the routed experts.
   """
   m, c, t = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype], layout.size("tensor")
   T = cfg.data.seq_len
   rows = rows_per_device(cfg, layout)
   n = rows * T
-  D, H, KV, K, F = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, ffn_width(m)
+  D, H, KV, K = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
+  F = ffn_width(m) if d_ff is None else d_ff
   Ht = H // t if H % t == 0 else H
   if attention == "flash":
     core = n * Ht * 4
@@ -207,16 +224,101 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str) -> dict[
   }
 
 
-def activation_bytes(cfg: Config, layout: Layout, attention: str) -> float:
-  """Activations alive at the peak (start of the backward pass) on one device."""
-  per = layer_activation_bytes(cfg, layout, attention)
-  L = cfg.model.num_layers
-  if layout.remat == "none":
-    blocks = L * per["none"]
-  elif layout.remat == "dots":
-    blocks = L * (per["carry"] + per["dots"]) + per["core"]
+def moe_buffer_rows(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot") -> dict[str, int]:
+  """Rows of one MoE layer's expert buffers on one device (model/moe.py), per microbatch.
+
+  assignments A = n k. capacity mode: the [E, b, C] slots, R = E b C (~capacity_factor x A,
+  whatever the expert-parallel size). dropless with expert parallelism: ep destination buffers of
+  M = A rows (or ceil(expert_buffer_factor A / ep)), R = ep M; dropless on one device: R = A.
+  expert_ffn 'tiled' (the CPU path, dropless only) also pads every local expert's group to a tile:
+  padded = R + E_local (tile - 1), rounded up to a tile.
+  """
+  from mai_jax.model import moe as moe_lib
+  m = cfg.model
+  b, T = rows_per_device(cfg, layout), cfg.data.seq_len
+  A = b * T * m.experts_per_token
+  ep = math.prod(layout.size(a) for a in dict(cfg.mesh.rules).get("experts", ()))
+  cap = moe_lib.capacity(m, T)
+  if cap is not None:
+    return {"assignments": A, "rows": m.num_experts * b * cap,
+            "padded": m.num_experts * b * cap}
+  rows = ep * moe_lib.expert_buffer_rows(m.expert_buffer_factor, A, ep) if ep > 1 else A
+  padded = moe_lib.tiled_rows(rows, m.num_experts // ep) if expert_ffn == "tiled" else rows
+  return {"assignments": A, "rows": rows, "padded": padded}
+
+
+def moe_layer_bytes(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot") -> dict[str, float]:
+  """Bytes of one MoE layer's routed experts on one device (the dense part of the block, attention
+  and shared experts, is layer_activation_bytes with the shared width), c bytes per element,
+  R rows (moe_buffer_rows), F_e = d_ff_expert / t:
+    saved (what the layer keeps for its backward without remat):
+        R c (D + 3 F_e) + A c D + 8 n E
+        (expert input rows, gate, up and silu(gate) * up, the A expert outputs the combine
+        weights, float32 router logits and probabilities); the CPU tiled path rematerializes each
+        tile and keeps its padded input rows instead of gate/up: (R + padded) c D + A c D + 8 n E.
+        With expert parallelism over fsdp-sharded experts, the shard_map's all-gathered expert
+        weights are residuals too (remat none only: E_local 3 D F_e c).
+    live: on top while the layer runs (calibrated on the CPU compile of mai1_500b:moe at 2
+        layers, within 10%): capacity mode R c D (the all-to-all's second copy of the slots);
+        dropless 6 R c D (send, received, expert-sorted, output, unsorted output and returned
+        buffers are all [R, D]) plus, on the tiled path, 2 padded c D (its padded input and
+        output).
+    dots: 8 n E (the router's dot has no batch dims; the expert matmuls are batched or ragged,
+        which dots_with_no_batch_dims_saveable does not save: the layer is recomputed).
+  """
+  from mai_jax.model.moe import expert_d_ff
+  m, c, t = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype], layout.size("tensor")
+  D, Fe, E = m.d_model, expert_d_ff(m) / t, m.num_experts
+  n = rows_per_device(cfg, layout) * cfg.data.seq_len
+  rows = moe_buffer_rows(cfg, layout, expert_ffn)
+  R, A = rows["rows"], rows["assignments"]
+  router = 8 * n * E
+  if m.capacity_factor is not None:
+    saved, live = R * c * (D + 3 * Fe) + A * c * D + router, R * c * D
+  elif expert_ffn == "tiled":
+    saved = (R + rows["padded"]) * c * D + A * c * D + router
+    live = 6 * R * c * D + 2 * rows["padded"] * c * D
   else:
-    blocks = L * per["carry"] + per["none"]
+    saved, live = R * c * (D + 3 * Fe) + A * c * D + router, 6 * R * c * D
+  rules = dict(cfg.mesh.rules)
+  ep = math.prod(layout.size(a) for a in rules.get("experts", ()))
+  fsdp_experts = math.prod(layout.size(a) for a in rules.get("embed", ())) > 1
+  gathered = E // ep * 3 * D * Fe * c if ep > 1 and fsdp_experts else 0.0
+  return {"saved": saved, "live": live, "dots": router, "gathered_weights": gathered}
+
+
+def activation_bytes(cfg: Config, layout: Layout, attention: str,
+                     expert_ffn: str = "ragged_dot") -> float:
+  """Activations alive at the peak (start of the backward pass) on one device.
+
+  MoE models: the dense blocks and the MoE blocks (attention + shared experts, plus
+  moe_layer_bytes for the routed experts) are counted separately; with full remat the peak is the
+  larger of one recomputed dense block and one recomputed MoE block."""
+  m = cfg.model
+  L = m.num_layers
+  per = layer_activation_bytes(cfg, layout, attention, None if not is_moe(m) else m.d_ff)
+  if not is_moe(m):
+    if layout.remat == "none":
+      blocks = L * per["none"]
+    elif layout.remat == "dots":
+      blocks = L * (per["carry"] + per["dots"]) + per["core"]
+    else:
+      blocks = L * per["carry"] + per["none"]
+    return blocks + logits_bytes(cfg, layout)
+  from mai_jax.model.moe import expert_d_ff, num_moe_layers
+  L_moe = num_moe_layers(m)
+  sparse = layer_activation_bytes(cfg, layout, attention, m.num_shared_experts * expert_d_ff(m))
+  moe = moe_layer_bytes(cfg, layout, expert_ffn)
+  moe_block = sparse["none"] + moe["saved"]
+  if layout.remat == "none":
+    blocks = ((L - L_moe) * per["none"] + L_moe * (moe_block + moe["gathered_weights"])
+              + moe["live"])
+  elif layout.remat == "dots":
+    blocks = ((L - L_moe) * (per["carry"] + per["dots"])
+              + L_moe * (sparse["carry"] + sparse["dots"] + moe["dots"])
+              + sparse["core"] + moe["saved"] + moe["live"])
+  else:
+    blocks = L * per["carry"] + max(per["none"], moe_block + moe["live"])
   return blocks + logits_bytes(cfg, layout)
 
 
@@ -227,7 +329,8 @@ def logits_bytes(cfg: Config, layout: Layout) -> float:
 
 
 def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
-                      workspace: int = WORKSPACE_BYTES) -> dict[str, int]:
+                      workspace: int = WORKSPACE_BYTES,
+                      expert_ffn: str = "ragged_dot") -> dict[str, int]:
   """Bytes per device by kind; 'total' is their sum.
 
   params, grads, optimizer: exact shard sizes x dtype. The step keeps gradients in the parameter
@@ -235,7 +338,10 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
   parameter dtype (mu_dtype=None). master_params is 0: this codebase has no separate master copy,
   a float32 param_dtype *is* the master and bfloat16 params are updated in place.
   temporaries: two blocks' gathered weights in the compute dtype (the one in use and the one being
-  prefetched) plus one block's unreduced weight gradient, and `workspace`.
+  prefetched) plus one block's unreduced weight gradient, and `workspace`; the largest block
+  (an MoE block's local experts) sets the size.
+  activations: activation_bytes; `expert_ffn` is the grouped-matmul path the MoE layers take
+  ('ragged_dot' on GPU, 'tiled' on CPU: model/moe.py).
   batch: this device's rows of the step's int32 batch arrays.
   """
   shards = param_shards(cfg, layout)
@@ -248,7 +354,7 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
       "grads": shards.per_device * grad_bytes,
       "optimizer": 2 * shards.per_device * p,
       "master_params": 0,
-      "activations": int(activation_bytes(cfg, layout, attention)),
+      "activations": int(activation_bytes(cfg, layout, attention, expert_ffn)),
       "temporaries": int(3 * shards.per_layer_gathered * c + workspace),
       # inputs, targets, segment_ids, positions: int32 [rows, T] per microbatch
       "batch": 4 * 4 * rows_per_device(cfg, layout) * layout.microbatches * cfg.data.seq_len,
@@ -323,15 +429,15 @@ def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
   """Expert-parallel all-to-all (bytes, calls, overlapped) per step on one device.
 
   Per MoE layer and microbatch: dispatch + combine in the forward, the same two in the backward,
-  two more for the full-remat recompute; each moves this device's n tokens x experts_per_token
-  (x capacity_factor, the padded buffers) x D in the compute dtype, of which (e-1)/e leave the
-  device. On the critical path (the experts wait for their tokens).
+  two more for the full-remat recompute; each moves this device's whole send buffer, R rows
+  (moe_buffer_rows: ~capacity_factor x n x experts_per_token in capacity mode, ep x that without
+  expert_buffer_factor when dropless: padding travels too) x D in the compute dtype, of which
+  (e-1)/e leave the device. On the critical path (the experts wait for their tokens).
   """
   from mai_jax.model.moe import num_moe_layers
   m, e = cfg.model, layout.size("expert")
   c = DTYPE_BYTES[m.compute_dtype]
-  n_tokens = rows_per_device(cfg, layout) * cfg.data.seq_len
-  per_call = n_tokens * m.experts_per_token * (m.capacity_factor or 1.0) * m.d_model * c
+  per_call = moe_buffer_rows(cfg, layout)["rows"] * m.d_model * c
   calls = (6 if layout.remat == "full" else 4) * num_moe_layers(m) * layout.microbatches
   return calls * per_call * (e - 1) / e, calls, False
 

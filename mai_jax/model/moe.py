@@ -149,6 +149,14 @@ EXPERT_FFN_IMPL = "auto"
 TILE_ROWS = 128  # rows per tile of the CPU tiled path
 
 
+def expert_ffn_impl() -> str:
+  """The grouped-matmul path dropless layers take here: EXPERT_FFN_IMPL, 'auto' resolved by
+  backend."""
+  if EXPERT_FFN_IMPL != "auto":
+    return EXPERT_FFN_IMPL
+  return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
 def _expert_ffn(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
                 impl: Optional[str] = None):
   """SwiGLU per expert group on expert-sorted rows (rows past sum(group_sizes) come out zero).
@@ -158,9 +166,7 @@ def _expert_ffn(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
   matmuls; used on CPU, where jax lowers ragged_dot to a dense matmul against every expert
   followed by a mask (E times the FLOPs). 'auto' picks by backend.
   """
-  impl = impl or EXPERT_FFN_IMPL
-  if impl == "auto":
-    impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  impl = impl or expert_ffn_impl()
   if impl == "tiled":
     return _expert_ffn_tiled(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
   gate_MF = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E)
