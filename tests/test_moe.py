@@ -4,6 +4,7 @@ and a CLI run."""
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,10 @@ def swiglu(x, w_gate, w_up, w_down):
   return ((g / (1 + np.exp(-g))) * (x @ w_up)) @ w_down
 
 
-def moe_reference(layer, cfg, x_BTD):
+def moe_reference(layer, cfg, x_BTD, shards=1, ep=1):
+  """Per-token loop. Dropless with cfg.expert_buffer_factor: the batch is `shards` contiguous row
+  chunks (one per device), and each chunk sends at most ceil(factor x its assignments / ep) of its
+  assignments (in token order) to each of the `ep` expert devices (experts split evenly)."""
   x = np.asarray(x_BTD, np.float64).reshape(-1, cfg.d_model)
   router = np.asarray(layer.router[...], np.float64)
   wg, wu, wd = (np.asarray(layer.gate_proj[...], np.float64),
@@ -64,9 +68,15 @@ def moe_reference(layer, cfg, x_BTD):
          else min(T, int(np.ceil(cfg.capacity_factor * T * K / E))))
   out = np.zeros_like(x)
   dropped = 0
+  chunk = N // shards
+  bound = None
+  if cfg.expert_buffer_factor is not None:
+    bound = min(chunk * K, int(np.ceil(cfg.expert_buffer_factor * chunk * K / ep)))
   for n in range(N):
     if n % T == 0:
       used = np.zeros(E, int)
+    if n % chunk == 0:
+      sent = np.zeros(ep, int)
     logits = x[n] @ router
     if cfg.router == "softmax_topk":
       probs = np.exp(logits - logits.max())
@@ -82,7 +92,12 @@ def moe_reference(layer, cfg, x_BTD):
       if cap is not None and used[e] >= cap:
         dropped += 1
         continue
+      dest = e // (E // ep)
+      if bound is not None and sent[dest] >= bound:
+        dropped += 1
+        continue
       used[e] += 1
+      sent[dest] += 1
       out[n] += w * swiglu(x[n], wg[e], wu[e], wd[e])
   if cfg.num_shared_experts:
     out += swiglu(x, np.asarray(layer.shared.gate_proj[...]), np.asarray(layer.shared.up_proj[...]),
@@ -155,12 +170,66 @@ def test_expert_parallel_equals_single_device(mesh_cfg, kw, impl, monkeypatch):
   with S.activate(mesh, mesh_cfg.rules):
     (_, (y1, drop1)), (g1, gx1) = jax.jit(grad_fn)(state, x_BTD)
   assert used == [mesh_cfg.expert]  # the all-to-all path really ran
+  if cfg.capacity_factor is not None:
+    assert float(drop0) > 0  # the case really exercises dropping
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=1e-5)
   assert float(drop1) == float(drop0)
   np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=1e-5, rtol=1e-5)
   for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
     np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-5, rtol=1e-4,
                                err_msg=str(path))
+
+
+@pytest.mark.parametrize("mesh_cfg,factor", [
+    (C.MeshConfig(data=1, fsdp=1, expert=8, tensor=1), 2.0),
+    (C.MeshConfig(data=2, fsdp=1, expert=2, tensor=2), 0.6),
+], ids=["ep8-factor2", "ep2-factor0.6"])
+def test_expert_buffer_factor_drops_overflow_like_the_reference(mesh_cfg, factor, monkeypatch):
+  """Dropless EP with bounded buffers: each device sends at most ceil(factor x its assignments /
+  ep) rows to each expert device; the overflow (in token order) is dropped and counted."""
+  monkeypatch.setattr(moe_lib, "EXPERT_FFN_IMPL", "tiled")
+  cfg = moe_cfg(router="softmax_topk", expert_buffer_factor=factor)
+  layer = make_moe(cfg)
+  x_BTD = jax.random.normal(jax.random.key(5), (8, 6, cfg.d_model))
+  shards = math.prod(getattr(mesh_cfg, a) for a in ("data", "fsdp", "expert"))
+  want, want_dropped = moe_reference(layer, cfg, x_BTD, shards=shards, ep=mesh_cfg.expert)
+  assert want_dropped > 0  # the bound really binds
+  mesh = S.make_mesh(mesh_cfg)
+  with S.activate(mesh, mesh_cfg.rules):
+    y_BTD, aux = jax.jit(lambda x: layer(x))(x_BTD)
+  np.testing.assert_allclose(np.asarray(y_BTD), want, atol=2e-5, rtol=2e-5)
+  assert float(aux["dropped_fraction"]) == pytest.approx(want_dropped)
+
+
+def _all_to_all_shapes(jaxpr) -> list:
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "all_to_all":
+      shapes.append(eqn.invars[0].aval.shape)
+    for value in eqn.params.values():  # shard_map / pjit / checkpoint bodies
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          shapes += _all_to_all_shapes(inner)
+  return shapes
+
+
+@pytest.mark.parametrize("ep", [2, 8])
+def test_capacity_send_buffer_is_capacity_factor_times_local_assignments(ep):
+  """The all-to-all moves each device's [E, rows, C] slots: E rows C = ~capacity_factor x its
+  tokens x k rows whatever ep is (not ep x them, as worst-case buffers would be)."""
+  cfg = moe_cfg(capacity_factor=1.25, num_experts=8, experts_per_token=2)
+  layer = make_moe(cfg)
+  B, T = 8, 16
+  mesh_cfg = C.MeshConfig(data=8 // ep, fsdp=1, expert=ep, tensor=1)
+  with S.activate(S.make_mesh(mesh_cfg), mesh_cfg.rules):
+    jaxpr = jax.make_jaxpr(lambda x: layer(x))(jnp.zeros((B, T, cfg.d_model)))
+  shapes = set(_all_to_all_shapes(jaxpr.jaxpr))
+  cap = moe_lib.capacity(cfg, T)
+  assert cap == 5  # ceil(1.25 x 16 x 2 / 8)
+  rows_per_device = B // 8
+  assert shapes == {(ep, cfg.num_experts // ep * rows_per_device * cap, cfg.d_model)}
+  assert ep * cfg.num_experts // ep * rows_per_device * cap == 40  # 1.25 x 16 tokens x 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,6 +369,9 @@ def test_mixtral_8x7b_counts():
     (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be positive, or None"),
     (dict(router="topk"), r"model.router='topk' is not one of"),
     (dict(router_bias_update_rate=0.1), r"needs model.router='sigmoid_bias'"),
+    (dict(expert_buffer_factor=0.0), r"model.expert_buffer_factor=0.0 must be positive"),
+    (dict(expert_buffer_factor=1.5, capacity_factor=1.0),
+     r"model.expert_buffer_factor=1.5 bounds dropless buffers only"),
 ])
 def test_bad_moe_config_is_a_clear_error(kw, match):
   with pytest.raises(C.ConfigError, match=match):

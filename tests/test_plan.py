@@ -1,6 +1,7 @@
 """The planner: FLOPs against a hand computation, shard sizes against the trainer's real
 shardings, memory against XLA's compiled memory analysis, communication by hand, and the CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -221,3 +222,75 @@ def test_reduced_depth_keeps_the_moe_layer_kinds():
   assert (small.num_layers, small.first_dense_layers) == (3, 1)  # one dense, one (dense, MoE) group
   C.validate(C.Config(model=small))
   assert aot.model_at_depth(C.ModelConfig(num_layers=80), 2).num_layers == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE memory: the expert-parallel buffers
+
+
+SMALL_MOE = {"model.num_experts": "8", "model.experts_per_token": "2", "model.d_ff_expert": "512",
+             "model.num_shared_experts": "1", "mesh.data": "1", "mesh.fsdp": "2",
+             "mesh.expert": "4", "mesh.tensor": "1", "train.global_batch_size": "8",
+             "data.seq_len": "512"}
+
+
+@pytest.mark.parametrize("extra", [
+    {"model.capacity_factor": "1.25"},
+    {"model.capacity_factor": "None"},
+    {"model.capacity_factor": "None", "model.expert_buffer_factor": "1.5"},
+], ids=["capacity", "dropless", "dropless-bounded"])
+def test_moe_memory_model_against_memory_analysis(extra):
+  """An MoE step with expert parallelism (expert=4 x fsdp=2): the planned total is within 20% of
+  the compiled step's memory (on CPU: the tiled grouped matmul's padded rows in dropless mode)."""
+  cfg = small_moe_cfg(**extra)
+  check = aot.compile_check(cfg, 2, None)
+  compiled, mem = check["compiled"], check["planned"]["memory_per_device_bytes"]
+  assert 0 <= compiled["argument_bytes"] - (mem["params"] + mem["optimizer"] + mem["batch"]) < 64
+  assert mem["total"] == pytest.approx(compiled["peak_bytes"], rel=0.2)
+
+
+def small_moe_cfg(**extra):
+  return small_cfg(**{**SMALL_MOE, **extra})
+
+
+@pytest.mark.parametrize("extra", [
+    {"model.capacity_factor": "1.25"},
+    {"model.capacity_factor": "None"},
+    {"model.capacity_factor": "None", "model.expert_buffer_factor": "1.5"},
+], ids=["capacity", "dropless", "dropless-bounded"])
+def test_moe_memory_model_against_memory_analysis(extra):
+  """An MoE step with expert parallelism (expert=4 x fsdp=2): the planned total is within 20% of
+  the compiled step's memory (on CPU: the tiled grouped matmul's padded rows in dropless mode)."""
+  cfg = small_moe_cfg(**extra)
+  check = aot.compile_check(cfg, 2, None)
+  compiled, mem = check["compiled"], check["planned"]["memory_per_device_bytes"]
+  assert 0 <= compiled["argument_bytes"] - (mem["params"] + mem["optimizer"] + mem["batch"]) < 64
+  assert mem["total"] == pytest.approx(compiled["peak_bytes"], rel=0.2)
+
+
+def small_moe_cfg(**extra):
+  return small_cfg(**{**SMALL_MOE, **extra})
+
+
+def _ep8_temp_bytes(capacity_factor: str) -> int:
+  cfg = small_moe_cfg(**{"mesh.fsdp": "1", "mesh.expert": "8",
+                         "model.capacity_factor": capacity_factor})
+  return aot.compiled_figures(aot.compile_train_step(cfg))["temp_bytes"]
+
+
+def test_moe_planned_buffer_rows_scale_with_capacity_factor_not_ep():
+  """Capacity mode: the per-destination buffer holds E / ep experts' slots of this device's rows,
+  so the whole buffer is capacity_factor x the local assignments at any ep (tests/test_moe.py
+  checks the traced all-to-all shapes); exact dropless buffers are ep x the assignments."""
+  cfg = small_moe_cfg(**{"model.capacity_factor": "1.25"})
+  A = 1 * 512 * 2  # rows per device x seq x k
+  for expert in (2, 4, 8):
+    layout = dataclasses.replace(P.layout_of(cfg, 8), mesh=(("data", 8 // expert), ("fsdp", 1),
+                                                             ("expert", expert), ("tensor", 1)))
+    assert P.moe_buffer_rows(cfg, layout)["rows"] == 8 * math.ceil(1.25 * 512 * 2 / 8) == 1.25 * A
+    dropless = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                  capacity_factor=None))
+    assert P.moe_buffer_rows(dropless, layout)["rows"] == expert * A
+    bounded = dataclasses.replace(dropless, model=dataclasses.replace(
+        dropless.model, expert_buffer_factor=1.5))
+    assert P.moe_buffer_rows(bounded, layout)["rows"] == expert * math.ceil(1.5 * A / expert)
