@@ -29,7 +29,10 @@
   layer MoE with 128 routed experts of d_ff_expert 2,560, 8 routed per token, 1 shared expert
   (DeepSeek-MoE's fine-grained + shared design: more expert combinations at the same FLOPs).
   Parameters (mai_jax.model.count_params / count_active_params): ~516B total, ~47B active per token
-  (9 x 3 x 8,192 x 2,560 = 0.57B expert weights per MoE layer). capacity_factor 1.25.
+  (9 x 3 x 8,192 x 2,560 = 0.57B expert weights per MoE layer). capacity_factor 1.25: 320 slots
+  per expert per 4,096-token sequence, so each GPU's all-to-all buffer is 128 x 320 = 40,960 rows
+  (1.25 x its 32,768 assignments) whatever the expert-parallel size; the planner puts the layout at
+  67.7 GB of 72 GB usable per GPU (the compiled 2-layer step agrees within 4%, docs/planner.md).
   Layout: expert=64 (each GPU holds 2 experts of every MoE layer; the all-to-all crosses nodes),
   fsdp=8, data=30, tensor=1 (the 47B-active compute per token is small enough that
   tensor all-reduces would cost more than they save). With tensor=1 and no pipeline stages every
