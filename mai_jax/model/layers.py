@@ -121,6 +121,35 @@ def attention_implementation(cfg: ModelConfig) -> str:
   return cfg.attention_impl
 
 
+def cpu_upcasts_16bit_matmuls() -> bool:
+  """True on XLA:CPU, where a 16-bit x 16-bit -> float32 dot (preferred_element_type) runs ~1.4x
+  slower than the same dot on operands upcast to float32 (no bfloat16 FMA on AVX2; measured in
+  benchmarks/results/matmul_precision_cpu.json). The results are the same: bfloat16 values embed
+  exactly in float32 and both forms accumulate in float32. On GPU the 16-bit operands feed the
+  tensor cores, so they stay 16-bit."""
+  return jax.default_backend() == "cpu"
+
+
+def float32_logits(spec: str, x, w, dtype) -> jax.Array:
+  """einsum(spec, x, w) with products of compute-dtype values accumulated into float32 logits."""
+  if cpu_upcasts_16bit_matmuls():
+    dtype = jnp.float32
+  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, is_causal: bool,
+                          implementation: str) -> jax.Array:
+  """jax.nn.dot_product_attention; the 'xla' path on CPU takes float32 operands (the logits are
+  float32 either way, cpu_upcasts_16bit_matmuls) and the probabilities then multiply V in float32
+  instead of being rounded to the compute dtype. Returns q's dtype."""
+  qkv = (q_BTHK, k_BSGK, v_BSGK)
+  if implementation == "xla" and cpu_upcasts_16bit_matmuls():
+    qkv = tuple(a.astype(jnp.float32) for a in qkv)
+  out_BTHK = jax.nn.dot_product_attention(*qkv, mask=mask_B1TS, is_causal=is_causal,
+                                          implementation=implementation)
+  return out_BTHK.astype(q_BTHK.dtype)
+
+
 class KVCache(nnx.Module):
   """Keys, values and segment ids of every position decoded so far, for one attention layer.
 
@@ -157,8 +186,8 @@ class KVCache(nnx.Module):
     causal_TS = jnp.arange(S, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
     same_doc_BTS = seg_BS[:, None, :] == segment_ids_BT[:, :, None]
     mask_B1TS = (causal_TS[None, :, :] & same_doc_BTS)[:, None, :, :]
-    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_B1TS,
-                                            implementation="xla")
+    out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, is_causal=False,
+                                     implementation="xla")
     return shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
 
 
@@ -220,8 +249,8 @@ class Attention(nnx.Module):
     mask_B1TS = None
     if segment_ids_BT is not None:
       mask_B1TS = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
-    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS,
-                                            is_causal=True, implementation=self.implementation)
+    out_BTHK = dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, is_causal=True,
+                                     implementation=self.implementation)
     out_BTHK = shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
     return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt))
 
@@ -261,6 +290,5 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
-    """Float32 logits x @ embedding.T (products in compute dtype, accumulated in float32)."""
-    return jnp.einsum("btd,vd->btv", x_BTD.astype(self.dtype),
-                      self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    """Float32 logits x @ embedding.T (see float32_logits)."""
+    return float32_logits("btd,vd->btv", x_BTD, self.embedding[...], self.dtype)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mai_jax.config import ModelConfig
 from mai_jax.model.layers import (MLP, Attention, Embed, KVCache, RMSNorm, compute_dtype,
-                                  create_param)
+                                  create_param, float32_logits)
 from mai_jax.model.moe import MoE, expert_d_ff, is_moe_layer, num_moe_layers
 from mai_jax.sharding import shard_act
 
@@ -163,9 +163,7 @@ class Decoder(nnx.Module):
     if cfg.tie_embeddings:
       logits_BTV = self.embed.attend(x_BTD)
     else:
-      dt = compute_dtype(cfg)
-      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD.astype(dt), self.unembed[...].astype(dt),
-                              preferred_element_type=jnp.float32)
+      logits_BTV = float32_logits("btd,dv->btv", x_BTD, self.unembed[...], compute_dtype(cfg))
     return shard_act(logits_BTV, ("batch", "seq", "vocab"))
 
   # -- Incremental decoding (sampling) --------------------------------------------------------

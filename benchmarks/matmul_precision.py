@@ -1,0 +1,83 @@
+"""16-bit matmuls with float32 results, two ways: preferred_element_type vs operands upcast first.
+
+  python benchmarks/matmul_precision.py [--steps 20] [--dtype bfloat16] [--out FILE.json]
+
+Both forms compute the same numbers (16-bit values embed exactly in float32 and both accumulate in
+float32). On GPU the first one feeds the tensor cores; on XLA:CPU it takes a slower kernel than a
+plain float32 dot, which is why mai_jax.model.layers.cpu_upcasts_16bit_matmuls upcasts the logits
+and attention operands there. Shapes: experiments/tiny.py's unembedding and attention logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import git_commit, machine_info, versions  # noqa: E402
+
+SHAPES = {  # name: (einsum spec, lhs shape, rhs shape)
+    "unembed [2048,256]x[256,4096]": ("nd,dv->nv", (2048, 256), (256, 4096)),
+    "attention logits [8,4,256,64]x[8,4,256,64]": ("bhtk,bhsk->bhts", (8, 4, 256, 64),
+                                                   (8, 4, 256, 64)),
+}
+
+
+def best_time_s(fn, *args, steps: int) -> float:
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  rows = []
+  for name, (spec, lhs_shape, rhs_shape) in SHAPES.items():
+    lhs = jax.random.normal(jax.random.key(0), lhs_shape, dtype)
+    rhs = jax.random.normal(jax.random.key(1), rhs_shape, dtype)
+    preferred = best_time_s(
+        lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32), lhs, rhs,
+        steps=args.steps)
+    upcast = best_time_s(
+        lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32)), lhs, rhs,
+        steps=args.steps)
+    rows.append({"shape": name, "preferred_element_type_s": preferred, "upcast_s": upcast,
+                 "preferred_over_upcast": preferred / upcast})
+    print(f"{name}: preferred_element_type {preferred * 1e3:.2f} ms, upcast {upcast * 1e3:.2f} ms "
+          f"({preferred / upcast:.2f}x)")
+  record = {
+      "benchmark": "matmul_precision",
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join(["python", "benchmarks/matmul_precision.py"]
+                          + list(sys.argv[1:] if argv is None else argv)),
+      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
+      "dtype": args.dtype, "timing": "best of --steps jitted calls after one warm-up",
+      "results": rows}
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 f"matmul_precision_{jax.default_backend()}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=2)
+  print(f"-> {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
