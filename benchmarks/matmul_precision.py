@@ -1,4 +1,4 @@
-"""16-bit matmuls with float32 results, two ways: preferred_element_type vs operands upcast first.
+"""Matmul forms on the current backend: 16-bit -> float32 dots two ways, logits backward two ways.
 
   python benchmarks/matmul_precision.py [--steps 20] [--dtype bfloat16] [--out FILE.json]
 
@@ -6,6 +6,10 @@ Both forms compute the same numbers (16-bit values embed exactly in float32 and 
 float32). On GPU the first one feeds the tensor cores; on XLA:CPU it takes a slower kernel than a
 plain float32 dot, which is why mai_jax.model.layers.cpu_upcasts_16bit_matmuls upcasts the logits
 and attention operands there. Shapes: experiments/tiny.py's unembedding and attention logits.
+
+Second, the unembedding's forward + backward as a [B, T, D] x [D, V] einsum against one 2-D
+[B*T, D] x [D, V] matmul (mai_jax.model.layers.float32_logits uses the second: the einsum's weight
+gradient becomes a transposed, [B, T]-contracting dot that XLA:CPU runs slowly).
 """
 
 from __future__ import annotations
@@ -62,6 +66,22 @@ def main(argv=None) -> int:
                  "preferred_over_upcast": preferred / upcast})
     print(f"{name}: preferred_element_type {preferred * 1e3:.2f} ms, upcast {upcast * 1e3:.2f} ms "
           f"({preferred / upcast:.2f}x)")
+  x_BTD = jax.random.normal(jax.random.key(2), (8, 256, 256), jnp.float32)
+  w_DV = jax.random.normal(jax.random.key(3), (256, 4096), jnp.float32)
+  g_BTV = jax.random.normal(jax.random.key(4), (8, 256, 4096), jnp.float32)
+
+  def logits_vjp(logits_fn):
+    return lambda x, w, g: jax.vjp(logits_fn, x, w)[1](g)
+
+  einsum_3d = best_time_s(logits_vjp(lambda x, w: jnp.einsum("btd,dv->btv", x, w)), x_BTD, w_DV,
+                          g_BTV, steps=args.steps)
+  matmul_2d = best_time_s(logits_vjp(lambda x, w: (x.reshape(-1, 256) @ w).reshape(8, 256, 4096)),
+                          x_BTD, w_DV, g_BTV, steps=args.steps)
+  logits_row = {"shape": "unembedding forward+backward [8,256,256]x[256,4096] float32",
+                "einsum_3d_s": einsum_3d, "matmul_2d_s": matmul_2d,
+                "einsum_over_matmul": einsum_3d / matmul_2d}
+  print(f"{logits_row['shape']}: 3-D einsum {einsum_3d * 1e3:.1f} ms, 2-D matmul "
+        f"{matmul_2d * 1e3:.1f} ms ({einsum_3d / matmul_2d:.2f}x)")
   record = {
       "benchmark": "matmul_precision",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -69,7 +89,7 @@ def main(argv=None) -> int:
                           + list(sys.argv[1:] if argv is None else argv)),
       "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
       "dtype": args.dtype, "timing": "best of --steps jitted calls after one warm-up",
-      "results": rows}
+      "results": rows, "logits_backward": logits_row}
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                  f"matmul_precision_{jax.default_backend()}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)

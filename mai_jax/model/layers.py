@@ -130,11 +130,20 @@ def cpu_upcasts_16bit_matmuls() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def float32_logits(spec: str, x, w, dtype) -> jax.Array:
-  """einsum(spec, x, w) with products of compute-dtype values accumulated into float32 logits."""
+def float32_logits(x_BTD: jax.Array, w, dtype, *, vocab_axis: int) -> jax.Array:
+  """Float32 logits [B, T, V] of x against the [D, V] (vocab_axis=1) or [V, D] (vocab_axis=0,
+  the tied embedding) matrix: products of compute-dtype values accumulated in float32.
+
+  One 2-D [B*T, D] matmul rather than a [B, T, D] einsum: its weight gradient is then a plain
+  x^T @ dlogits, which XLA:CPU runs ~2x faster than the transposed [B, T]-contracting dot the
+  einsum's backward produces (benchmarks/results/matmul_precision_cpu.json)."""
   if cpu_upcasts_16bit_matmuls():
     dtype = jnp.float32
-  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  B, T, D = x_BTD.shape
+  contract = ((1,), (1 - vocab_axis,))
+  logits_NV = jax.lax.dot_general(x_BTD.reshape(B * T, D).astype(dtype), w.astype(dtype),
+                                  (contract, ((), ())), preferred_element_type=jnp.float32)
+  return logits_NV.reshape(B, T, logits_NV.shape[-1])
 
 
 def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, *, is_causal: bool,
@@ -291,4 +300,4 @@ class Embed(nnx.Module):
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
     """Float32 logits x @ embedding.T (see float32_logits)."""
-    return float32_logits("btd,vd->btv", x_BTD, self.embedding[...], self.dtype)
+    return float32_logits(x_BTD, self.embedding[...], self.dtype, vocab_axis=0)

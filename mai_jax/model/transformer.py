@@ -163,7 +163,7 @@ class Decoder(nnx.Module):
     if cfg.tie_embeddings:
       logits_BTV = self.embed.attend(x_BTD)
     else:
-      logits_BTV = float32_logits("btd,dv->btv", x_BTD, self.unembed[...], compute_dtype(cfg))
+      logits_BTV = float32_logits(x_BTD, self.unembed[...], compute_dtype(cfg), vocab_axis=1)
     return shard_act(logits_BTV, ("batch", "seq", "vocab"))
 
   # -- Incremental decoding (sampling) --------------------------------------------------------
