@@ -74,7 +74,8 @@ def test_exported_params_start_the_run_with_a_fresh_optimizer(source, capsys):
   assert int(state.step) == 0
   _assert_trees_equal(state.params, _params(source["exported"]))
   _assert_trees_equal(state.params, _params(source["src"], 4))
-  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))  # counts, moments
+  # A fresh optimizer: every count and moment is zero.
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))
   fresh = jax.device_get(build_trainer(_smoke(), S.make_mesh(_smoke().mesh)).init_state())
   np.testing.assert_array_equal(state.rng, fresh.rng)  # same training RNG as a random start
   assert metadata["initialized_from"] == {"path": str(source["exported"]), "step": 4,
@@ -157,7 +158,8 @@ def test_a_model_config_that_changes_the_math_is_a_loud_warning(source, tmp_path
   loop_lib.train(cfg, str(tmp_path / "run"))
   warning = [l for l in capsys.readouterr().out.splitlines() if "WARNING" in l]
   assert len(warning) == 1
-  assert "rope_theta: 500000.0 vs 10000.0" in warning[0] and "norm_eps: 1e-06 vs 1e-05" in warning[0]
+  assert "rope_theta: 500000.0 vs 10000.0" in warning[0]
+  assert "norm_eps: 1e-06 vs 1e-05" in warning[0]
   assert "remat" not in warning[0]  # how it is computed, not what
 
 

@@ -120,7 +120,8 @@ def prepare(cfg: Config, log: Log) -> InitSource:
 
 
 def resolve(path: str) -> InitSource:
-  """The workdir and step `path` names: WORKDIR (its latest good step) or WORKDIR/checkpoints/STEP."""
+  """The workdir and step `path` names: WORKDIR (its latest good step) or
+  WORKDIR/checkpoints/STEP."""
   where = f"train.init_from={path}"
   workdir, step = os.path.abspath(path), None
   head, tail = os.path.split(workdir.rstrip(os.sep))
