@@ -352,17 +352,13 @@ class Checkpointer:
       return
     if stored is None:
       return
-    want = {_path_name(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    have = {_path_name(p): tuple(getattr(x, "shape", ()) or ())
-            for p, x in jax.tree_util.tree_leaves_with_path(stored)}
-    for key in sorted(set(want) | set(have)):
-      if want.get(key) != have.get(key):
-        raise ConfigError(
-            f"checkpoint step {step} in {self.directory} does not match the config: state/{key} "
-            f"is {have.get(key, 'absent')} in the checkpoint and {want.get(key, 'absent')} in "
-            f"the config; resume with the run's own config (its config.json) or use a new "
-            f"--workdir")
+    mismatch = first_shape_mismatch(stored, abstract_state)
+    if mismatch is not None:
+      key, have, want = mismatch
+      raise ConfigError(
+          f"checkpoint step {step} in {self.directory} does not match the config: state/{key} "
+          f"is {have} in the checkpoint and {want} in the config; resume with the run's own "
+          f"config (its config.json) or use a new --workdir")
 
   def restore_latest(self, abstract_state: Any, log: Callable[[str], None]) -> Optional[Restored]:
     """Restores the newest good step, moving corrupt newer ones aside; None without checkpoints.
@@ -426,6 +422,38 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def first_shape_mismatch(stored: Any, wanted: Any) -> Optional[tuple[str, Any, Any]]:
+  """(path, stored shape, wanted shape) of the first array, by path, whose shape differs between
+  a checkpoint's metadata tree and a target tree ('absent' where one side lacks it); else None."""
+  want = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(wanted)}
+  have = {_path_name(p): tuple(getattr(x, "shape", ()) or ())
+          for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+  for key in sorted(set(want) | set(have)):
+    if want.get(key) != have.get(key):
+      return key, have.get(key, "absent"), want.get(key, "absent")
+  return None
+
+
+def params_shape_mismatch(directory: str, step: int,
+                          abstract_params: Any) -> Optional[tuple[str, Any, Any]]:
+  """`first_shape_mismatch` between `state.params` of checkpoint `step` (a training or a
+  params-only checkpoint) and `abstract_params`, read from the checkpoint's metadata alone."""
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers)
+  try:
+    stored = manager.item_metadata(step)["state"]
+  finally:
+    manager.close()
+  return first_shape_mismatch(dict(stored)["params"], abstract_params)
+
+
+def good_steps(directory: str) -> list[int]:
+  """The finalized steps of a checkpoint directory that are ok or unverified, oldest first."""
+  return sorted(s.step for s in list_checkpoints(directory)
+                if s.status in ("ok", "unverified") and s.name.isdigit())
 
 
 def restore_params(directory: str, step: int, abstract_params: Any) -> Any:

@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog="Override any config field with --config.SECTION.KEY=VALUE; values "
                                 "are Python literals checked against the field's type.")
   train.add_argument("--config", dest="config_spec",
-                     help="experiments/NAME.py[:VARIANT] (default: WORKDIR/config.json)")
+                     help="experiments/NAME.py[:VARIANT] or a workdir's config.json (default: "
+                          "WORKDIR/config.json)")
   train.add_argument("--workdir", required=True, help="run directory (resumes if it has "
                      "checkpoints)")
   _add_distributed_flags(train)

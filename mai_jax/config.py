@@ -185,6 +185,10 @@ class TrainConfig:
   # Tokens the whole run is meant to see; `mai-jax plan` turns it into days to train.
   # 0: num_steps * global_batch_size * seq_len (the run as configured).
   token_budget: int = 0
+  # Fine-tuning / continued pretraining: a workdir (params-only, e.g. `convert from-hf` or
+  # `checkpoints --export-params`, or a training run: its latest good step) whose params start
+  # this run, with a fresh optimizer state at step 0. Ignored once the run has its own checkpoints.
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +223,8 @@ CHOICES = {
 
 def _import_experiment(path: str, spec: str):
   if not path.endswith(".py"):
-    raise ConfigError(f"--config {spec!r}: expected experiments/NAME.py[:VARIANT]")
+    raise ConfigError(f"--config {spec!r}: expected experiments/NAME.py[:VARIANT] or a "
+                      f"workdir's config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"--config {spec!r}: file {path!r} not found{_close_files(path)}")
   module_name = "mai_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
@@ -237,7 +242,12 @@ def experiment_variants(path: str) -> tuple[str, ...]:
 
 
 def load_experiment(spec: str) -> Config:
-  """Loads `path/to/NAME.py[:VARIANT]` by calling its `get_config(variant)`."""
+  """Loads `path/to/NAME.py[:VARIANT]` by calling its `get_config(variant)`, or a workdir's
+  config.json (e.g. to fine-tune with the exact model of imported weights)."""
+  if spec.endswith(".json"):
+    if not os.path.isfile(spec):
+      raise ConfigError(f"--config {spec!r}: file not found")
+    return load_json(spec)
   path, _, variant = spec.partition(":")
   module = _import_experiment(path, spec)
   variants = tuple(getattr(module, "VARIANTS", ()))
@@ -394,6 +404,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_plan_target(cfg)
   _validate_moe(m)
   _validate_expert_buffer(m)
+  _validate_init_from(t)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -430,6 +441,13 @@ def _validate_fault_handling(cfg: Config) -> None:
                       f"loss above ratio x its recent mean), or 0 to turn the detector off")
   if t.loss_spike_ratio and t.loss_spike_window < 1:
     raise ConfigError(f"train.loss_spike_window={t.loss_spike_window} must be >= 1")
+def _validate_init_from(t: TrainConfig) -> None:
+  """Only the type here: whether the path holds usable weights is checked when the run starts."""
+  if not isinstance(t.init_from, str):
+    raise ConfigError(f"train.init_from={t.init_from!r} must be a string: the path of a workdir "
+                      f"to take the initial parameters from, or '' for a random init")
+
+
 def _validate_data_sources(data: DataConfig) -> None:
   if data.sources:
     data_sources(data)

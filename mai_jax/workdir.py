@@ -60,8 +60,7 @@ def export_params(workdir: str, out: str, step: Optional[int] = None) -> int:
   with AdamW's two float32 moments) and the tokenizer files. `eval`, `sample` and `convert to-hf`
   read it like any workdir."""
   checkpoints = os.path.join(workdir, CHECKPOINTS)
-  good = sorted(s.step for s in checkpoint_lib.list_checkpoints(checkpoints)
-                if s.status in ("ok", "unverified") and s.name.isdigit())
+  good = checkpoint_lib.good_steps(checkpoints)
   if not good:
     raise ConfigError(f"{checkpoints} holds no restorable checkpoint; run "
                       f"`mai-jax checkpoints --workdir {workdir}` to see why")

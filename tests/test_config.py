@@ -97,6 +97,18 @@ def test_json_round_trip(tmp_path):
     C.load_json(str(path))
 
 
+def test_a_workdirs_config_json_is_a_config_spec_and_init_from_a_string(tmp_path):
+  cfg = C.apply_overrides(C.Config(), {"train.init_from": "/runs/base/checkpoints/500"})
+  assert cfg.train.init_from == "/runs/base/checkpoints/500"  # a bare path needs no quotes
+  (tmp_path / "config.json").write_text(C.to_json(cfg))
+  assert C.load_experiment(str(tmp_path / "config.json")) == cfg
+  with pytest.raises(C.ConfigError, match="file not found"):
+    C.load_experiment(str(tmp_path / "other.json"))
+  bad = C.Config(train=C.TrainConfig(init_from=3))
+  with pytest.raises(C.ConfigError, match="train.init_from=3 must be a string"):
+    C.validate(bad)
+
+
 def test_missing_experiment_file_suggests_close_names():
   with pytest.raises(C.ConfigError, match=r"not found; did you mean .*tiny.py"):
     C.load_experiment(os.path.join(REPO, "experiments", "tinyy.py"))

@@ -2,7 +2,8 @@
 
 from-hf writes config.json, a params-only checkpoint at step 0 (checkpoints/0, read by
 `workdir.load_params`) and the tokenizer files, so `eval`, `sample` and `convert to-hf` work on it.
-Continuing training from it needs an optimizer state it does not hold (a fresh one, later issue).
+Training from it: `mai-jax train --config WORKDIR/config.json --workdir RUN
+--config.train.init_from=WORKDIR` (a fresh optimizer state; see train/init_from.py).
 """
 
 from __future__ import annotations

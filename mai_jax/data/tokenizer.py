@@ -28,6 +28,7 @@ from mai_jax.data import sources
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face tokenizer brought with imported weights
 
 # SentencePiece skips training "sentences" longer than max_sentence_length bytes, so documents are
 # fed in pieces of at most this many characters, cut at line ends (4 bytes per char worst case).
@@ -260,7 +261,9 @@ def load_or_train_tokenizer(cfg: Config, workdir: str, *, process_index: int = 0
   """The tokenizer of a run, by priority:
 
   1. `data.tokenizer_path` when set;
-  2. WORKDIR/tokenizer.model when it exists (a resumed run reuses its tokenizer);
+  2. WORKDIR/tokenizer.model, else WORKDIR/tokenizer.json, when it exists (a resumed run reuses
+     its tokenizer; a run started from existing weights gets theirs copied there, see
+     train/init_from.py);
   3. otherwise a new one trained on the training split (never validation, so eval text stays
      unseen) and saved atomically to WORKDIR/tokenizer.model.
 
@@ -275,9 +278,10 @@ def load_or_train_tokenizer(cfg: Config, workdir: str, *, process_index: int = 0
     return _checked(load_tokenizer(cfg.data.tokenizer_path, cfg.data.tokenizer_pattern), vocab_size,
                     "data.tokenizer_path", "")
   path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
-    return _checked(SentencePieceTokenizer(path), vocab_size, "the workdir's tokenizer",
-                    " (the run was started with it) or use a fresh --workdir")
+  for existing in (path, os.path.join(workdir, HF_TOKENIZER_FILE)):
+    if os.path.exists(existing):
+      return _checked(load_tokenizer(existing), vocab_size, "the workdir's tokenizer",
+                      " (the run was started with it) or use a fresh --workdir")
   if process_index != 0:
     raise TokenizerError(f"process {process_index}: {path} does not exist; process 0 trains the "
                          f"tokenizer, so call load_or_train_tokenizer on process 0 first and "

@@ -26,6 +26,7 @@ from mai_jax.data.pipeline import DataMetrics, make_eval_batches, make_train_ite
 from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
 from mai_jax.evaluate import evaluate
 from mai_jax.model import count_active_params, count_params
+from mai_jax.train import init_from as init_from_lib
 from mai_jax.train import preemption
 from mai_jax.train import step as step_lib
 from mai_jax.train.faults import FaultMonitor
@@ -69,15 +70,20 @@ def global_batch(local: dict, sharding, global_rows: int) -> dict:
   return out
 
 
-def _tokenizer(cfg: Config, workdir: str):
+def _tokenizer(cfg: Config, workdir: str, init_source=None):
   """Process 0 trains (or loads) the tokenizer first; the others then load the same file.
-  The tokenizer checks its size against model.vocab_size itself."""
+  The tokenizer checks its size against model.vocab_size itself. A run starting from existing
+  weights (`init_source`) uses their tokenizer (see init_from.py)."""
+  if init_source is not None and jax.process_index() == 0:
+    init_from_lib.adopt_tokenizer(cfg, workdir, init_source, _log)
   if jax.process_count() > 1:
     if jax.process_index() == 0:
       load_or_train_tokenizer(cfg, workdir, process_index=0)
     multihost_utils.sync_global_devices("mai_jax tokenizer ready")
   tokenizer = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
   check_tokenizer_record(workdir, tokenizer, write=jax.process_index() == 0)
+  if init_source is not None:
+    init_from_lib.check_tokenizer_matches(init_source, tokenizer, _log)
   return tokenizer
 
 
@@ -89,9 +95,11 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   config_lib.validate(cfg, jax.device_count())
   workdir = os.path.abspath(workdir)
+  cfg = init_from_lib.with_absolute_path(cfg)
+  init_source = init_from_lib.source_for_run(cfg, workdir, _log)  # None when resuming
   write_config(cfg, workdir)
-  tokenizer = _tokenizer(cfg, workdir)
-  run = _Run(cfg, mesh, workdir, tokenizer)
+  tokenizer = _tokenizer(cfg, workdir, init_source)
+  run = _Run(cfg, mesh, workdir, tokenizer, init_source)
   try:
     with preemption.StopRequest() as stop:
       result = run.loop(stop)
@@ -120,8 +128,9 @@ class _Pending:
 class _Run:
   """One call of `train`: the state, the data stream position and the fault bookkeeping."""
 
-  def __init__(self, cfg: Config, mesh, workdir: str, tokenizer):
+  def __init__(self, cfg: Config, mesh, workdir: str, tokenizer, init_source=None):
     self.cfg, self.mesh, self.workdir = cfg, mesh, workdir
+    self.init_source = init_source  # train.init_from, checked (None: random init or resuming)
     self.trainer = build_trainer(cfg, mesh)
     num_params = count_params(cfg.model)
     self.num_params = num_params
@@ -162,12 +171,26 @@ class _Run:
           f"or use a new --workdir")
     restored = self.checkpointer.restore_latest(self.trainer.abstract_state(), _log)
     if restored is None:
-      return self.trainer.init_state(), 0, None
+      return self._fresh_state(), 0, None
     self._apply_restored(restored)
     _log(f"mai-jax: resumed from step {restored.step} in {self.checkpointer.directory}")
     return restored.state, restored.step, restored.step
 
+  def _fresh_state(self):
+    """The state at step 0: a random init, or train.init_from's params with a fresh optimizer."""
+    if not self.cfg.train.init_from:
+      return self.trainer.init_state()
+    if self.init_source is None:  # resuming was planned, but every own checkpoint was corrupt
+      self.init_source = init_from_lib.prepare(self.cfg, _log)
+    params = init_from_lib.restore_params(self.init_source, self.trainer.abstract_state().params)
+    self.metadata["initialized_from"] = self.init_source.record()
+    _log(f"mai-jax: initialized the parameters from {self.init_source.describe()}; fresh "
+         f"optimizer state, step 0")
+    return self.trainer.init_state_from_params(params)
+
   def _apply_restored(self, restored) -> None:
+    if "initialized_from" in restored.metadata:  # keep the run's origin in later checkpoints
+      self.metadata["initialized_from"] = restored.metadata["initialized_from"]
     self.data_iter.set_state(restored.data_state)
     self.position = int(restored.metadata.get("data_batches_consumed", restored.step))
     self.skip_positions = {p for p in restored.metadata.get("skip_batches", ())
@@ -185,7 +208,7 @@ class _Run:
     self.checkpointer.wait()
     restored = self.checkpointer.restore_latest(self.trainer.abstract_state(), _log)
     if restored is None:
-      state, step = self.trainer.init_state(), 0
+      state, step = self._fresh_state(), 0
       self.data_iter.set_state(self.initial_data_state)
       self.position, self.skip_positions = 0, set()
     else:

@@ -110,9 +110,26 @@ def init_train_state(cfg: Config, mesh: Mesh, model_factory, tx: optax.GradientT
     init_key, train_key = jax.random.split(jax.random.key(seed))
     with nnx.use_eager_sharding(False):
       model = model_factory(nnx.Rngs(params=init_key))
-    params = nnx.to_pure_dict(nnx.state(model))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(train_key))
+    return _state_at_step_0(nnx.to_pure_dict(nnx.state(model)), tx, train_key)
 
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     return jax.jit(init, out_shardings=layout.shardings)(cfg.train.seed)
+
+
+def init_train_state_from_params(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
+                                 layout: StateLayout, params: Params) -> TrainState:
+  """A TrainState at step 0 around existing `params` (already in layout's shardings, e.g.
+  restored from another run): a fresh optimizer state and the same training RNG as
+  `init_train_state`, so only the weights differ from a random start. `params` is donated."""
+  def init(params, seed):
+    _, train_key = jax.random.split(jax.random.key(seed))
+    return _state_at_step_0(params, tx, train_key)
+
+  with sharding_lib.activate(mesh, cfg.mesh.rules):
+    return jax.jit(init, in_shardings=(layout.shardings.params, None),
+                   out_shardings=layout.shardings, donate_argnums=0)(params, cfg.train.seed)
+
+
+def _state_at_step_0(params: Params, tx: optax.GradientTransformation, train_key) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(train_key))

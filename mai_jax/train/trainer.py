@@ -36,6 +36,12 @@ class Trainer:
     return state_lib.init_train_state(self.cfg, self.mesh, self.model_factory, self.tx,
                                       self.layout)
 
+  def init_state_from_params(self, params: state_lib.Params) -> state_lib.TrainState:
+    """A TrainState at step 0 with these params (in `abstract_state().params`' shardings) and a
+    fresh optimizer state: the start of a fine-tuning run (train.init_from)."""
+    return state_lib.init_train_state_from_params(self.cfg, self.mesh, self.tx, self.layout,
+                                                  params)
+
   def abstract_state(self) -> state_lib.TrainState:
     """The restore target for a checkpoint (carries this mesh's shardings)."""
     return self.layout.abstract_state(self.tx)
