@@ -8,7 +8,8 @@ compute), so the two step times compare directly. bf16 compute is also the faste
 remat 'dots' (save the projection outputs, recompute the attention core) is the fastest policy
 here: saving everything ('none') makes the layer scan stack the float32 attention probabilities
 [layers, B, H, T, T] and convert them back in the backward, which costs more memory traffic than
-recomputing them (0.85 s vs 0.92 s/step with jax 0.10.2; 'full', MaxText's default, 0.85 s).
+recomputing them (benchmarks/train_step.py with jax 0.10.2: dots 0.76 s/step, none 0.82 s,
+'full', MaxText's default, 0.78 s).
 
 Variants:
   smoke   a few steps of a much smaller model, for end-to-end tests of the CLI and resume
