@@ -15,8 +15,6 @@ gradient becomes a transposed, [B, T]-contracting dot that XLA:CPU runs slowly).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -25,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import git_commit, machine_info, versions  # noqa: E402
+from train_step import save_result  # noqa: E402
 
 SHAPES = {  # name: (einsum spec, lhs shape, rhs shape)
     "unembed [2048,256]x[256,4096]": ("nd,dv->nv", (2048, 256), (256, 4096)),
@@ -82,19 +80,9 @@ def main(argv=None) -> int:
                 "einsum_over_matmul": einsum_3d / matmul_2d}
   print(f"{logits_row['shape']}: 3-D einsum {einsum_3d * 1e3:.1f} ms, 2-D matmul "
         f"{matmul_2d * 1e3:.1f} ms ({einsum_3d / matmul_2d:.2f}x)")
-  record = {
-      "benchmark": "matmul_precision",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(["python", "benchmarks/matmul_precision.py"]
-                          + list(sys.argv[1:] if argv is None else argv)),
-      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
-      "dtype": args.dtype, "timing": "best of --steps jitted calls after one warm-up",
-      "results": rows, "logits_backward": logits_row}
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"matmul_precision_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
+  out = save_result("matmul_precision", sys.argv[1:] if argv is None else argv,
+                    {"dtype": args.dtype, "timing": "best of --steps jitted calls after one warm-up",
+                     "results": rows, "logits_backward": logits_row}, args.out)
   print(f"-> {out}")
   return 0
 

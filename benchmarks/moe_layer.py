@@ -13,8 +13,6 @@ dominate. `--impl` times the grouped-matmul implementations of mai_jax/model/moe
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -30,7 +28,7 @@ from mai_jax.model import moe as moe_lib
 from mai_jax.model.moe import MoE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import git_commit, machine_info, versions  # noqa: E402
+from train_step import save_result  # noqa: E402
 
 
 def time_fwd_bwd(module: nnx.Module, x_BTD: jax.Array, steps: int, returns_aux: bool) -> dict:
@@ -85,22 +83,13 @@ def main(argv=None) -> int:
                    "moe_over_dense": m["median_s"] / d["median_s"]})
       print(f"tokens {tokens} {impl}: moe {m['median_s'] * 1e3:.1f} ms, dense "
             f"{d['median_s'] * 1e3:.1f} ms, ratio {rows[-1]['moe_over_dense']:.2f}")
-  record = {
-      "benchmark": "moe_layer",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(["python", "benchmarks/moe_layer.py"] + list(sys.argv[1:] if argv is None
-                                                                       else argv)),
-      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
-      "shape": {"d_model": args.d_model, "num_experts": args.num_experts, "top_k": args.top_k,
-                "d_ff_expert": args.d_ff_expert, "dense_d_ff": args.top_k * args.d_ff_expert,
-                "dtype": args.dtype},
-      "timing": "median of --steps jitted forward+backward calls after one warm-up",
-      "results": rows}
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"moe_layer_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
+  out = save_result(
+      "moe_layer", sys.argv[1:] if argv is None else argv,
+      {"shape": {"d_model": args.d_model, "num_experts": args.num_experts, "top_k": args.top_k,
+                 "d_ff_expert": args.d_ff_expert, "dense_d_ff": args.top_k * args.d_ff_expert,
+                 "dtype": args.dtype},
+       "timing": "median of --steps jitted forward+backward calls after one warm-up",
+       "results": rows}, args.out)
   print(f"-> {out}")
   return 0
 

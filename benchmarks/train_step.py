@@ -112,25 +112,33 @@ def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
           "compile_s": compile_s, "final_loss": float(m["loss"]), "peak_bytes_in_use": memory}
 
 
-def write_record(benchmark: str, config_spec: str, argv, cfg: config_lib.Config, result: dict,
-                 out=None, **extra) -> str:
-  """Writes a benchmark result with its machine, versions, commit and exact command; returns the
-  path (default: benchmarks/results/{benchmark}_{experiment}[_{variant}]_{backend}.json)."""
+def save_result(benchmark: str, argv, fields: dict, out=None) -> str:
+  """Writes `fields` under the common header (benchmark, date, exact command, commit, machine,
+  versions) to `out` (default benchmarks/results/{benchmark}_{backend}.json); returns the path."""
   record = {
-      "benchmark": benchmark, **extra,
+      "benchmark": benchmark,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join(["python", f"benchmarks/{benchmark}.py"] + list(argv)),
-      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(),
-      "config": config_lib.to_dict(cfg), "result": result}
+      "git_commit": git_commit(), "machine": machine_info(), "versions": versions(), **fields}
+  out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            f"{benchmark}_{jax.default_backend()}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=2)
+  return out
+
+
+def write_record(benchmark: str, config_spec: str, argv, cfg: config_lib.Config, result: dict,
+                 out=None, **extra) -> str:
+  """save_result with the resolved config, by default to
+  benchmarks/results/{benchmark}_{experiment}[_{variant}]_{backend}.json."""
   name = os.path.splitext(os.path.basename(config_spec.split(":")[0]))[0]
   variant = config_spec.partition(":")[2]
   out = out or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results",
       f"{benchmark}_{name}{'_' + variant if variant else ''}_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
-  return out
+  return save_result(benchmark, argv, {**extra, "config": config_lib.to_dict(cfg),
+                                       "result": result}, out)
 
 
 def main(argv=None) -> int:
