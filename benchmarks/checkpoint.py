@@ -23,7 +23,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import random_batch, write_record  # noqa: E402
+from train_step import random_batch, time_steps, write_record  # noqa: E402
 
 from mai_jax import cli, config as config_lib, sharding as sharding_lib  # noqa: E402
 from mai_jax.checkpoint import Checkpointer  # noqa: E402
@@ -43,14 +43,8 @@ def run(cfg: config_lib.Config, saves: int, every: int, steps: int) -> dict:
   batch = random_batch(cfg, trainer.batch_sharding)
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     step_fn = trainer.jit_train_step()
-    state, m = step_fn(state, batch)  # compile
-    jax.block_until_ready(m)
-    step_times = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, m = step_fn(state, batch)
-      jax.block_until_ready(m)
-      step_times.append(time.perf_counter() - t0)
+    state, m, _ = time_steps(step_fn, state, batch, 1)  # compile
+    state, m, step_times = time_steps(step_fn, state, batch, steps)
     step_s = statistics.median(step_times)
     blocked, background, sizes = [], [], []
     with tempfile.TemporaryDirectory() as root:

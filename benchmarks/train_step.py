@@ -72,6 +72,17 @@ def random_batch(cfg: config_lib.Config, batch_sharding) -> dict:
   return {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
 
 
+def time_steps(step_fn, state, batch, steps: int):
+  """Runs `steps` steps, each timed to its metrics being ready -> (state, metrics, seconds)."""
+  times, m = [], None
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step_fn(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  return state, m, times
+
+
 def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   config_lib.validate(cfg, jax.device_count())
@@ -84,15 +95,8 @@ def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-      state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, m = compiled(state, batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
+    state, m, _ = time_steps(compiled, state, batch, warmup)
+    state, m, times = time_steps(compiled, state, batch, steps)
   step_s = statistics.median(times)
   n = count_params(cfg.model)
   # MoE: FLOPs follow the parameters a token uses (equal to n for dense models).
