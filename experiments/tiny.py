@@ -5,11 +5,11 @@ The default is the README's main job: a few minutes on 2 CPU cores, the loss fal
 with MaxText (4 layers, d_model 256, 4 heads of 64, d_ff 1024, vocab 4096, seq 256, batch 8, bf16
 compute), so the two step times compare directly. bf16 compute is also the faster choice on the
 2-core CPU (benchmarks/results/train_step_tiny_fp32_cpu.json: float32 compute is ~1.4x slower).
-remat 'dots' (save the projection outputs, recompute the attention core) is the fastest policy
-here: saving everything ('none') makes the layer scan stack the float32 attention probabilities
-[layers, B, H, T, T] and convert them back in the backward, which costs more memory traffic than
-recomputing them (benchmarks/train_step.py with jax 0.10.2: dots 0.76 s/step, none 0.82 s,
-'full', MaxText's default, 0.78 s).
+remat 'dots' (save the projection outputs, recompute the attention core) is as fast as 'full'
+(MaxText's default) here and recomputes less; saving everything ('none') is 14% slower: the layer
+scan stacks the float32 attention probabilities [layers, B, H, T, T] and converts them back in the
+backward, more memory traffic than recomputing them (jax 0.10.2, 2 cores, 20 steps each:
+dots 0.76-0.77 s/step, full 0.77 s, none 0.88 s; benchmarks/results/train_step_tiny_remat_*_cpu.json).
 
 Variants:
   smoke   a few steps of a much smaller model, for end-to-end tests of the CLI and resume
