@@ -53,6 +53,21 @@ def short_docs_root(tmp_path_factory):
   return str(root)
 
 
+@pytest.fixture(scope="module")
+def mixed_docs_root(tmp_path_factory):
+  """Documents from a few tokens to several rows long (built here, not read from the interpreter's
+  stdlib, whose files differ between Python builds): chunks that end a document and chunks cut
+  from the middle of one both occur within a few steps, on any machine."""
+  root = tmp_path_factory.mktemp("mixed_docs")
+  rng = np.random.default_rng(1)
+  words = ["import", "os", "def", "return", "the", "value", "of", "a", "list", "(", ")", ":",
+           "\n", "\n    ", "x", "=", "1", "+", "for", "in", "range", "# note", "é", "日本"]
+  for i in range(120):
+    n = int(rng.integers(400, 1200)) if i % 4 == 0 else int(rng.integers(5, 120))
+    (root / f"doc{i:03d}.py").write_text(" ".join(rng.choice(words, n)), encoding="utf-8")
+  return str(root)
+
+
 def reference_chunks(tok, texts, seq_len):
   """NumPy reference: every document as [bos] + ids + [eos], cut into chunks of <= seq_len + 1
   tokens overlapping by one (chunk c = tokens[c*seq_len : c*seq_len + seq_len + 1])."""
@@ -170,6 +185,22 @@ def test_stdlib_corpus_contents():
   assert not any(part in ("test", "tests", "site-packages", "__pycache__")
                  for i in ids for part in i.split("/")[:-1])
   assert list(docs.doc_ids) == sorted(docs.doc_ids)
+  # What distributions ship separately (Debian's python3-tk, idle, ...) is never read, so Debian's
+  # python3 and a pyenv build of the same version read the same files.
+  assert not any(i.split("/")[0] in ("idlelib", "tkinter", "turtledemo", "turtle.py", "distutils",
+                                     "lib2to3", "_distutils_system_mod.py")
+                 or i.startswith("ctypes/macholib/") for i in ids)
+
+
+def test_stdlib_file_selection_is_distribution_independent(tmp_path):
+  for rel in ("os.py", "json/__init__.py", "idlelib/editor.py", "tkinter/__init__.py",
+              "turtle.py", "ctypes/macholib/dyld.py", "ctypes/util.py",
+              "_distutils_system_mod.py", "_sysconfigdata__linux_x86_64-linux-gnu.py",
+              "test/test_os.py", "site-packages/pkg/mod.py", "notes.txt"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text("x = 1\n")
+  assert sources.stdlib_files(str(tmp_path)) == ["ctypes/util.py", "json/__init__.py",
+                                                 "notes.txt", "os.py"]
 
 
 def test_bad_files_are_skipped_and_counted(tmp_path):
@@ -203,10 +234,11 @@ def test_source_without_documents_is_a_clear_error(tmp_path):
 # Packing, shuffling, resume, host slicing
 
 
-def test_train_batches_match_numpy_reference(cfg, tok):
-  reference = {as_key(c) for c in reference_chunks(tok, load_split(cfg.data, "train").texts,
-                                                   SEQ_LEN)}
-  it = make_train_iterator(cfg, tok)
+def test_train_batches_match_numpy_reference(cfg, tok, mixed_docs_root):
+  train = load_split(cfg.data, "train", root=mixed_docs_root)
+  reference = {as_key(c) for c in reference_chunks(tok, train.texts, SEQ_LEN)}
+  assert len(reference) > 2 * len(train)  # long documents are cut into several chunks
+  it = make_train_iterator(cfg, tok, source_root=mixed_docs_root)
   seen, ends, real, steps = 0, 0, 0, 100
   for _ in range(steps):
     batch = next(it)

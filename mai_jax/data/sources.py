@@ -24,6 +24,12 @@ Left out of 'stdlib', and why:
     differ from machine to machine.
   * `site-packages/`: third-party code, different on every machine.
   * `_sysconfigdata_*.py`: build paths and compiler flags of this particular installation.
+  * the modules that Linux distributions ship as separate packages or drop (`_DISTRIBUTION_SPLIT`:
+    IDLE, tkinter and turtle, distutils, lib2to3, ensurepip, ctypes' macOS loader, Debian's own
+    additions). Without them Debian's python3.11 and a python.org/pyenv build of the same minor
+    version see the same file set; what still differs is what the patch releases changed, so the
+    loss figures of a run differ a little from one interpreter to another (as they do anyway from
+    one jax/XLA version to another, and pip picks jax by Python version).
 """
 
 from __future__ import annotations
@@ -46,6 +52,13 @@ _STDLIB_SUFFIXES = (".py", ".txt", ".rst")
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests",
                                    "idle_test", "lib-dynload"})
 _PYDOC_TOPICS = "pydoc_data/topics.py"
+# Top-level stdlib modules and packages that distributions split out or drop: Debian/Ubuntu move
+# idlelib, tkinter, turtle(demo) to python3-tk / idle packages, older Ubuntu distutils and lib2to3
+# to python3-distutils / python3-lib2to3, Fedora ensurepip's helpers; Debian drops ctypes/macholib
+# and adds _distutils_system_mod.py. Left out so the corpus is the same file set everywhere.
+_DISTRIBUTION_SPLIT = frozenset({"idlelib", "tkinter", "turtle.py", "turtledemo", "distutils",
+                                 "lib2to3", "ensurepip", "_distutils_system_mod.py",
+                                 "sitecustomize.py", "ctypes/macholib"})
 
 
 class SourceError(ConfigError):
@@ -154,6 +167,20 @@ def stdlib_root() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
+def _distribution_independent(rel: str) -> bool:
+  parts = rel.split("/")
+  return (parts[0] not in _DISTRIBUTION_SPLIT and "/".join(parts[:2]) not in _DISTRIBUTION_SPLIT
+          and not parts[-1].startswith("_sysconfigdata_"))
+
+
+def stdlib_files(root: str) -> list[str]:
+  """The sorted relative paths the 'stdlib' source reads under `root` (see the module docstring
+  for what is left out and why)."""
+  return [p for p in list_text_files(root, suffixes=_STDLIB_SUFFIXES,
+                                     excluded_dirs=_STDLIB_EXCLUDED_DIRS)
+          if _distribution_independent(p)]
+
+
 def _expand_pydoc_topics(rel: str, text: str) -> Optional[list[tuple[str, str]]]:
   """pydoc_data/topics.py is the language reference as a dict literal of plain-text topics; the
   topics themselves are documentation, the Python string quoting around them is noise."""
@@ -176,9 +203,7 @@ def stdlib_documents(max_files: int = 0, root: Optional[str] = None) -> Document
   """Every document of the 'stdlib' source (both splits); cached, since the tokenizer trainer,
   the train iterator and the eval batches all read it."""
   root = root or stdlib_root()
-  relpaths = [p for p in list_text_files(root, suffixes=_STDLIB_SUFFIXES,
-                                         excluded_dirs=_STDLIB_EXCLUDED_DIRS)
-              if not os.path.basename(p).startswith("_sysconfigdata_")]
+  relpaths = stdlib_files(root)
   if max_files > 0:
     relpaths = relpaths[:max_files]
   return read_documents(f"stdlib at {root}", root, relpaths, expand=_expand_pydoc_topics)
@@ -203,9 +228,7 @@ def spec_files(spec: SourceSpec, max_files: int = 0,
   """(base folder, relative paths) of the files a (non-cache) source reads, first `max_files`."""
   if spec.kind == "stdlib":
     base = root or stdlib_root()
-    files = [p for p in list_text_files(base, suffixes=_STDLIB_SUFFIXES,
-                                        excluded_dirs=_STDLIB_EXCLUDED_DIRS)
-             if not os.path.basename(p).startswith("_sysconfigdata_")]
+    files = stdlib_files(base)
   else:
     base, files = readers.source_files(spec.path)
   return base, files[:max_files] if max_files > 0 else files
