@@ -4,12 +4,12 @@ Shape: 126 layers, d_model 16384 (depth/width 1/130), 128 query heads of 128 wit
 SwiGLU d_ff 53248 (3.25 x d_model), vocab 128,256, RoPE theta 500,000, untied embeddings:
 405,853,388,800 parameters from these shapes (tests/test_experiments_scale.py). Context 8,192.
 
-Layout: 15,360 H100 (1,920 nodes x 8), the scale Meta trained it at (16K H100). Meta used
-TP8 x PP16 x DP; this codebase has no pipeline stage, so: tensor=8 inside each node, fsdp across
-nodes, data-parallel replicas over the rest. The batch is 1,920 x 8,192 = 15.7M tokens, one row
-per tensor group (Meta ramped 4M -> 16M tokens; with no pipeline every tensor group needs >= 1
-row). Full remat: the residual stream is replicated over tensor (no sequence parallelism), and at
-126 x 8,192 x 16,384 bf16 the saved block inputs alone take 34 GB per GPU, so nothing more fits.
+Layout: 16,384 H100 (2,048 nodes x 8), the scale and batch Meta trained it at (16K H100, 2,048 x
+8,192 = 16.8M tokens per step at the end of its batch ramp; Meta ramped 4M -> 8M -> 16M tokens). Meta
+used TP8 x PP16 x DP128; this codebase has no pipeline stage yet, so: tensor=8 inside each node, fsdp
+across nodes, data-parallel replicas over the rest, one row per tensor group. Full remat: the
+residual stream is replicated over tensor (no sequence parallelism), and at 126 x 8,192 x 16,384
+bf16 the saved block inputs alone take 34 GB per GPU, so nothing more fits.
 Token budget: 15.6T tokens (the paper's pretraining corpus).
 
 Variants:
@@ -20,8 +20,8 @@ from mai_jax.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimCo
                             scaled_to_devices)
 
 VARIANTS = ("ci",)
-TARGET_GPUS = 15360
-GLOBAL_BATCH = 1920
+TARGET_GPUS = 16384
+GLOBAL_BATCH = 2048
 SEQ_LEN = 8192
 TOKEN_BUDGET = 15_600 * 10**9
 

@@ -220,28 +220,42 @@ def _run_plan(args, overrides: dict[str, str]) -> int:
   if gpus <= 0:
     raise config_lib.ConfigError(f"{args.config_spec} declares no mesh.target_num_gpus; pass "
                                  f"--gpus N (a positive GPU count)")
-  config_lib.validate(cfg, gpus)
   if args.compile_layers <= 0:
     raise config_lib.ConfigError(f"--compile-layers {args.compile_layers} must be positive")
+  own_layout_error = None  # the config's own layout cannot run on --gpus; --search still ranks
+  try:
+    config_lib.validate(cfg, gpus)
+  except config_lib.ConfigError as e:
+    if not args.search or args.compile:
+      raise config_lib.ConfigError(f"{e}; or rank the layouts that run on {gpus} GPUs with "
+                                   f"--search" if not args.search else str(e)) from None
+    own_layout_error = str(e)
   if args.compile:
     _use_fake_cpu_devices(args.compile_devices)
   from mai_jax import plan as plan_lib  # imports jax: after the fake-device flags
-  result = plan_lib.plan(cfg, gpu, gpus)
-  ranked = plan_lib.search(cfg, gpu, gpus, top=args.top) if args.search else None
+  result = plan_lib.plan(cfg, gpu, gpus) if own_layout_error is None else None
+  ranked, search_note = (plan_lib.search_any_batch(cfg, gpu, gpus, top=args.top) if args.search
+                         else (None, None))
   checked = None
   if args.compile:
     from mai_jax import aot
     checked = aot.compile_check(cfg, args.compile_layers, gpus)
   if args.json:
-    out = result.as_dict()
+    out = result.as_dict() if result is not None else {"own_layout_error": own_layout_error}
     if ranked is not None:
       out["search"] = [p.as_dict() for p in ranked]
+      out["search_note"] = search_note
     if checked is not None:
       out["compile"] = checked
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
-  print(plan_lib.format_plan(result))
+  if result is not None:
+    print(plan_lib.format_plan(result))
+  else:
+    print(f"the config's own layout does not run on {gpus} GPUs: {own_layout_error}")
   if ranked is not None:
+    if search_note:
+      print(f"\nnote: {search_note}")
     print("\nlayouts that fit, fastest first:")
     print(plan_lib.format_search(ranked))
   if checked is not None:

@@ -423,10 +423,18 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     for axis in dict(cfg.mesh.rules).get("batch", ()):
       batch_shards *= mesh_shape(cfg.mesh, num_devices)[axis]
     if per_step % batch_shards:
+      unit = batch_shards * t.microbatches
       raise ConfigError(
           f"train.global_batch_size={t.global_batch_size} / train.microbatches={t.microbatches} "
           f"= {per_step} rows per microbatch must be divisible by the {batch_shards} devices the "
-          f"batch is sharded over (mesh axes {dict(cfg.mesh.rules)['batch']})")
+          f"batch is sharded over (mesh axes {dict(cfg.mesh.rules)['batch']}); pass "
+          f"--config.train.global_batch_size={nearest_multiple(t.global_batch_size, unit)} "
+          f"(the nearest multiple of {unit})")
+
+
+def nearest_multiple(value: int, unit: int) -> int:
+  """The positive multiple of `unit` closest to `value` (ties: the larger one)."""
+  return max(unit, unit * ((value + unit // 2) // unit))
 
 
 def _validate_fault_handling(cfg: Config) -> None:

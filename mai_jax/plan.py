@@ -523,29 +523,64 @@ def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
 # Search
 
 
-def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
-  """Every (tensor, fsdp, data) x remat x microbatches that divides the GPUs and the batch.
+def candidate_meshes(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
+  """Every {axis: size} mesh for `num_gpus` that the model allows, whatever the batch.
 
   tensor stays inside a node and divides the query heads; expert keeps the config's size (MoE
-  layouts are chosen with the expert count); the batch must split over data x fsdp x expert.
+  layouts are chosen with the expert count); fsdp x data take the rest.
   """
   expert = cfg.mesh.expert if cfg.mesh.expert > 0 else 1
   if num_gpus % expert:
     return
-  batch_axes = dict(cfg.mesh.rules).get("batch", ())
   for tensor in (1, 2, 4, 8):
     if tensor > gpu.gpus_per_node or num_gpus % (tensor * expert) or cfg.model.num_heads % tensor:
       continue
     rest = num_gpus // (tensor * expert)
     for fsdp in _divisors(rest):
-      data = rest // fsdp
-      sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
-      shards = math.prod(sizes[a] for a in batch_axes)
-      for micro in _divisors(cfg.train.global_batch_size):
-        if (cfg.train.global_batch_size // micro) % shards:
-          continue
-        for remat in REMATS:
-          yield Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), remat, micro)
+      yield {"data": rest // fsdp, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+
+
+def batch_shards(cfg: Config, sizes: dict[str, int]) -> int:
+  """Devices the batch is split over on a mesh of `sizes` (the 'batch' rule's axes)."""
+  return math.prod(sizes[a] for a in dict(cfg.mesh.rules).get("batch", ()))
+
+
+def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
+  """Every candidate mesh x remat x microbatches whose batch split is even."""
+  for sizes in candidate_meshes(cfg, num_gpus, gpu):
+    shards = batch_shards(cfg, sizes)
+    for micro in _divisors(cfg.train.global_batch_size):
+      if (cfg.train.global_batch_size // micro) % shards:
+        continue
+      for remat in REMATS:
+        yield Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), remat, micro)
+
+
+def search_any_batch(cfg: Config, gpu: str, num_gpus: int, top: int = 10,
+                     attention: str = "flash") -> tuple[list[Plan], Optional[str]]:
+  """(search(...), note): the search at the config's batch, or, when no layout of `num_gpus`
+  splits it, at the nearest batch that one does (same token budget), with a note saying so."""
+  batch = searchable_batch(cfg, gpu, num_gpus)
+  if batch == cfg.train.global_batch_size:
+    return search(cfg, gpu, num_gpus, top, attention), None
+  train = dataclasses.replace(cfg.train, global_batch_size=batch,
+                              token_budget=config_lib.token_budget(cfg))
+  note = (f"train.global_batch_size={cfg.train.global_batch_size} splits evenly over no layout of "
+          f"{num_gpus} GPUs; ranking layouts at the nearest batch that does: {batch} "
+          f"(--config.train.global_batch_size={batch}, {batch * cfg.data.seq_len:,} tokens/step)")
+  return search(dataclasses.replace(cfg, train=train), gpu, num_gpus, top, attention), note
+
+
+def searchable_batch(cfg: Config, gpu: str, num_gpus: int) -> int:
+  """train.global_batch_size if some candidate layout splits it evenly over `num_gpus`, else the
+  nearest batch that one does (a planner answers "how would this run on N GPUs" even when the
+  config's batch was chosen for another count)."""
+  units = {batch_shards(cfg, sizes) for sizes in candidate_meshes(cfg, num_gpus, gpu_spec(gpu))}
+  batch = cfg.train.global_batch_size
+  if not units or any(batch % unit == 0 for unit in units):
+    return batch
+  return min((config_lib.nearest_multiple(batch, u) for u in units),
+             key=lambda b: (abs(b - batch), -b))
 
 
 def _divisors(n: int) -> list[int]:

@@ -175,6 +175,47 @@ def test_search_ranks_fitting_layouts_fastest_first(capsys):
   assert "layouts that fit, fastest first" in text and "DOES NOT FIT" not in text
 
 
+LLAMA405B = os.path.join(EXP, "llama3_405b.py")
+
+
+def test_llama3_405b_plans_at_its_own_scale_and_batch(capsys):
+  """16,384 H100 and 2,048 x 8,192 tokens: the scale and batch Llama 3 405B trained at."""
+  assert cli.main(["plan", "--config", LLAMA405B, "--json", "--search", "--top", "3"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["num_gpus"] == 16384 and out["tokens_per_step"] == 2048 * 8192
+  assert out["fits"] and out["search"] and out["search_note"] is None
+  assert all(p["tokens_per_step"] == 2048 * 8192 for p in out["search"])
+
+
+def test_a_batch_that_does_not_divide_is_rounded_by_search_and_named_by_plan(capsys):
+  argv = ["plan", "--config", LLAMA405B, "--gpus", "16384", "--config.train.global_batch_size=1920"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert "--config.train.global_batch_size=2048" in err and "--search" in err
+  assert cli.main(argv + ["--json", "--search", "--top", "2"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert "1920" in out["own_layout_error"] and "2048" in out["search_note"]
+  ranked = out["search"]
+  assert ranked and all(p["tokens_per_step"] == 2048 * 8192 and p["fits"] for p in ranked)
+  # Same token budget at the rounded batch: days follow from the budget, not from num_steps.
+  assert ranked[0]["token_budget"] == 15_600 * 10**9
+  assert cli.main(argv + ["--search", "--top", "2"]) == 0
+  text = capsys.readouterr().out
+  assert "does not run on 16384 GPUs" in text and "note: train.global_batch_size=1920" in text
+
+
+def test_searchable_batch_is_the_nearest_that_some_layout_splits():
+  cfg = C.load_experiment(LLAMA405B)
+  assert P.searchable_batch(cfg, "h100", 16384) == 2048  # divides already
+  at = lambda b, n: P.searchable_batch(C.apply_overrides(cfg, {"train.global_batch_size": str(b)}),
+                                       "h100", n)
+  assert at(1920, 16384) == 2048  # tensor=8 leaves 2,048 batch shards: the smallest unit
+  assert at(3000, 16384) == 2048 and at(3100, 16384) == 4096
+  assert at(1000, 16384) == 2048  # never below one row per shard
+  assert C.nearest_multiple(1920, 2048) == 2048 and C.nearest_multiple(3072, 2048) == 4096
+
+
 def test_more_memory_per_gpu_lets_more_fit():
   cfg = C.apply_overrides(C.load_experiment(MAI1), {"model.remat": "none"})
   assert not P.plan(cfg, "h100", 15360).fits
