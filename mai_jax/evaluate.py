@@ -164,7 +164,6 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
   """Mean validation cross-entropy over up to `num_batches` batches of the held-out split."""
   from mai_jax.data.pipeline import make_eval_batches
   from mai_jax.train import step as step_lib
-  from mai_jax.train.loop import global_batch
   from mai_jax.train.state import ModelSpec
 
   graphdef, state = nnx.split(model)
@@ -177,7 +176,7 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
                            process_index=jax.process_index(), process_count=jax.process_count())
   if not host:
     raise ConfigError("the validation split is empty; raise data.val_fraction")
-  batches = [global_batch(b, batch_sharding, cfg.train.global_batch_size) for b in host]
+  batches = [step_lib.global_batch(b, batch_sharding, cfg.train.global_batch_size) for b in host]
   loss = evaluate(eval_step, params, batches)
   tokens = int(sum(int(np.sum(b["segment_ids"] != 0)) for b in host))
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,

@@ -24,6 +24,7 @@ import numpy as np
 
 from mai_jax.config import Config
 from mai_jax.data import cache as cache_lib
+from mai_jax.data import streams
 from mai_jax.data.sources import SourceError, SourceSpec
 from mai_jax.data.tokenizer import Tokenizer
 
@@ -97,7 +98,6 @@ def _open_all(specs: tuple[SourceSpec, ...], tokenizer: Tokenizer):
 def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSpec, ...],
                         start: int, stop: int) -> grain.DatasetIterator:
   """This host's rows of every global batch, from the caches `specs` (see module docstring)."""
-  from mai_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   seq_len = cfg.data.seq_len
   opened = _open_all(specs, tokenizer)
   windows = [splits["train"].num_windows(seq_len) for _, splits in opened]
@@ -105,15 +105,15 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSp
     if n < 1:
       raise SourceError(f"data.sources {spec.name!r}: the token cache {spec.path} has fewer than "
                         f"data.seq_len + 1 = {seq_len + 1} train tokens")
-  seed = pipeline.shuffle_seed(cfg)
-  seeds = [seed if k == 0 else pipeline.source_seed(seed, k) for k in range(len(specs))]
+  seed = streams.shuffle_seed(cfg)
+  seeds = [seed if k == 0 else streams.source_seed(seed, k) for k in range(len(specs))]
   step_rows = StepRows([s.path for s in specs], windows, [s.weight for s in specs], seeds,
                        seq_len, cfg.train.global_batch_size, start, stop)
   # data.worker_count reader threads, not processes: the work is tensorstore I/O and NumPy, both
   # outside the GIL, and threads keep the iterator state {'next_index': step} (grain's worker
   # processes would make it depend on the worker count).
   options = grain.ReadOptions(num_threads=max(cfg.data.worker_count, 1),
-                              prefetch_buffer_size=pipeline.READ_OPTIONS.prefetch_buffer_size)
+                              prefetch_buffer_size=streams.READ_OPTIONS.prefetch_buffer_size)
   ds = grain.MapDataset.range(sys.maxsize).map(step_rows).to_iter_dataset(options)
   if cfg.data.prefetch_buffer > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(

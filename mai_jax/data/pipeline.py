@@ -53,8 +53,9 @@ from typing import Optional
 import grain
 import numpy as np
 
-from mai_jax.config import Config, ConfigError
-from mai_jax.data import sources
+from mai_jax.config import Config
+from mai_jax.data import cache_pipeline, sources
+from mai_jax.data.streams import READ_OPTIONS, host_rows, shuffle_seed, source_seed
 from mai_jax.data.tokenizer import Tokenizer
 
 FEATURES = ("inputs", "targets", "segment_ids", "positions")
@@ -64,9 +65,6 @@ FEATURES = ("inputs", "targets", "segment_ids", "positions")
 _CHUNK_SHUFFLE_WINDOW = 1024
 # First-fit packing bins: more bins leave less padding; each element is tried against every bin.
 _MIN_PACKING_BINS = 64
-# Documents tokenized ahead by grain's reader thread in each process (a second thread gave no
-# measurable gain on 2 cores).
-READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 
 
 class Tokenize(grain.transforms.Map):
@@ -129,25 +127,6 @@ class HostRows(grain.transforms.Map):
     return {k: np.ascontiguousarray(v[self._start:self._stop]) for k, v in batch.items()}
 
 
-def shuffle_seed(cfg: Config) -> int:
-  """One 32-bit seed from train.seed and data.shuffle_seed (either changes the order)."""
-  return int(np.random.SeedSequence([cfg.train.seed, cfg.data.shuffle_seed,
-                                     0x6d61692d]).generate_state(1)[0])
-
-
-def host_rows(cfg: Config, process_index: int, process_count: int) -> tuple[int, int]:
-  """[start, stop) of the global batch's rows that belong to this host."""
-  batch = cfg.train.global_batch_size
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                     f"{process_count})")
-  if batch % process_count:
-    raise ConfigError(f"train.global_batch_size={batch} must be divisible by the "
-                      f"{process_count} processes, each of which loads an equal share of rows")
-  per_host = batch // process_count
-  return process_index * per_host, (process_index + 1) * per_host
-
-
 def _pack(ds: grain.IterDataset, cfg: Config, tokenizer: Tokenizer, *, seed: int,
           shuffle_bins: bool, source_index: int = 0, num_sources: int = 1) -> grain.IterDataset:
   """chunks -> packed rows of seq_len."""
@@ -187,7 +166,6 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, *, process_index: int
   start, stop = host_rows(cfg, process_index, process_count)
   specs = sources.source_specs(cfg.data)
   if specs[0].kind == "cache":
-    from mai_jax.data import cache_pipeline  # pylint: disable=import-outside-toplevel
     return cache_pipeline.make_train_iterator(cfg, tokenizer, specs, start, stop)
   seed = shuffle_seed(cfg)
   splits = sources.load_splits(cfg.data, "train", root=source_root)
@@ -200,11 +178,6 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, *, process_index: int
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=cfg.data.prefetch_buffer)
   return iter(ds)
-
-
-def source_seed(seed: int, source_index: int) -> int:
-  """The shuffle seed of the source_index-th source (the first keeps the run's seed)."""
-  return int(np.random.SeedSequence([seed, source_index]).generate_state(1)[0])
 
 
 def _source_rows(cfg: Config, tokenizer: Tokenizer, docs: sources.DocumentSource, k: int,
@@ -240,7 +213,6 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, *, num_batches: int,
   start, stop = host_rows(cfg, process_index, process_count)
   specs = sources.source_specs(cfg.data)
   if specs[0].kind == "cache":
-    from mai_jax.data import cache_pipeline  # pylint: disable=import-outside-toplevel
     return cache_pipeline.make_eval_batches(cfg, tokenizer, specs, start, stop, num_batches)
   docs = [text for split in sources.load_splits(cfg.data, "validation", root=source_root)
           for text in split.texts]  # every source, in data.sources order

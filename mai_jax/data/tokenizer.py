@@ -19,45 +19,25 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
 from mai_jax.config import Config, ConfigError
-from mai_jax.data import sources
+from mai_jax.data import sources, tokenizer_files
+from mai_jax.data.tokenizer_base import (TRAIN_PIECE_CHARS, Tokenizer, TokenizerError,
+                                         training_pieces)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 TOKENIZER_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face tokenizer brought with imported weights
 
-# SentencePiece skips training "sentences" longer than max_sentence_length bytes, so documents are
-# fed in pieces of at most this many characters, cut at line ends (4 bytes per char worst case).
-_TRAIN_PIECE_CHARS = 2048
-_MAX_SENTENCE_BYTES = 4 * _TRAIN_PIECE_CHARS + 16
+# SentencePiece skips training "sentences" longer than max_sentence_length bytes; the pieces
+# training_pieces cuts are at most TRAIN_PIECE_CHARS characters (4 bytes per char worst case).
+_MAX_SENTENCE_BYTES = 4 * TRAIN_PIECE_CHARS + 16
 # The trainer's thread count is recorded in the model file; a constant keeps the file (and its
 # content_hash) identical whatever machine trained it. The learned pieces do not depend on it.
 _TRAIN_THREADS = 4
-
-
-class TokenizerError(ConfigError):
-  """A tokenizer file is missing or does not fit the config; the message says which and the fix."""
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-  """What the data pipeline, evaluation and sampling need from a tokenizer."""
-  vocab_size: int
-  pad_id: int
-  bos_id: int
-  eos_id: int
-  path: str
-  content_hash: str
-
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without bos/eos."""
-
-  def decode(self, ids: Sequence[int]) -> str:
-    """The text of `ids`; decode(encode(t)) == t for any string t."""
 
 
 class SentencePieceTokenizer:
@@ -117,7 +97,6 @@ def load_tokenizer(path: str, pattern: str = "") -> Tokenizer:
   anything else a tiktoken rank file (split by `pattern`, default cl100k's)."""
   if path.endswith(".model"):
     return SentencePieceTokenizer(path)
-  from mai_jax.data import tokenizer_files  # pylint: disable=import-outside-toplevel
   if path.endswith(".json"):
     return tokenizer_files.HFTokenizer(path)
   return tokenizer_files.TiktokenTokenizer(path, pattern)
@@ -153,34 +132,6 @@ def check_tokenizer_record(workdir: str, tok: Tokenizer, *, write: bool = True) 
 # Training
 
 
-def _training_pieces(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-  """Yields pieces of at most _TRAIN_PIECE_CHARS characters, cut at line ends (a longer line is
-  cut inside), `max_chars` characters in all. Newlines stay in the pieces so the model learns
-  tokens such as '):\\n'."""
-  budget = max_chars
-  for text in texts:
-    piece: list[str] = []
-    size = 0
-    for line in text.splitlines(keepends=True):
-      while line:
-        if size + len(line) > _TRAIN_PIECE_CHARS and piece:
-          joined = "".join(piece)
-          if len(joined) > budget:
-            return
-          budget -= len(joined)
-          yield joined
-          piece, size = [], 0
-        head, line = line[:_TRAIN_PIECE_CHARS], line[_TRAIN_PIECE_CHARS:]
-        piece.append(head)
-        size += len(head)
-    if piece:
-      joined = "".join(piece)
-      if len(joined) > budget:
-        return
-      budget -= len(joined)
-      yield joined
-
-
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str,
                         max_chars: int) -> str:
   """Trains a byte-fallback BPE model on at most `max_chars` characters of `texts`.
@@ -196,7 +147,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str
   if vocab_size < 4 + 256 + 1:
     raise ConfigError(f"model.vocab_size={vocab_size} is too small for a byte-fallback tokenizer: "
                       f"it needs 4 special + 256 byte pieces plus learned ones; use >= 512")
-  pieces = _training_pieces(texts, max_chars)
+  pieces = training_pieces(texts, max_chars)
   first = next(pieces, None)
   if first is None:
     raise TokenizerError(f"no text to train the tokenizer {model_prefix}.model on "

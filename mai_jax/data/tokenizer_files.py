@@ -14,7 +14,7 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from mai_jax.data.tokenizer import TokenizerError, _training_pieces
+from mai_jax.data.tokenizer_base import TokenizerError, training_pieces
 
 # Special tokens looked up in a tokenizer.json / added to a tiktoken rank file, first match wins.
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>")
@@ -167,7 +167,7 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int, path: str, max_chars: in
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
-  tok.train_from_iterator(_training_pieces(texts, max_chars), trainer=trainer)
+  tok.train_from_iterator(training_pieces(texts, max_chars), trainer=trainer)
   # A small corpus supports fewer merges than asked for; like train_sentencepiece, fill the
   # vocabulary with never-produced tokens so it has exactly vocab_size entries.
   missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)

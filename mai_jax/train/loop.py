@@ -61,15 +61,6 @@ def write_config(cfg: Config, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def global_batch(local: dict, sharding, global_rows: int) -> dict:
-  """Builds global jax arrays from this host's rows of the batch."""
-  out = {}
-  for key in step_lib.BATCH_KEYS:
-    x = np.asarray(local[key], np.int32)
-    out[key] = jax.make_array_from_process_local_data(sharding, x, (global_rows, x.shape[1]))
-  return out
-
-
 def _tokenizer(cfg: Config, workdir: str, init_source=None):
   """Process 0 trains (or loads) the tokenizer first; the others then load the same file.
   The tokenizer checks its size against model.vocab_size itself. A run starting from existing
@@ -142,7 +133,7 @@ class _Run:
     self.initial_data_state = self.data_iter.get_state()
     self.data_metrics = DataMetrics(cfg)  # realized mixture: tokens per source (this run)
     rows = cfg.train.global_batch_size
-    self.eval_batches = [global_batch(b, self.trainer.batch_sharding, rows)  # placed once
+    self.eval_batches = [step_lib.global_batch(b, self.trainer.batch_sharding, rows)  # placed once
                          for b in make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
                                                     process_index=pid, process_count=nproc)]
     self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
@@ -237,7 +228,7 @@ class _Run:
     local = next(self.data_iter)
     self.data_metrics.add(local)
     self.position += 1
-    batch = global_batch(local, self.trainer.batch_sharding, self.cfg.train.global_batch_size)
+    batch = step_lib.global_batch(local, self.trainer.batch_sharding, self.cfg.train.global_batch_size)
     return batch, self.position - 1
 
   # ---------------------------------------------------------------------------------- loop

@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -130,6 +131,15 @@ def make_eval_step(cfg: Config, model_spec: ModelSpec) -> Callable:
 def batch_sharding(mesh, cfg: Config) -> NamedSharding:
   """Global batch rows sharded over the mesh axes the 'batch' logical axis maps to."""
   return NamedSharding(mesh, sharding_lib.logical_to_spec(("batch", None), cfg.mesh.rules, mesh))
+
+
+def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
+  """Global jax arrays [global_rows, T] from this host's rows of the batch (BATCH_KEYS)."""
+  out = {}
+  for key in BATCH_KEYS:
+    x = np.asarray(local[key], np.int32)
+    out[key] = jax.make_array_from_process_local_data(sharding, x, (global_rows, x.shape[1]))
+  return out
 
 
 def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding):
