@@ -62,13 +62,23 @@ def git_commit() -> str | None:
     return None
 
 
-def random_batch(cfg: config_lib.Config, batch_sharding) -> dict:
-  """A global batch of random tokens (one document per row), already on the devices."""
+def random_batch(cfg: config_lib.Config, batch_sharding, mean_doc_len: int = 0) -> dict:
+  """A global batch of random tokens, already on the devices: one document per row, or, with
+  `mean_doc_len` > 0, rows packed with documents of random (geometric) lengths of that mean, with
+  the segment ids and restarting positions the data pipeline gives packed rows."""
   rows, seq = cfg.train.global_batch_size, cfg.data.seq_len
-  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (rows, seq + 1), np.int32)
-  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                "segment_ids": np.ones((rows, seq), np.int32),
-                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq))}
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.model.vocab_size, (rows, seq + 1), np.int32)
+  segment_ids = np.ones((rows, seq), np.int32)
+  positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy()
+  if mean_doc_len > 0:
+    for r in range(rows):
+      starts = np.cumsum(rng.geometric(1.0 / mean_doc_len, size=seq))
+      starts = np.concatenate([[0], starts[starts < seq]])
+      segment_ids[r] = np.searchsorted(starts, np.arange(seq), side="right")
+      positions[r] = np.arange(seq) - starts[segment_ids[r] - 1]
+  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
+                "positions": positions}
   return {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
 
 
@@ -83,13 +93,13 @@ def time_steps(step_fn, state, batch, steps: int):
   return state, m, times
 
 
-def run(cfg: config_lib.Config, steps: int, warmup: int) -> dict:
+def run(cfg: config_lib.Config, steps: int, warmup: int, mean_doc_len: int = 0) -> dict:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   config_lib.validate(cfg, jax.device_count())
   trainer = build_trainer(cfg, mesh, max(cfg.train.num_steps, steps + warmup))
   state = trainer.init_state()
   rows, seq = cfg.train.global_batch_size, cfg.data.seq_len
-  batch = random_batch(cfg, trainer.batch_sharding)
+  batch = random_batch(cfg, trainer.batch_sharding, mean_doc_len)
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     step_fn = trainer.jit_train_step()
     t0 = time.perf_counter()
