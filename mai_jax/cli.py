@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from mai_jax import cli_checks
 from mai_jax import config as config_lib
 
 USAGE_EXIT = 2
@@ -118,7 +119,28 @@ def _run_checkpoints(args) -> int:
   print(f"{'step':>8}  {'status':<12} {'size':>10}  detail")
   for e in entries:
     print(f"{e.step:>8}  {e.status:<12} {e.size_bytes / 2**20:>8.1f}MB  {e.name}: {e.detail}")
-  return 0 if all(e.status in ("ok", "unverified") for e in entries) else 1
+  code, summary = checkpoints_verdict(entries)
+  print(summary)
+  return code
+
+
+def checkpoints_verdict(entries) -> tuple[int, str]:
+  """(exit code, summary line) of a checkpoint listing. Exit 1 only when the latest restorable
+  state is in danger: no finalized step is restorable, or the newest finalized step fails
+  verification (a resume would fall back past it and lose its steps). Quarantined steps (a resume
+  already moved them aside and fell back), interrupted saves (orbax ignores them) and an older
+  corrupt step behind a good newest one are reported, but the run resumes from its newest step."""
+  finalized = [e for e in entries if e.name.isdigit()]
+  good = [e.step for e in finalized if e.status in ("ok", "unverified")]
+  notes = [f"{n} {status}" for status in ("quarantined", "incomplete", "corrupt")
+           if (n := sum(e.status == status for e in entries))]
+  noted = f" ({', '.join(notes)}: see above)" if notes else ""
+  if not good:
+    return 1, f"no restorable checkpoint{noted}: a resume starts from scratch"
+  if finalized[-1].status == "corrupt":
+    return 1, (f"the newest step {finalized[-1].step} is corrupt: a resume falls back to step "
+               f"{good[-1]} and recomputes the steps after it")
+  return 0, f"resumes from step {good[-1]}{noted}"
 
 
 def _add_data_parser(sub) -> None:
@@ -317,12 +339,25 @@ def _run_convert(args, overrides) -> None:
     print(f"mai-jax: wrote {args.out} from {args.workdir}")
 
 
+def _reader_went_away() -> int:
+  """`mai-jax plan --json | head -3`: the reader closed the pipe, which is its choice, not an
+  error. Exit 0 quietly, and point stdout at /dev/null so Python's final flush cannot complain."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, sys.stdout.fileno())
+  except (AttributeError, OSError, ValueError):  # a replaced sys.stdout (tests, notebooks)
+    pass
+  sys.stdout = os.fdopen(devnull, "w")
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
   try:
     rest, overrides = split_overrides(argv)
     args = parser.parse_args(rest)
+    cli_checks.check_args(args)
     if args.command == "train":
       cfg = resolve_config(args.config_spec, args.workdir, overrides)
       from mai_jax.launch import distributed  # heavy imports only once the config is valid
@@ -345,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)
     return USAGE_EXIT
+  except BrokenPipeError:
+    return _reader_went_away()
   except RuntimeError as e:
     from mai_jax.checkpoint import CheckpointError
     if not isinstance(e, CheckpointError):
