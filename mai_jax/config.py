@@ -190,6 +190,13 @@ class TrainConfig:
   # `checkpoints --export-params`, or a training run: its latest good step) whose params start
   # this run, with a fresh optimizer state at step 0. Ignored once the run has its own checkpoints.
   init_from: str = ""
+  # Weights & Biases logging beside metrics.jsonl and TensorBoard (`pip install -e ".[track]"`);
+  # '' project: off. Run name '' is the workdir's name; mode '' leaves it to wandb (WANDB_MODE,
+  # else online); 'offline' writes WANDB_DIR (default WORKDIR) only, for a later `wandb sync`.
+  wandb_project: str = ""
+  wandb_entity: str = ""
+  wandb_run_name: str = ""
+  wandb_mode: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +222,7 @@ CHOICES = {
     ("model", "router"): ("softmax_topk", "sigmoid_bias"),
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
     ("data", "source"): ("stdlib",),
+    ("train", "wandb_mode"): ("", "online", "offline", "disabled"),
 }
 
 
