@@ -65,8 +65,39 @@ def resolve_config(config_spec: Optional[str], workdir: Optional[str],
   return cfg
 
 
+CONFIG_TABLE = ("config keys: the 'Config sections' table of README.md (fields and defaults: "
+                "mai_jax/config.py; `mai-jax config show --config ...` prints a resolved config)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows '(default: X)' where there is a default to show (not for None, flags or required)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or action.default is False or action.required:
+      return action.help
+    return super()._get_help_string(action)
+
+  def _fill_text(self, text, width, indent):  # keep the epilogs' paragraphs
+    return "\n\n".join(super(_HelpFormatter, self)._fill_text(p, width, indent)
+                       for p in text.split("\n\n"))
+
+
+def _with_defaults_in_help(parser: argparse.ArgumentParser) -> None:
+  """Every (sub)command's --help shows defaults and points at the config table."""
+  parser.formatter_class = _HelpFormatter
+  for action in parser._actions:  # pylint: disable=protected-access
+    if action.help is None and action.default is not None and not action.required:
+      action.help = "(default: %(default)s)"  # argparse shows no line at all for help=None
+    if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+      for child in action.choices.values():
+        child.epilog = f"{child.epilog}\n\n{CONFIG_TABLE}" if child.epilog else CONFIG_TABLE
+        _with_defaults_in_help(child)
+
+
 def _parser() -> argparse.ArgumentParser:
+  from mai_jax import __version__  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog="mai-jax", description=__doc__.split("\n")[0])
+  parser.add_argument("--version", action="version", version=f"mai-jax {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   train = sub.add_parser("train", help="train (or resume) a model",
                          epilog="Override any config field with --config.SECTION.KEY=VALUE; values "
@@ -83,7 +114,38 @@ def _parser() -> argparse.ArgumentParser:
   _add_eval_parser(sub)
   _add_sample_parser(sub)
   _add_convert_parser(sub)
+  _add_config_parser(sub)
+  _with_defaults_in_help(parser)
   return parser
+
+
+def _add_config_parser(sub) -> None:
+  p = sub.add_parser("config", help="print a resolved config")
+  what = p.add_subparsers(dest="config_command", required=True)
+  show = what.add_parser(
+      "show", help="the config a command would run with (overrides applied), as JSON",
+      epilog="--diff lists only the fields that differ from the dataclass defaults "
+             "(mai_jax.config.Config()): what the experiment file and the overrides set, one "
+             "--config.SECTION.KEY=VALUE per line, ready to paste.")
+  show.add_argument("--config", dest="config_spec",
+                    help="experiments/NAME.py[:VARIANT] or a config.json")
+  show.add_argument("--workdir", help="a run directory: its config.json (when --config is absent)")
+  show.add_argument("--diff", action="store_true",
+                    help="only the fields that differ from the defaults")
+
+
+def _run_config(args, overrides) -> None:
+  if not args.config_spec and not args.workdir:
+    raise config_lib.ConfigError("config show needs --config experiments/NAME.py[:VARIANT] or "
+                                 "--workdir DIR")
+  if args.workdir and not args.config_spec:
+    cli_checks.run_directory(args.workdir)
+  cfg = resolve_config(args.config_spec, args.workdir, overrides)
+  if not args.diff:
+    print(config_lib.to_json(cfg))
+    return
+  for dotted, value, default in config_lib.differences(cfg, config_lib.Config()):
+    print(f"--config.{dotted}={value!r}  # default {default!r}")
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -376,6 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _run_sample(args, overrides)
     elif args.command == "convert":
       _run_convert(args, overrides)
+    elif args.command == "config":
+      _run_config(args, overrides)
     return 0
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)

@@ -749,6 +749,19 @@ def to_json(cfg: Config) -> str:
   return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
+def differences(cfg: Config, base: Config) -> list[tuple[str, Any, Any]]:
+  """(SECTION.KEY, value in cfg, value in base) of every field where the two differ, in field
+  order: `mai-jax config show --diff` against the dataclass defaults."""
+  out = []
+  for section in SECTIONS:
+    ours, theirs = getattr(cfg, section), getattr(base, section)
+    for field in dataclasses.fields(ours):
+      if getattr(ours, field.name) != getattr(theirs, field.name):
+        out.append((f"{section}.{field.name}", getattr(ours, field.name),
+                    getattr(theirs, field.name)))
+  return out
+
+
 def from_dict(raw: dict) -> Config:
   """Rebuilds a Config from `to_dict` output (e.g. WORKDIR/config.json); unknown keys are errors."""
   sections = {}
