@@ -369,9 +369,12 @@ def _run_sample(args, overrides) -> None:
                                    temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, seed=args.seed)
   sample.check(settings)
-  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
+  cfg, model, step, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
   tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
-  texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh)
+  # A run trained here (step > 0) saw data.seq_len tokens; imported weights (step 0) carry their
+  # source's context, which the import does not record: no warning for them.
+  texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh,
+                             trained_context=cfg.data.seq_len if step > 0 else None)
   for prompt, text in zip(args.prompt, texts):
     print(f"=== {prompt!r}\n{prompt}{text}")
 
