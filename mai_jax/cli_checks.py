@@ -17,7 +17,7 @@ from typing import Optional
 from mai_jax.config import ConfigError
 
 # command (and data/convert subcommand) -> {flag: kind}. Kinds: 'run' an existing run directory
-# (holds config.json), 'in_dir' an existing directory, 'out_dir' a directory that is created,
+# (holds config.json), 'in_dir' an existing directory, 'in_files' existing files, 'out_dir' a directory that is created,
 # 'out_file' a file that is written, 'positive' a count >= 1, 'non_negative' a count >= 0.
 CHECKS: dict[str, dict[str, str]] = {
     "train": {"--workdir": "out_dir", "--num-processes": "positive",
@@ -28,7 +28,7 @@ CHECKS: dict[str, dict[str, str]] = {
     "data inspect": {"token cache": "in_dir"},
     "plan": {"--gpus": "positive", "--top": "positive", "--compile-layers": "positive",
              "--compile-devices": "positive"},
-    "eval": {"--workdir": "run"},
+    "eval": {"--workdir": "run", "--tasks": "in_files"},
     "sample": {"--workdir": "run", "--max-new-tokens": "positive"},
     "convert from-hf": {"--hf-dir": "in_dir", "--workdir": "out_dir"},
     "convert to-hf": {"--workdir": "run", "--out": "out_dir"},
@@ -56,6 +56,11 @@ def check_args(args: argparse.Namespace) -> None:
       run_directory(value, flag)
     elif kind == "in_dir":
       existing_directory(value, flag)
+    elif kind == "in_files":
+      for path in value:
+        if not os.path.isfile(path):
+          raise ConfigError(f"{flag} {path}: {'is a directory' if os.path.isdir(path) else 'not found'}"
+                            f"; pass files")
     elif kind == "out_dir":
       output_directory(value, flag)
     else:

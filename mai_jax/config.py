@@ -790,17 +790,22 @@ def _from_json(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"config.json: {key}={value!r} is not a {_type_name(hint)}") from None
 
 
-def load_json(path: str) -> Config:
-  """Reads a config.json; an unreadable or malformed file is a ConfigError naming the file and
-  where the JSON breaks, not a JSONDecodeError."""
+def read_json(path: str, fix: str) -> Any:
+  """json.load of a file a user handed us; a malformed or unreadable one is a ConfigError naming
+  the file, where the JSON breaks and `fix`, not a JSONDecodeError traceback."""
   try:
     with open(path) as f:
-      raw = json.load(f)
+      return json.load(f)
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                      f"repair it, or pass the run's experiment with --config") from None
+                      f"{fix}") from None
   except (OSError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path}: cannot be read ({e})") from None
+    raise ConfigError(f"{path}: cannot be read ({e}); {fix}") from None
+
+
+def load_json(path: str) -> Config:
+  """Reads a config.json (see read_json for a broken one)."""
+  raw = read_json(path, "repair it, or pass the run's experiment with --config")
   if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
     raise ConfigError(f"{path}: expected a JSON object of sections ({', '.join(SECTIONS)}), each "
                       f"an object of keys, as `mai-jax train` writes it")

@@ -73,6 +73,7 @@ def test_a_file_where_a_directory_belongs(argv, place, capsys):
 
 MISSING = [
     ["eval", "--workdir", "runs/nope"],
+    ["eval", "--workdir", "run", "--tasks", "runs/nope"],
     ["sample", "--workdir", "runs/nope", "--prompt", "x"],
     ["checkpoints", "--workdir", "runs/nope"],
     ["convert", "to-hf", "--workdir", "runs/nope", "--out", "out"],
@@ -134,18 +135,28 @@ def test_a_bad_count(argv, message, place, capsys):
   assert message in err and "target_num_gpus" not in err
 
 
-@pytest.mark.parametrize("argv", [
+TRUNCATED, NOT_SECTIONS = '{"model": {"d_model": 64', ["[1, 2]", '{"model": 3}']
+RUN_CONFIG_READERS = [
     ["train", "--workdir", "run"],
     ["eval", "--workdir", "run"],
     ["sample", "--workdir", "run", "--prompt", "x"],
     ["convert", "to-hf", "--workdir", "run", "--out", "out"],
     ["train", "--config", "run/config.json", "--workdir", "other"],
-], ids=lambda a: " ".join(a[:2]))
-@pytest.mark.parametrize("text", ['{"model": {"d_model": 64', "[1, 2]", '{"model": 3}'])
-def test_a_broken_config_json(argv, text, place, capsys):
-  (place / "run" / "config.json").write_text(text)
+    ["config", "show", "--workdir", "run"],
+]
+
+
+@pytest.mark.parametrize("broken, argv, text", [
+    *[("run/config.json", argv, text) for argv in RUN_CONFIG_READERS
+      for text in [TRUNCATED] + NOT_SECTIONS],
+    ("hf/config.json", ["convert", "from-hf", "--hf-dir", "hf", "--workdir", "out"], TRUNCATED),
+    ("cache/manifest.json", ["data", "inspect", "cache"], TRUNCATED),
+], ids=lambda a: " ".join(a[:2]) if isinstance(a, list) else None)
+def test_a_broken_json_file(broken, argv, text, place, capsys):
+  os.makedirs(place / os.path.dirname(broken), exist_ok=True)
+  (place / broken).write_text(text)
   before = _tree(place)
-  assert "run/config.json" in _one_line_error(argv, capsys)
+  assert broken in _one_line_error(argv, capsys)
   assert _tree(place) == before
 
 
