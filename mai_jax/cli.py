@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -405,15 +406,17 @@ def _run_convert(args, overrides) -> None:
 
 
 def _reader_went_away() -> int:
-  """`mai-jax plan --json | head -3`: the reader closed the pipe, which is its choice, not an
-  error. Exit 0 quietly, and point stdout at /dev/null so Python's final flush cannot complain."""
+  """`mai-jax plan --json | head -3`: the reader closed the pipe. Exit quietly with the status a
+  C tool killed by SIGPIPE has (128 + 13 = 141: `yes | head` under `set -o pipefail` fails the
+  same way, and a `train | head` that stopped early does not look like a finished run), with
+  stdout pointed at /dev/null so Python's final flush cannot print a second error."""
   devnull = os.open(os.devnull, os.O_WRONLY)
   try:
     os.dup2(devnull, sys.stdout.fileno())
   except (AttributeError, OSError, ValueError):  # a replaced sys.stdout (tests, notebooks)
     pass
   sys.stdout = os.fdopen(devnull, "w")
-  return 0
+  return 128 + signal.SIGPIPE
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
