@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from mai_jax import cli_checks
+from mai_jax import cli_checks, cli_help
 from mai_jax import config as config_lib
 
 USAGE_EXIT = 2
@@ -66,35 +66,6 @@ def resolve_config(config_spec: Optional[str], workdir: Optional[str],
   return cfg
 
 
-CONFIG_TABLE = ("config keys: the 'Config sections' table of README.md (fields and defaults: "
-                "mai_jax/config.py; `mai-jax config show --config ...` prints a resolved config)")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-  """Shows '(default: X)' where there is a default to show (not for None, flags or required)."""
-
-  def _get_help_string(self, action):
-    if action.default is None or action.default is False or action.required:
-      return action.help
-    return super()._get_help_string(action)
-
-  def _fill_text(self, text, width, indent):  # keep the epilogs' paragraphs
-    return "\n\n".join(super(_HelpFormatter, self)._fill_text(p, width, indent)
-                       for p in text.split("\n\n"))
-
-
-def _with_defaults_in_help(parser: argparse.ArgumentParser) -> None:
-  """Every (sub)command's --help shows defaults and points at the config table."""
-  parser.formatter_class = _HelpFormatter
-  for action in parser._actions:  # pylint: disable=protected-access
-    if action.help is None and action.default is not None and not action.required:
-      action.help = "(default: %(default)s)"  # argparse shows no line at all for help=None
-    if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
-      for child in action.choices.values():
-        child.epilog = f"{child.epilog}\n\n{CONFIG_TABLE}" if child.epilog else CONFIG_TABLE
-        _with_defaults_in_help(child)
-
-
 def _parser() -> argparse.ArgumentParser:
   from mai_jax import __version__  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog="mai-jax", description=__doc__.split("\n")[0])
@@ -116,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_sample_parser(sub)
   _add_convert_parser(sub)
   _add_config_parser(sub)
-  _with_defaults_in_help(parser)
+  cli_help.with_defaults_in_help(parser)
   return parser
 
 
