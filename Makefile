@@ -4,7 +4,10 @@ VENV ?= .venv
 WORKDIR ?= runs/tiny
 BIN := $(VENV)/bin
 
-.PHONY: train test test-fast install clean
+CONFIG ?= experiments/mai1_500b.py
+PROMPT ?= def main(
+
+.PHONY: train eval sample plan test test-fast install clean
 
 $(BIN)/mai-jax: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +21,23 @@ install: $(BIN)/mai-jax
 # libraries); it and transformers are the reference for the Hugging Face parity tests.
 $(VENV)/.test-deps: $(BIN)/mai-jax
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,hf]"
+	$(BIN)/python -m pip install -q -e ".[test,hf,track]"
 	touch $@
 
 # Trains experiments/tiny.py on the embedded corpus (the interpreter's standard library) on CPU.
 train: install
 	$(BIN)/mai-jax train --config experiments/tiny.py --workdir $(WORKDIR)
+
+# The other commands on the same workdir, without activating .venv (`source .venv/bin/activate`
+# puts `mai-jax` on PATH instead).
+eval: install
+	$(BIN)/mai-jax eval --workdir $(WORKDIR)
+
+sample: install
+	$(BIN)/mai-jax sample --workdir $(WORKDIR) --prompt "$(PROMPT)"
+
+plan: install
+	$(BIN)/mai-jax plan --config $(CONFIG)
 
 # The whole suite: the fast tests, then the slow end-to-end ones.
 test: $(VENV)/.test-deps

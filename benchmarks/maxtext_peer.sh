@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the MaxText peer (../shared/tools/maxtext_tiny.sh: MaxText 0.2.5, same tiny Llama shape) and
+# Runs the MaxText peer (benchmarks/maxtext_tiny.sh: MaxText 0.2.5, same tiny Llama shape) and
 # then mai_jax's train_step benchmark on experiments/tiny.py right after it, twice:
 #   same_jax:  under the peer's own virtualenv (Python 3.12, the jax/jaxlib MaxText resolved), so
 #              both step times come from the same XLA build;
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PEER_PY=${MAXTEXT_ROOT:-/tmp/maxtext_peer}/venv/bin/python
-peer_line=$(bash ../shared/tools/maxtext_tiny.sh | tail -1)
+peer_line=$(bash benchmarks/maxtext_tiny.sh | tail -1)
 echo "$peer_line"
 JAX_PLATFORMS=cpu PYTHONPATH=$PWD "$PEER_PY" benchmarks/train_step.py --config experiments/tiny.py \
   --steps 20 --warmup 3 --label maxtext-peer-jax --out benchmarks/results/train_step_tiny_cpu_peer_jax.json
@@ -18,7 +18,7 @@ JAX_PLATFORMS=cpu "$PY" benchmarks/train_step.py --config experiments/tiny.py --
 "$PY" - "$peer_line" <<'PY'
 import datetime, json, re, sys
 m = re.search(r"step_s=([\d.]+) tokens_per_s=([\d.]+)", sys.argv[1])
-peer = {"tool": "../shared/tools/maxtext_tiny.sh", "maxtext_version": "0.2.5",
+peer = {"tool": "benchmarks/maxtext_tiny.sh", "maxtext_version": "0.2.5",
         "step_time_s_median": float(m.group(1)), "tokens_per_sec": float(m.group(2))}
 record = {"benchmark": "maxtext_peer", "date": datetime.datetime.now(datetime.timezone.utc)
           .isoformat(timespec="seconds"), "command": "bash benchmarks/maxtext_peer.sh",

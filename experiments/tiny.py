@@ -1,7 +1,7 @@
 """Tiny Llama-shaped decoder trained on the embedded corpus (the interpreter's standard library).
 
 The default is the README's main job: a few minutes on 2 CPU cores, the loss falls from
-~ln(4096) = 8.3 by well over 3 nats. Its shape is the one ../shared/tools/maxtext_tiny.sh trains
+~ln(4096) = 8.3 by well over 3 nats. Its shape is the one benchmarks/maxtext_tiny.sh trains
 with MaxText (4 layers, d_model 256, 4 heads of 64, d_ff 1024, vocab 4096, seq 256, batch 8, bf16
 compute), so the two step times compare directly. bf16 compute is also the faster choice on the
 2-core CPU (benchmarks/results/train_step_tiny_fp32_cpu.json: float32 compute is ~1.4x slower).

@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
+from mai_jax import cli_checks, cli_help
 from mai_jax import config as config_lib
 
 USAGE_EXIT = 2
@@ -65,7 +67,9 @@ def resolve_config(config_spec: Optional[str], workdir: Optional[str],
 
 
 def _parser() -> argparse.ArgumentParser:
+  from mai_jax import __version__  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog="mai-jax", description=__doc__.split("\n")[0])
+  parser.add_argument("--version", action="version", version=f"mai-jax {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   train = sub.add_parser("train", help="train (or resume) a model",
                          epilog="Override any config field with --config.SECTION.KEY=VALUE; values "
@@ -82,7 +86,38 @@ def _parser() -> argparse.ArgumentParser:
   _add_eval_parser(sub)
   _add_sample_parser(sub)
   _add_convert_parser(sub)
+  _add_config_parser(sub)
+  cli_help.with_defaults_in_help(parser)
   return parser
+
+
+def _add_config_parser(sub) -> None:
+  p = sub.add_parser("config", help="print a resolved config")
+  what = p.add_subparsers(dest="config_command", required=True)
+  show = what.add_parser(
+      "show", help="the config a command would run with (overrides applied), as JSON",
+      epilog="--diff lists only the fields that differ from the dataclass defaults "
+             "(mai_jax.config.Config()): what the experiment file and the overrides set, one "
+             "--config.SECTION.KEY=VALUE per line, ready to paste.")
+  show.add_argument("--config", dest="config_spec",
+                    help="experiments/NAME.py[:VARIANT] or a config.json")
+  show.add_argument("--workdir", help="a run directory: its config.json (when --config is absent)")
+  show.add_argument("--diff", action="store_true",
+                    help="only the fields that differ from the defaults")
+
+
+def _run_config(args, overrides) -> None:
+  if not args.config_spec and not args.workdir:
+    raise config_lib.ConfigError("config show needs --config experiments/NAME.py[:VARIANT] or "
+                                 "--workdir DIR")
+  if args.workdir and not args.config_spec:
+    cli_checks.run_directory(args.workdir)
+  cfg = resolve_config(args.config_spec, args.workdir, overrides)
+  if not args.diff:
+    print(config_lib.to_json(cfg))
+    return
+  for dotted, value, default in config_lib.differences(cfg, config_lib.Config()):
+    print(f"--config.{dotted}={value!r}  # default {default!r}")
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +153,28 @@ def _run_checkpoints(args) -> int:
   print(f"{'step':>8}  {'status':<12} {'size':>10}  detail")
   for e in entries:
     print(f"{e.step:>8}  {e.status:<12} {e.size_bytes / 2**20:>8.1f}MB  {e.name}: {e.detail}")
-  return 0 if all(e.status in ("ok", "unverified") for e in entries) else 1
+  code, summary = checkpoints_verdict(entries)
+  print(summary)
+  return code
+
+
+def checkpoints_verdict(entries) -> tuple[int, str]:
+  """(exit code, summary line) of a checkpoint listing. Exit 1 only when the latest restorable
+  state is in danger: no finalized step is restorable, or the newest finalized step fails
+  verification (a resume would fall back past it and lose its steps). Quarantined steps (a resume
+  already moved them aside and fell back), interrupted saves (orbax ignores them) and an older
+  corrupt step behind a good newest one are reported, but the run resumes from its newest step."""
+  finalized = [e for e in entries if e.name.isdigit()]
+  good = [e.step for e in finalized if e.status in ("ok", "unverified")]
+  notes = [f"{n} {status}" for status in ("quarantined", "incomplete", "corrupt")
+           if (n := sum(e.status == status for e in entries))]
+  noted = f" ({', '.join(notes)}: see above)" if notes else ""
+  if not good:
+    return 1, f"no restorable checkpoint{noted}: a resume starts from scratch"
+  if finalized[-1].status == "corrupt":
+    return 1, (f"the newest step {finalized[-1].step} is corrupt: a resume falls back to step "
+               f"{good[-1]} and recomputes the steps after it")
+  return 0, f"resumes from step {good[-1]}{noted}"
 
 
 def _add_data_parser(sub) -> None:
@@ -299,9 +355,12 @@ def _run_sample(args, overrides) -> None:
                                    temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, seed=args.seed)
   sample.check(settings)
-  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
+  cfg, model, step, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
   tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
-  texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh)
+  # A run trained here (step > 0) saw data.seq_len tokens; imported weights (step 0) carry their
+  # source's context, which the import does not record: no warning for them.
+  texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh,
+                             trained_context=cfg.data.seq_len if step > 0 else None)
   for prompt, text in zip(args.prompt, texts):
     print(f"=== {prompt!r}\n{prompt}{text}")
 
@@ -331,12 +390,27 @@ def _run_convert(args, overrides) -> None:
     print(f"mai-jax: wrote {args.out} from {args.workdir}")
 
 
+def _reader_went_away() -> int:
+  """`mai-jax plan --json | head -3`: the reader closed the pipe. Exit quietly with the status a
+  C tool killed by SIGPIPE has (128 + 13 = 141: `yes | head` under `set -o pipefail` fails the
+  same way, and a `train | head` that stopped early does not look like a finished run), with
+  stdout pointed at /dev/null so Python's final flush cannot print a second error."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, sys.stdout.fileno())
+  except (AttributeError, OSError, ValueError):  # a replaced sys.stdout (tests, notebooks)
+    pass
+  sys.stdout = os.fdopen(devnull, "w")
+  return 128 + signal.SIGPIPE
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
   try:
     rest, overrides = split_overrides(argv)
     args = parser.parse_args(rest)
+    cli_checks.check_args(args)
     if args.command == "train":
       cfg = resolve_config(args.config_spec, args.workdir, overrides)
       from mai_jax.launch import distributed  # heavy imports only once the config is valid
@@ -355,10 +429,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _run_sample(args, overrides)
     elif args.command == "convert":
       _run_convert(args, overrides)
+    elif args.command == "config":
+      _run_config(args, overrides)
     return 0
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)
     return USAGE_EXIT
+  except BrokenPipeError:
+    return _reader_went_away()
   except RuntimeError as e:
     from mai_jax.checkpoint import CheckpointError
     if not isinstance(e, CheckpointError):

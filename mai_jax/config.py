@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import types
 import typing
 from typing import Any, Optional, Tuple
@@ -189,6 +190,13 @@ class TrainConfig:
   # `checkpoints --export-params`, or a training run: its latest good step) whose params start
   # this run, with a fresh optimizer state at step 0. Ignored once the run has its own checkpoints.
   init_from: str = ""
+  # Weights & Biases logging beside metrics.jsonl and TensorBoard (`pip install -e ".[track]"`);
+  # '' project: off. Run name '' is the workdir's name; mode '' leaves it to wandb (WANDB_MODE,
+  # else online); 'offline' writes WANDB_DIR (default WORKDIR) only, for a later `wandb sync`.
+  wandb_project: str = ""
+  wandb_entity: str = ""
+  wandb_run_name: str = ""
+  wandb_mode: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +222,7 @@ CHOICES = {
     ("model", "router"): ("softmax_topk", "sigmoid_bias"),
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
     ("data", "source"): ("stdlib",),
+    ("train", "wandb_mode"): ("", "online", "offline", "disabled"),
 }
 
 
@@ -230,7 +239,10 @@ def _import_experiment(path: str, spec: str):
   module_name = "mai_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported, not raised
+    raise experiment_error(path, e) from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: defines no get_config(variant=None) -> Config")
   return module
@@ -254,10 +266,47 @@ def load_experiment(spec: str) -> Config:
   if variant and variants and variant not in variants:
     raise ConfigError(f"{path}: unknown variant {variant!r}{_did_you_mean(variant, variants)}; "
                       f"valid variants: {', '.join(variants)}")
-  cfg = module.get_config(variant or None)
+  try:
+    cfg = module.get_config(variant or None)
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise experiment_error(path, e) from None
   if not isinstance(cfg, Config):
     raise ConfigError(f"{path}: get_config returned {type(cfg).__name__}, expected mai_jax Config")
   return cfg
+
+
+def experiment_error(path: str, error: Exception) -> ConfigError:
+  """One line for an exception raised while running an experiment file: FILE:LINE of the deepest
+  frame inside that file (where the user's mistake is) and the message, not Python's stack. An
+  unknown keyword of a config dataclass also gets the close field names."""
+  if isinstance(error, SyntaxError):
+    where = f"{error.filename or path}:{error.lineno}"
+    return ConfigError(f"{where}: syntax error: {error.msg}")
+  line = None
+  target = os.path.realpath(path)
+  tb = error.__traceback__
+  while tb is not None:
+    if os.path.realpath(tb.tb_frame.f_code.co_filename) == target:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  where = f"{path}:{line}" if line is not None else path
+  return ConfigError(f"{where}: {type(error).__name__}: {error}{_field_hint(error)}")
+
+
+def _field_hint(error: Exception) -> str:
+  """' (did you mean ...); valid ModelConfig fields: ...' for `ModelConfig(d_modle=3)`-style TypeErrors."""
+  match = isinstance(error, TypeError) and re.match(
+      r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(error))
+  if not match:
+    return ""
+  classes = {cls.__name__: cls for cls in typing.get_type_hints(Config).values()}
+  cls = classes.get(match.group(1))
+  if cls is None:
+    return ""
+  names = [f.name for f in dataclasses.fields(cls)]
+  return f"{_did_you_mean(match.group(2), names)}; valid {cls.__name__} fields: {', '.join(names)}"
 
 
 def _close_files(path: str) -> str:
@@ -418,6 +467,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   if num_devices is not None:
     mesh_shape(cfg.mesh, num_devices)
     _validate_expert_mesh(cfg, num_devices)
+    _validate_head_split(cfg, num_devices)
     per_step = t.global_batch_size // t.microbatches
     batch_shards = 1
     for axis in dict(cfg.mesh.rules).get("batch", ()):
@@ -654,6 +704,24 @@ def _validate_expert_mesh(cfg: Config, num_devices: int) -> None:
                       f"change mesh.expert or model.num_experts")
 
 
+def _validate_head_split(cfg: Config, num_devices: int) -> None:
+  """Query heads must split evenly over the mesh axes 'heads' maps to (mesh.tensor by default).
+
+  The sharding rules replicate a dimension its mesh axes do not divide, so mesh.tensor=8 with 4
+  heads would compute all of attention on every tensor device: the run works but wastes those
+  devices, with nothing in the log. That is refused. KV heads fewer than the tensor shards are
+  allowed: replicating the small K/V projections is the usual GQA trade (8 KV heads at tensor=16).
+  """
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  axes = dict(cfg.mesh.rules).get("heads", ())
+  shards = math.prod(sizes[a] for a in axes)
+  if cfg.model.num_heads % shards:
+    raise ConfigError(f"model.num_heads={cfg.model.num_heads} must be divisible by the {shards} "
+                      f"devices the heads are sharded over (mesh axes {tuple(axes)}); otherwise "
+                      f"attention is replicated on every one of them. Lower mesh.tensor or use "
+                      f"more heads")
+
+
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   """Resolves -1 ('the rest') and checks the sizes multiply to the device count."""
   sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
@@ -689,6 +757,19 @@ def to_json(cfg: Config) -> str:
   return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
+def differences(cfg: Config, base: Config) -> list[tuple[str, Any, Any]]:
+  """(SECTION.KEY, value in cfg, value in base) of every field where the two differ, in field
+  order: `mai-jax config show --diff` against the dataclass defaults."""
+  out = []
+  for section in SECTIONS:
+    ours, theirs = getattr(cfg, section), getattr(base, section)
+    for field in dataclasses.fields(ours):
+      if getattr(ours, field.name) != getattr(theirs, field.name):
+        out.append((f"{section}.{field.name}", getattr(ours, field.name),
+                    getattr(theirs, field.name)))
+  return out
+
+
 def from_dict(raw: dict) -> Config:
   """Rebuilds a Config from `to_dict` output (e.g. WORKDIR/config.json); unknown keys are errors."""
   sections = {}
@@ -717,6 +798,23 @@ def _from_json(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"config.json: {key}={value!r} is not a {_type_name(hint)}") from None
 
 
+def read_json(path: str, fix: str) -> Any:
+  """json.load of a file a user handed us; a malformed or unreadable one is a ConfigError naming
+  the file, where the JSON breaks and `fix`, not a JSONDecodeError traceback."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                      f"{fix}") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: cannot be read ({e}); {fix}") from None
+
+
 def load_json(path: str) -> Config:
-  with open(path) as f:
-    return from_dict(json.load(f))
+  """Reads a config.json (see read_json for a broken one)."""
+  raw = read_json(path, "repair it, or pass the run's experiment with --config")
+  if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+    raise ConfigError(f"{path}: expected a JSON object of sections ({', '.join(SECTIONS)}), each "
+                      f"an object of keys, as `mai-jax train` writes it")
+  return from_dict(raw)

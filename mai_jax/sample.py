@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Optional, Sequence
 
 import jax
@@ -141,10 +142,28 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: Samp
 
 
 def sample_text(cfg: Config, model: nnx.Module, tokenizer, prompts: Sequence[str],
-                sampling: SamplingConfig, mesh: Optional[jax.sharding.Mesh] = None) -> list[str]:
-  """Continuations of text prompts ([bos] + prompt tokens), decoded without the final eos."""
+                sampling: SamplingConfig, mesh: Optional[jax.sharding.Mesh] = None,
+                trained_context: Optional[int] = None) -> list[str]:
+  """Continuations of text prompts ([bos] + prompt tokens), decoded without the final eos.
+  With `trained_context` (the sequence length the weights were trained at), a generation that
+  ran past it gets one warning line on stderr."""
   bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
   ids = [bos + tokenizer.encode(p) for p in prompts]
   outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                   mesh=mesh, rules=cfg.mesh.rules)
+  warning = context_warning([len(i) + len(o) for i, o in zip(ids, outs)], trained_context)
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   return [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
+
+
+def context_warning(lengths: Sequence[int], trained_context: Optional[int]) -> Optional[str]:
+  """The warning for sequences (prompt + generated tokens) longer than the model was trained on:
+  positions past that length were never seen in training, so the text degrades there."""
+  longest = max(lengths, default=0)
+  if trained_context is None or longest <= trained_context:
+    return None
+  over = sum(n > trained_context for n in lengths)
+  return (f"mai-jax: warning: {over} of {len(lengths)} generation(s) ran to {longest} tokens, past "
+          f"the {trained_context} the model was trained at (data.seq_len); text beyond that "
+          f"is unreliable: lower --max-new-tokens or shorten the prompt")

@@ -42,3 +42,43 @@ def metrics(workdir) -> list:
 def losses(rows) -> dict:
   """step -> training loss; a step logged twice (replayed after a restart) keeps its last value."""
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wandb_records(wandb_dir) -> list:
+  """The records of the offline W&B run(s) under `wandb_dir`, read from the run-*.wandb files.
+
+  wandb has no public reader for them: the file is ':W&B' + 3 header bytes, then LevelDB-log
+  records (crc32 4, length 2, type 1, payload; FULL=1 or FIRST/MIDDLE/LAST=2/3/4 across 32 KiB
+  blocks) whose payloads are wandb_internal_pb2.Record protobufs."""
+  import glob
+  import struct
+  from wandb.proto import wandb_internal_pb2
+  block, out = 32768, []
+  for path in sorted(glob.glob(os.path.join(str(wandb_dir), "wandb", "*run-*", "run-*.wandb"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    assert data[:4] == b":W&B", path
+    pos, part = 7, b""
+    while pos + 7 <= len(data):
+      if block - pos % block < 7:  # a block's tail too short for a record header is padding
+        pos += block - pos % block
+        continue
+      length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+      part += data[pos + 7:pos + 7 + length]
+      pos += 7 + length
+      if kind in (1, 4):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(part)
+        out.append(record)
+        part = b""
+  return out
+
+
+def wandb_history(wandb_dir) -> list:
+  """[{key: value}] of every wandb.log call, in order ('_step' is the step)."""
+  rows = []
+  for record in wandb_records(wandb_dir):
+    if record.WhichOneof("record_type") == "history":
+      rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in record.history.item})
+  return rows

@@ -82,3 +82,55 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     _run_in_kernel(path, env)
   else:
     _run_as_script(path, env, tmp_path)
+
+
+def _install_cell(path: pathlib.Path) -> str:
+  return next(c for c in _code_cells(path) if "REPO_URL" in c)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_a_colab_badge_for_its_own_repository(path):
+  with open(path) as f:
+    first = "".join(json.load(f)["cells"][0]["source"])
+  repo_url = _install_cell(path).split('os.environ.get("MAI_JAX_REPO_URL", "')[1].split('"')[0]
+  owner_repo = repo_url.removeprefix("https://github.com/")
+  assert ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+          f"(https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/"
+          f"{path.name})") in first
+
+
+def _exec_install_cell(path, cwd, monkeypatch) -> list:
+  """Runs the notebook's install cell in `cwd` with subprocess.run recorded, not run (a recorded
+  `git clone` creates the checkout's two marker folders)."""
+  calls = []
+
+  def fake_run(cmd, check=False):
+    calls.append(cmd)
+    if cmd[:2] == ["git", "clone"]:
+      os.makedirs(os.path.join(cmd[-1], "mai_jax"))
+      os.makedirs(os.path.join(cmd[-1], "experiments"))
+
+  monkeypatch.setattr(subprocess, "run", fake_run)
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.chdir(cwd)
+  exec(compile(_install_cell(path), str(path), "exec"), {"__name__": "notebook"})  # noqa: S102
+  return calls
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_install_cell_is_a_no_op_inside_the_repository(path, monkeypatch):
+  assert _exec_install_cell(path, REPO / "notebooks", monkeypatch) == []
+  assert os.getcwd() == str(REPO)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_install_cell_clones_and_installs_the_public_repository_elsewhere(path, monkeypatch,
+                                                                         tmp_path):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("MAI_JAX_REPO_URL", "https://example.invalid/fork/mai_jax")
+  (tmp_path / "elsewhere").mkdir()
+  calls = _exec_install_cell(path, tmp_path / "elsewhere", monkeypatch)
+  clone = str(tmp_path / "mai_jax")
+  assert calls == [["git", "clone", "--depth=1", "https://example.invalid/fork/mai_jax", clone],
+                   [sys.executable, "-m", "pip", "install", "-q", "-e", clone + "[track]"]]
+  assert os.getcwd() == clone

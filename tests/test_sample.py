@@ -142,3 +142,34 @@ def test_filters_draw_from_the_right_distribution():
 def test_bad_settings_are_config_errors(field, value):
   with pytest.raises(ConfigError, match=field.replace("_", "-")):
     sample.check(dataclasses.replace(sample.SamplingConfig(), **{field: value}))
+
+
+
+class _IdTokenizer:
+  """Text '5 17 3' <-> ids [5, 17, 3]; no bos, no eos."""
+  bos_id, eos_id, pad_id = None, None, 0
+
+  def encode(self, text):
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids):
+    return " ".join(map(str, ids))
+
+
+def test_sampling_past_the_trained_context_warns_once(capsys):
+  """PROMPTS and 3 new tokens (the shapes test_stops_at_eos... compiled): 7 + 3 > 9 once."""
+  from mai_jax.config import Config
+  texts = sample.sample_text(Config(), tiny_model(), _IdTokenizer(),
+                             [" ".join(map(str, p)) for p in PROMPTS],
+                             sample.SamplingConfig(3, temperature=0), trained_context=9)
+  assert [len(t.split()) for t in texts] == [3, 3, 3]
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1
+  assert err.startswith("mai-jax: warning: 1 of 3 generation(s) ran to 10 tokens, past the 9 the "
+                        "model was trained at (data.seq_len)")
+
+
+@pytest.mark.parametrize("lengths, context, warned", [
+    ([10, 4], 10, False), ([11, 4], 10, True), ([11], None, False), ([], 10, False)])
+def test_context_warning_only_past_the_trained_length(lengths, context, warned):
+  assert (sample.context_warning(lengths, context) is not None) == warned

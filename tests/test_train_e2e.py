@@ -1,12 +1,15 @@
 """End to end through the CLI: train, write metrics/TensorBoard/checkpoints, resume exactly."""
 
+import importlib.util
+import json
 import os
+import re
 import subprocess
 
 import pytest
 
 from cli_runs import REPO, cli_env, losses as _losses, metrics as _metrics, run_train, \
-    train_command
+    train_command, wandb_history, wandb_records
 
 # A constant learning rate after warmup, so a run extended from 4 to 8 steps follows the same
 # schedule as a run planned for 8 from the start.
@@ -24,9 +27,13 @@ def runs(tmp_path_factory):
   resumed, straight = root / "resumed", root / "straight"
   out_first = _train(resumed, cache, "--config.train.num_steps=4")
   out_resume = _train(resumed, cache, "--config.train.num_steps=8")
-  _train(straight, cache, "--config.train.num_steps=8", "--config.train.profile_steps=(2, 4)")
+  tracking = []
+  if importlib.util.find_spec("wandb") is not None:  # the 'track' extra (make test installs it)
+    tracking = ["--config.train.wandb_project=mai-jax-test", "--config.train.wandb_mode=offline"]
+  out_straight = _train(straight, cache, "--config.train.num_steps=8",
+                        "--config.train.profile_steps=(2, 4)", *tracking)
   return {"resumed": resumed, "straight": straight, "out_first": out_first,
-          "out_resume": out_resume}
+          "out_resume": out_resume, "out_straight": out_straight}
 
 
 def test_run_writes_the_workdir_contract(runs):
@@ -45,6 +52,37 @@ def test_run_writes_the_workdir_contract(runs):
   assert len([r for r in rows if "eval_loss" not in r]) == len(train_rows)
   assert any("eval_loss" in r for r in rows)
   assert "validation loss" in runs["out_first"]
+
+
+def test_a_batch_job_prints_a_line_per_logged_step_and_eval(runs):
+  """smoke has progress_bar=False and log_every=1: one line per step with loss, tokens/s, MFU and
+  ETA, the same loss as metrics.jsonl, and the step-4 evaluation's loss."""
+  out, rows = runs["out_straight"], _metrics(runs["straight"])
+  lines = re.findall(r"mai-jax: step (\d+)/8  loss (\S+)  \S+ tok/s  MFU \S+  ETA (\S+)", out)
+  assert [int(step) for step, _, _ in lines] == list(range(1, 9)), out
+  assert {int(s): loss for s, loss, _ in lines} == {s: f"{l:.4f}" for s, l in _losses(rows).items()}
+  assert lines[0][2] == "n/a" and all(eta != "n/a" for _, _, eta in lines[1:])
+  eval_4 = next(r["eval_loss"] for r in rows if r["step"] == 4 and "eval_loss" in r)
+  assert f"mai-jax: step 4/8  eval loss {eval_4:.4f}" in out
+
+
+def test_wandb_offline_logs_the_same_history_as_metrics_jsonl(runs):
+  pytest.importorskip("wandb")
+  workdir = runs["straight"]
+  history = wandb_history(workdir)  # WANDB_DIR unset: the run's files live in WORKDIR/wandb
+  by_step = {}  # wandb merges the calls of one step (training metrics, then eval) into one row
+  for r in _metrics(workdir):
+    by_step.setdefault(r["step"], {}).update({k: v for k, v in r.items() if v is not None})
+  assert [h["_step"] for h in history] == sorted(by_step) == list(range(1, 9))
+  for h in history:
+    for key, value in by_step[h["_step"]].items():
+      if key != "step":
+        assert h[key] == pytest.approx(value, rel=1e-6), (h["_step"], key)
+  assert "eval_loss" in history[3] and "loss" in history[3]
+  run = next(r.run for r in wandb_records(workdir) if r.WhichOneof("record_type") == "run")
+  config = {item.key: json.loads(item.value_json) for item in run.config.update}
+  assert config["train"]["num_steps"] == 8 and config["model"]["d_model"] == 64
+  assert (workdir / "wandb_id").is_file()
 
 
 def test_profile_steps_write_a_trace(runs):

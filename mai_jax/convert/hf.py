@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from mai_jax import config as config_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import Config, ConfigError, ModelConfig
 from mai_jax.model import Decoder
@@ -209,8 +210,9 @@ def config_from_hf(hf_dir: str, *, param_dtype: Optional[str] = None,
   if not os.path.isfile(path):
     raise HFConversionError(f"{path} not found; --hf-dir must be a directory written by "
                             f"save_pretrained (config.json + *.safetensors)")
-  with open(path) as f:
-    hf = json.load(f)
+  hf = config_lib.read_json(path, "it must be the config.json save_pretrained writes")
+  if not isinstance(hf, dict):
+    raise HFConversionError(f"{path}: expected a JSON object, as save_pretrained writes it")
   if hf.get("sliding_window") and hf.get("use_sliding_window", True):
     print(f"mai-jax: note: {path} sets sliding_window={hf['sliding_window']}; mai_jax attends to "
           f"the full context, which matches only for sequences up to that length")

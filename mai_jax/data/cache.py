@@ -325,10 +325,10 @@ def open_cache(path: str, tokenizer: Optional[Tokenizer] = None) -> tuple[dict, 
     what = "an unfinished token cache" if os.path.isdir(path) else "not found"
     raise CacheError(f"token cache {path!r}: {what} (no {MANIFEST}); run `mai-jax data tokenize "
                      f"--config ... --out DIR` (it resumes an interrupted run)")
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != FORMAT:
-    raise CacheError(f"token cache {path!r} has format {manifest.get('format')!r}, expected "
+  manifest = config_lib.read_json(manifest_path, "re-run `mai-jax data tokenize` (it rewrites it)")
+  found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+  if found != FORMAT:
+    raise CacheError(f"token cache {path!r} has format {found!r}, expected "
                      f"{FORMAT!r}; re-run `mai-jax data tokenize`")
   want = manifest["tokenizer"]["sha256"]
   if tokenizer is not None and tokenizer.content_hash != want:

@@ -85,6 +85,7 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   """
   mesh = sharding_lib.make_mesh(cfg.mesh)
   config_lib.validate(cfg, jax.device_count())
+  metrics_lib.check_tracking(cfg)
   workdir = os.path.abspath(workdir)
   cfg = init_from_lib.with_absolute_path(cfg)
   init_source = init_from_lib.source_for_run(cfg, workdir, _log)  # None when resuming
@@ -137,7 +138,7 @@ class _Run:
                          for b in make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
                                                     process_index=pid, process_count=nproc)]
     self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
-    self.writer = metrics_lib.MetricWriter(workdir)
+    self.writer = metrics_lib.MetricWriter(workdir, cfg=cfg)
     self.metadata = {"mai_jax_version": __version__, "jax_version": jax.__version__,
                      "mesh": dict(mesh.shape), "process_count": nproc,
                      "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.content_hash}}
@@ -149,6 +150,7 @@ class _Run:
     self.first_loss = self.last_loss = None
     self.stop_reason: Optional[str] = None
     self.progress = None
+    self.console = None  # per-log_every lines when there is no progress bar
 
   # --------------------------------------------------------------------------------- state
   def _restore_or_init(self):
@@ -239,6 +241,7 @@ class _Run:
          f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens per step")
     train_step, eval_step = self.trainer.jit_train_step(), self.trainer.jit_eval_step()
     self.progress = _progress_bar(cfg, step, num_steps)
+    self.console = metrics_lib.ConsoleLog(num_steps) if self.progress is None else None
     profile = cfg.train.profile_steps
     eval_loss, pending, stop_agreed = None, None, False
     self.last_time = time.perf_counter()
@@ -281,6 +284,8 @@ class _Run:
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < num_steps:
           eval_loss = evaluate(eval_step, state.params, self.eval_batches)
           self.writer.write(done, {"eval_loss": eval_loss})
+          if self.console is not None:
+            self.console.eval(done, eval_loss)
         if self.checkpointer.should_save(done) and done < num_steps:
           # Judge the step before saving it, so a checkpoint never captures a bad streak.
           verdict, voted_stop = self._read(pending)
@@ -335,6 +340,8 @@ class _Run:
                                "mfu": utilization,
                                "skipped_updates_total": self.monitor.skipped_updates,
                                "loss_spikes_total": self.monitor.spikes})
+    if self.console is not None and self._logs(step):
+      self.console.step(step, values["loss"], tokens_per_sec, utilization)
     return verdict, voted_stop
 
   def _logs(self, step: int) -> bool:
