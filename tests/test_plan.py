@@ -237,7 +237,7 @@ def test_cli_compile_prints_both_columns(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["plan", "--config", MAI1, "--gpu", "a100"], "--gpu 'a100': unknown GPU type"),
     (["plan", "--config", MAI1, "--gpus", "1000"], "cannot fill 1000 devices"),
-    (["plan", "--config", MAI1, "--gpus", "0"], "pass --gpus N"),
+    (["plan", "--config", MAI1, "--gpus", "0"], "--gpus 0 must be positive"),
     (["plan", "--config", os.path.join(EXP, "tiny.py")], "declares no mesh.target_num_gpus"),
     (["plan", "--config", MAI1, "--config.mesh.target_gpu=h10"], "did you mean 'h100'"),
     (["plan", "--config", MAI1, "--config.train.token_budget=-1"], "must be >= 0"),
