@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from typing import Optional
 
 import jax
@@ -56,6 +57,9 @@ def choose_step(workdir: str, step: Optional[int] = None) -> int:
     if checkpoint_lib.verify_step(os.path.join(directory, str(candidate)))[0] != "corrupt":
       return candidate
   good = checkpoint_lib.good_steps(directory) if steps else []
+  if not good and not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise ConfigError(f"--workdir {workdir} holds no config.json and no checkpoint: pass a "
+                      f"directory written by `mai-jax train` or `mai-jax convert from-hf`")
   if not good:
     raise ConfigError(f"no restorable checkpoint in {directory}: train first (`mai-jax train`) or "
                       f"import weights (`mai-jax convert from-hf`); `mai-jax checkpoints --workdir "
@@ -91,10 +95,17 @@ def fit_mesh(cfg: Config, num_devices: Optional[int] = None) -> Config:
     expert = math.gcd(expert, cfg.model.num_experts)
   mesh = dataclasses.replace(cfg.mesh, data=1, fsdp=-1, expert=expert, tensor=tensor)
   fitted = dataclasses.replace(cfg, mesh=mesh)
+  try:
+    config_lib.validate(fitted, n)
+  except ConfigError as e:
+    raise ConfigError(f"the run's mesh does not fit the {n} device(s) here and neither does "
+                      f"data=1, fsdp=-1, expert={expert}, tensor={tensor} ({e}); pass "
+                      f"--config.mesh.* sizes that fit") from None
   if jax.process_index() == 0:
     print(f"mai-jax: the run's mesh (data={cfg.mesh.data}, fsdp={cfg.mesh.fsdp}, expert="
           f"{cfg.mesh.expert}, tensor={cfg.mesh.tensor}) does not fit the {n} device(s) here; "
-          f"reading with data=1, fsdp=-1, expert={expert}, tensor={tensor}", flush=True)
+          f"reading with data=1, fsdp=-1, expert={expert}, tensor={tensor}", file=sys.stderr,
+          flush=True)
   return fitted
 
 
@@ -185,11 +196,12 @@ def export_params(workdir: str, out: str, step: Optional[int] = None) -> int:
   record = {"exported_from": os.path.abspath(workdir), "step": step}
   if "tokenizer" in metadata:
     record["tokenizer"] = metadata["tokenizer"]
+  written = checkpoint_config(workdir, step)  # the run's own mesh, not the one fitted here
   checkpoint_lib.save_params(os.path.join(out, CHECKPOINTS), step, params,
-                             config_lib.to_dict(cfg), record)
+                             config_lib.to_dict(written), record)
   if jax.process_index() == 0:
     with open(os.path.join(out, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
+      f.write(config_lib.to_json(written))
     for name in os.listdir(workdir):
       if name.startswith("tokenizer") and os.path.isfile(os.path.join(workdir, name)):
         shutil.copy2(os.path.join(workdir, name), os.path.join(out, name))

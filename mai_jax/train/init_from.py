@@ -53,7 +53,7 @@ class InitSource:
   """A checked checkpoint to take the initial parameters from."""
   workdir: str
   step: int
-  cfg: Config  # the config the checkpoint was written with (else the source's config.json)
+  cfg: Config  # the source's config.json (its arrays are checked against the run's shapes)
   metadata: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata item
 
   @property
@@ -141,9 +141,7 @@ def resolve(path: str) -> InitSource:
     raise ConfigError(f"{where}: step {step} is not a good checkpoint in {checkpoints}; good "
                       f"steps: {', '.join(map(str, good))}")
   step = good[-1] if step is None else step
-  stored = checkpoint_lib.stored_json(checkpoints, step, "config")
-  cfg = config_lib.from_dict(stored) if stored is not None else config_lib.load_json(config_path)
-  return InitSource(workdir=workdir, step=step, cfg=cfg,
+  return InitSource(workdir=workdir, step=step, cfg=config_lib.load_json(config_path),
                     metadata=checkpoint_lib.stored_json(checkpoints, step, "metadata") or {})
 
 
