@@ -68,7 +68,8 @@ def choose_step(workdir: str, step: Optional[int] = None) -> int:
                     f"{', '.join(map(str, good))}")
 
 
-def checkpoint_config(workdir: str, step: int, overrides: Optional[dict[str, str]] = None) -> Config:
+def checkpoint_config(workdir: str, step: int,
+                      overrides: Optional[dict[str, str]] = None) -> Config:
   """The config checkpoint `step` was written with (WORKDIR/config.json for a checkpoint that
   holds none), with the command's --config overrides applied, validated."""
   stored = checkpoint_lib.stored_json(os.path.join(workdir, CHECKPOINTS), step, "config")

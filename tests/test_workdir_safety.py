@@ -75,7 +75,8 @@ def test_an_accepted_num_steps_change_is_recorded_with_a_schedule_warning(run):
   workdir = run["workdir"]
   assert run["result"].resumed_from == 0 and run["result"].final_step == 1
   assert "train.num_steps: 0 -> 1" in run["resume_out"]
-  assert "WARNING: train.num_steps changed, so the learning-rate schedule changes" in run["resume_out"]
+  warning = "WARNING: train.num_steps changed, so the learning-rate schedule changes"
+  assert warning in run["resume_out"]
   with open(workdir / "config_history.jsonl") as f:
     history = [json.loads(line) for line in f]
   assert len(history) == 1 and history[0]["step"] == 0

@@ -94,16 +94,16 @@ def check_resume(cfg: Config, workdir: str, abstract_state: Any) -> Resume:
   step = checkpoint_lib.latest_step(directory)
   if step is None:
     return Resume(None, None, previous)
-  try:
-    stored = checkpoint_lib.stored_json(directory, step, "config")
-    stored_tree = checkpoint_lib.stored_state_tree(directory, step)
-  except Exception:  # noqa: BLE001 - unreadable: corruption, which the restore falls back from
-    return Resume(step, None, previous)
   if step > cfg.train.num_steps:
     raise ConfigError(
         f"{directory} holds a checkpoint at step {step}, past train.num_steps="
         f"{cfg.train.num_steps}; set --config.train.num_steps>={step} to go on, or use a new "
         f"--workdir")
+  try:
+    stored = checkpoint_lib.stored_json(directory, step, "config")
+    stored_tree = checkpoint_lib.stored_state_tree(directory, step)
+  except Exception:  # noqa: BLE001 - unreadable: corruption, which the restore falls back from
+    return Resume(step, None, previous)
   mismatch = _params_first_mismatch(stored_tree, abstract_state)
   if mismatch is not None:
     key, have, want = mismatch
