@@ -436,17 +436,44 @@ def first_shape_mismatch(stored: Any, wanted: Any) -> Optional[tuple[str, Any, A
   return None
 
 
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  """A manager for reading: creates nothing, cleans nothing (readers leave a workdir as it is)."""
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+  options = ocp.CheckpointManagerOptions(create=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=handlers)
+
+
+def stored_state_tree(directory: str, step: int) -> Any:
+  """The array metadata tree (shapes, dtypes) of item `state` of checkpoint `step`: nothing is
+  read but metadata, so a reader can compare shapes before it restores anything."""
+  manager = _read_only_manager(directory)
+  try:
+    return manager.item_metadata(step)["state"]
+  finally:
+    manager.close()
+
+
+def stored_json(directory: str, step: int, item: str) -> Optional[dict]:
+  """The JSON item `item` ('config' or 'metadata') of checkpoint `step`; None where the step has
+  none (an old params-only checkpoint). The `config` item is the config the arrays were written
+  with, so it, not WORKDIR/config.json, is the source of truth for what the checkpoint holds."""
+  if not os.path.isdir(os.path.join(os.path.abspath(directory), str(step), item)):
+    return None
+  manager = _read_only_manager(directory)
+  try:
+    value = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+  finally:
+    manager.close()
+  return dict(value) if value is not None else None
+
+
 def params_shape_mismatch(directory: str, step: int,
                           abstract_params: Any) -> Optional[tuple[str, Any, Any]]:
   """`first_shape_mismatch` between `state.params` of checkpoint `step` (a training or a
   params-only checkpoint) and `abstract_params`, read from the checkpoint's metadata alone."""
-  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers)
-  try:
-    stored = manager.item_metadata(step)["state"]
-  finally:
-    manager.close()
+  stored = stored_state_tree(directory, step)
   return first_shape_mismatch(dict(stored)["params"], abstract_params)
 
 

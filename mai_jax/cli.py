@@ -326,12 +326,19 @@ def _add_eval_parser(sub) -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--tasks", nargs="*", default=None, metavar="TASK.jsonl",
                  help="task files (default: the built-in mai_jax/tasks/*.jsonl; none: no tasks)")
+  _add_step_flag(p)
+
+
+def _add_step_flag(parser) -> None:
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step to read (default: the latest good one)")
 
 
 def _run_eval(args, overrides) -> None:
-  cfg = resolve_config(None, args.workdir, overrides)
-  from mai_jax import evaluate  # heavy imports only once the config is valid
-  results = evaluate.evaluate_workdir(args.workdir, cfg=cfg, task_paths=args.tasks)
+  from mai_jax import evaluate  # heavy imports
+  from mai_jax import workdir as workdir_lib
+  cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
+  results = evaluate.evaluate_workdir(args.workdir, cfg=cfg, task_paths=args.tasks, step=step)
   print(evaluate.format_table(results))
 
 
@@ -345,17 +352,18 @@ def _add_sample_parser(sub) -> None:
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
   p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
   p.add_argument("--seed", type=int, default=0)
+  _add_step_flag(p)
 
 
 def _run_sample(args, overrides) -> None:
-  cfg = resolve_config(None, args.workdir, overrides)
-  from mai_jax import sample  # heavy imports only once the config is valid
+  from mai_jax import sample  # heavy imports
   from mai_jax import workdir as workdir_lib
   settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, seed=args.seed)
   sample.check(settings)
-  cfg, model, step, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
+  cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
+  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg, step=step)
   tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
   # A run trained here (step > 0) saw data.seq_len tokens; imported weights (step 0) carry their
   # source's context, which the import does not record: no warning for them.
@@ -376,6 +384,7 @@ def _add_convert_parser(sub) -> None:
   to_hf = direction.add_parser("to-hf", help="a workdir's latest params -> HF safetensors")
   to_hf.add_argument("--workdir", required=True)
   to_hf.add_argument("--out", required=True)
+  _add_step_flag(to_hf)
 
 
 def _run_convert(args, overrides) -> None:
@@ -385,8 +394,9 @@ def _run_convert(args, overrides) -> None:
                                   overrides=overrides)
     print(f"mai-jax: wrote {args.workdir} from {args.hf_dir}")
   else:
-    cfg = resolve_config(None, args.workdir, overrides)
-    convert_workdir.workdir_to_hf(args.workdir, args.out, cfg=cfg)
+    from mai_jax import workdir as workdir_lib
+    cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
+    convert_workdir.workdir_to_hf(args.workdir, args.out, cfg=cfg, step=step)
     print(f"mai-jax: wrote {args.out} from {args.workdir}")
 
 

@@ -185,12 +185,13 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
 
 def evaluate_workdir(workdir: str, cfg: Optional[Config] = None,
                      task_paths: Optional[Sequence[str]] = None,
-                     num_batches: Optional[int] = None) -> dict:
-  """Validation loss and task accuracies of the workdir's latest checkpoint; writes eval.json."""
+                     num_batches: Optional[int] = None, step: Optional[int] = None) -> dict:
+  """Validation loss and task accuracies of checkpoint `step` (default: the latest good one);
+  writes eval.json."""
   from mai_jax import sharding as sharding_lib
   from mai_jax import workdir as workdir_lib
 
-  cfg, model, step, mesh = workdir_lib.load_model(workdir, cfg=cfg)
+  cfg, model, step, mesh = workdir_lib.load_model(workdir, cfg=cfg, step=step)
   tokenizer = workdir_lib.load_tokenizer(cfg, workdir)
   task_paths = builtin_tasks() if task_paths is None else list(task_paths)
   tasks = {os.path.splitext(os.path.basename(p))[0]: load_task(p) for p in task_paths}

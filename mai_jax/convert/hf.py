@@ -34,6 +34,7 @@ from mai_jax import config as config_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import Config, ConfigError, ModelConfig
 from mai_jax.model import Decoder
+from mai_jax.model.moe import expert_d_ff
 from mai_jax.train import state as state_lib
 
 CONFIG_FILE = "config.json"
@@ -323,14 +324,35 @@ def from_hf(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
 # Export
 
 
+def check_exportable(m: ModelConfig) -> None:
+  """Refuses (one line, naming the key) an MoE model that MixtralForCausalLM would compute
+  differently: its router is a softmax over all experts, top-k, renormalized (mai_jax's
+  'softmax_topk'), every layer is sparse and no expert is shared. A sigmoid_bias (DeepSeek-V3)
+  router is not exported as Mixtral: its softmax gives other expert weights, so other logits."""
+  if not m.num_experts:
+    return
+  if m.router != "softmax_topk":
+    raise HFConversionError(
+        f"model.router={m.router!r} cannot be exported: MixtralForCausalLM routes with a softmax "
+        f"over all experts (mai_jax's 'softmax_topk'), so its logits would differ; only "
+        f"softmax_topk MoE models convert to Hugging Face")
+  for key, plain in (("num_shared_experts", 0), ("first_dense_layers", 0),
+                     ("moe_layer_interval", 1)):
+    if getattr(m, key) != plain:
+      raise HFConversionError(f"model.{key}={getattr(m, key)} cannot be exported: "
+                              f"MixtralForCausalLM has every layer sparse and no shared experts "
+                              f"(needs model.{key}={plain})")
+
+
 def hf_config(cfg: Config, *, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> dict:
   """config.json contents of a LlamaForCausalLM (MixtralForCausalLM with experts) like cfg.model."""
   m = cfg.model
+  check_exportable(m)
   moe = {}
   if m.num_experts:
     moe = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
            "num_local_experts": m.num_experts, "num_experts_per_tok": m.experts_per_token,
-           "intermediate_size": m.d_ff_expert}
+           "intermediate_size": expert_d_ff(m)}  # d_ff_expert=0 means d_ff
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "hidden_size": m.d_model, "intermediate_size": m.d_ff, "num_hidden_layers": m.num_layers,
@@ -362,6 +384,7 @@ def to_hf(cfg: Config, params: dict, out_dir: str, *, bos_id: Optional[int] = No
   """
   from safetensors.flax import save_file  # keeps bfloat16 (numpy has no bfloat16)
 
+  check_exportable(cfg.model)
   os.makedirs(out_dir, exist_ok=True)
   table = tensor_table(cfg.model)
   by_path: dict[tuple, list[tuple[str, Target]]] = {}

@@ -61,9 +61,15 @@ def hf_to_workdir(hf_dir: str, workdir: str, *, param_dtype: Optional[str] = Non
   return cfg
 
 
-def workdir_to_hf(workdir: str, out_dir: str, *, cfg: Optional[Config] = None) -> list[str]:
-  """Exports the workdir's latest params as a LlamaForCausalLM directory; returns shard files."""
-  cfg, model, _, _ = workdir_lib.load_model(workdir, cfg=cfg)
+def workdir_to_hf(workdir: str, out_dir: str, *, cfg: Optional[Config] = None,
+                  step: Optional[int] = None) -> list[str]:
+  """Exports the params of checkpoint `step` (default: the latest good one) as a
+  LlamaForCausalLM (MixtralForCausalLM) directory; returns the shard files. What the target
+  architecture cannot express is refused before anything is read or written."""
+  if cfg is not None:
+    hf.check_exportable(cfg.model)
+  cfg, model, _, _ = workdir_lib.load_model(workdir, cfg=cfg, step=step)
+  hf.check_exportable(cfg.model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   bos = eos = None
   try:

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Callable, Optional
 
 from mai_jax import checkpoint as checkpoint_lib
@@ -54,7 +53,8 @@ class InitSource:
   """A checked checkpoint to take the initial parameters from."""
   workdir: str
   step: int
-  cfg: Config  # the source's config.json
+  cfg: Config  # the source's config.json (its arrays are checked against the run's shapes)
+  metadata: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata item
 
   @property
   def checkpoints(self) -> str:
@@ -140,8 +140,9 @@ def resolve(path: str) -> InitSource:
   if step is not None and step not in good:
     raise ConfigError(f"{where}: step {step} is not a good checkpoint in {checkpoints}; good "
                       f"steps: {', '.join(map(str, good))}")
-  return InitSource(workdir=workdir, step=good[-1] if step is None else step,
-                    cfg=config_lib.load_json(config_path))
+  step = good[-1] if step is None else step
+  return InitSource(workdir=workdir, step=step, cfg=config_lib.load_json(config_path),
+                    metadata=checkpoint_lib.stored_json(checkpoints, step, "metadata") or {})
 
 
 def model_differences(run: ModelConfig, source: ModelConfig) -> list[str]:
@@ -161,28 +162,24 @@ def restore_params(source: InitSource, abstract_params: Any) -> Any:
 
 # ------------------------------------------------------------------------------------ tokenizer
 
-def adopt_tokenizer(cfg: Config, workdir: str, source: InitSource, log: Log) -> None:
-  """Copies the source's tokenizer files into `workdir` unless the run names or has its own
-  (process 0 only, before the tokenizer is loaded). Says which tokenizer the run will use."""
+def adoptable_tokenizer(cfg: Config, workdir: str, source: InitSource, log: Log) -> list[str]:
+  """The names of the source's tokenizer files the run copies into `workdir` (the copy itself
+  waits until every check of the run has passed; see train/prepare.py): none when the run names
+  or has its own. Says which tokenizer the run will use."""
   if cfg.data.tokenizer_path:
     log(f"mai-jax: tokenizer: data.tokenizer_path={cfg.data.tokenizer_path} (set explicitly; "
         f"not copied from train.init_from)")
-    return
+    return []
   for name in _MAIN_TOKENIZER_FILES:
     if os.path.isfile(os.path.join(workdir, name)):
       log(f"mai-jax: tokenizer: {os.path.join(workdir, name)} (already in the workdir)")
-      return
+      return []
   names = [n for n in _TOKENIZER_SIDE_FILES + _MAIN_TOKENIZER_FILES
            if os.path.isfile(os.path.join(source.workdir, n))]
   if any(n in _MAIN_TOKENIZER_FILES for n in names):
-    os.makedirs(workdir, exist_ok=True)
-    for name in names:
-      tmp = os.path.join(workdir, f"{name}.tmp{os.getpid()}")
-      shutil.copyfile(os.path.join(source.workdir, name), tmp)
-      os.replace(tmp, os.path.join(workdir, name))  # atomic: a crash leaves no half file
     log(f"mai-jax: tokenizer: that of train.init_from ({', '.join(names)} copied from "
         f"{source.workdir}), so token ids match the weights")
-    return
+    return names
   if source.cfg.data.tokenizer_path:
     raise ConfigError(
         f"train.init_from={cfg.train.init_from} was trained with data.tokenizer_path="
@@ -192,19 +189,25 @@ def adopt_tokenizer(cfg: Config, workdir: str, source: InitSource, log: Log) -> 
   log(f"mai-jax: WARNING: train.init_from={cfg.train.init_from} holds no tokenizer, so this run "
       f"trains a new one whose ids do not match the weights' embeddings; set "
       f"--config.data.tokenizer_path to the tokenizer the weights were trained with")
+  return []
 
 
 def check_tokenizer_matches(source: InitSource, tokenizer: Tokenizer, log: Log) -> None:
   """Warns when the run's tokenizer is not the one recorded with (or stored in) the source."""
-  want = _source_tokenizer_hash(source.workdir)
+  want = _source_tokenizer_hash(source)
   if want is not None and want != tokenizer.content_hash:
     log(f"mai-jax: WARNING: this run's tokenizer {tokenizer.path} (sha256 "
         f"{tokenizer.content_hash[:12]}) is not the one of train.init_from {source.workdir} "
         f"(sha256 {want[:12]}): the same text gets other ids than the weights were trained on")
 
 
-def _source_tokenizer_hash(workdir: str) -> Optional[str]:
-  """sha256 of a workdir's tokenizer: its tokenizer_record.json, else the file it would load."""
+def _source_tokenizer_hash(source: InitSource) -> Optional[str]:
+  """sha256 of the source's tokenizer: the one its checkpoint records, else its
+  tokenizer_record.json, else the file it would load."""
+  recorded = (source.metadata.get("tokenizer") or {}).get("sha256")
+  if recorded:
+    return recorded
+  workdir = source.workdir
   record = os.path.join(workdir, RECORD_FILE)
   if os.path.isfile(record):
     with open(record) as f:

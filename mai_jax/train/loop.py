@@ -28,6 +28,7 @@ from mai_jax.evaluate import evaluate
 from mai_jax.model import count_active_params, count_params
 from mai_jax.train import init_from as init_from_lib
 from mai_jax.train import preemption
+from mai_jax.train import prepare
 from mai_jax.train import step as step_lib
 from mai_jax.train.faults import FaultMonitor
 from mai_jax.train.trainer import build_trainer
@@ -61,26 +62,13 @@ def write_config(cfg: Config, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def _tokenizer(cfg: Config, workdir: str, init_source=None):
-  """Process 0 trains (or loads) the tokenizer first; the others then load the same file.
-  The tokenizer checks its size against model.vocab_size itself. A run starting from existing
-  weights (`init_source`) uses their tokenizer (see init_from.py)."""
-  if init_source is not None and jax.process_index() == 0:
-    init_from_lib.adopt_tokenizer(cfg, workdir, init_source, _log)
-  if jax.process_count() > 1:
-    if jax.process_index() == 0:
-      load_or_train_tokenizer(cfg, workdir, process_index=0)
-    multihost_utils.sync_global_devices("mai_jax tokenizer ready")
-  tokenizer = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
-  check_tokenizer_record(workdir, tokenizer, write=jax.process_index() == 0)
-  if init_source is not None:
-    init_from_lib.check_tokenizer_matches(init_source, tokenizer, _log)
-  return tokenizer
 
 
 def train(cfg: Config, workdir: str) -> TrainResult:
   """Trains `cfg` in `workdir`, resuming from its latest good checkpoint when there is one.
 
+  Everything that can refuse the run is checked before anything is written into `workdir`
+  (see prepare.py), so a refused run leaves the workdir byte for byte as it was.
   SIGTERM/SIGINT save a checkpoint and return early with `preempted=True` (see preemption.py).
   """
   mesh = sharding_lib.make_mesh(cfg.mesh)
@@ -88,10 +76,24 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   metrics_lib.check_tracking(cfg)
   workdir = os.path.abspath(workdir)
   cfg = init_from_lib.with_absolute_path(cfg)
+  trainer = build_trainer(cfg, mesh)
+  resume = prepare.check_resume(cfg, workdir, trainer.abstract_state())
   init_source = init_from_lib.source_for_run(cfg, workdir, _log)  # None when resuming
-  write_config(cfg, workdir)
-  tokenizer = _tokenizer(cfg, workdir, init_source)
-  run = _Run(cfg, mesh, workdir, tokenizer, init_source)
+  choice = prepare.choose_tokenizer(cfg, workdir, init_source, _log)
+  try:  # the data pipeline and eval batches are built (and checked) before the commit too
+    run = (_Run(cfg, mesh, workdir, trainer, choice.tokenizer, init_source)
+           if choice.tokenizer is not None else None)
+  except BaseException:
+    prepare.cleanup(choice)
+    raise
+  tokenizer = prepare.commit(cfg, workdir, resume, choice, _log) or choice.tokenizer
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mai_jax workdir ready")
+    if run is None:  # process 0 trained the tokenizer: load the file it wrote
+      tokenizer = load_or_train_tokenizer(cfg, workdir, process_index=jax.process_index())
+      check_tokenizer_record(workdir, tokenizer, write=False)
+      run = _Run(cfg, mesh, workdir, trainer, tokenizer, init_source)
+  run.open(tokenizer)
   try:
     with preemption.StopRequest() as stop:
       result = run.loop(stop)
@@ -120,10 +122,12 @@ class _Pending:
 class _Run:
   """One call of `train`: the state, the data stream position and the fault bookkeeping."""
 
-  def __init__(self, cfg: Config, mesh, workdir: str, tokenizer, init_source=None):
+  def __init__(self, cfg: Config, mesh, workdir: str, trainer, tokenizer, init_source=None):
+    """Builds what reads only (the data stream, the eval batches); `open` then opens the
+    checkpoint directory and the metric files, once the run has been accepted."""
     self.cfg, self.mesh, self.workdir = cfg, mesh, workdir
     self.init_source = init_source  # train.init_from, checked (None: random init or resuming)
-    self.trainer = build_trainer(cfg, mesh)
+    self.trainer = trainer
     num_params = count_params(cfg.model)
     self.num_params = num_params
     self.flops_per_token = metrics_lib.train_flops_per_token(  # MoE: the active parameters
@@ -137,11 +141,8 @@ class _Run:
     self.eval_batches = [step_lib.global_batch(b, self.trainer.batch_sharding, rows)  # placed once
                          for b in make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
                                                     process_index=pid, process_count=nproc)]
-    self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
-    self.writer = metrics_lib.MetricWriter(workdir, cfg=cfg)
-    self.metadata = {"mai_jax_version": __version__, "jax_version": jax.__version__,
-                     "mesh": dict(mesh.shape), "process_count": nproc,
-                     "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.content_hash}}
+    self.checkpointer = self.writer = None
+    self.metadata = {}
     self.monitor = FaultMonitor(cfg.train)
     self.vote = preemption.StopVote(mesh) if nproc > 1 else None
     self.position = 0  # batches drawn from the data stream so far (steps + skipped batches)
@@ -152,16 +153,17 @@ class _Run:
     self.progress = None
     self.console = None  # per-log_every lines when there is no progress bar
 
+  def open(self, tokenizer) -> None:
+    """Opens the checkpoint directory and the metric files (the first writes of the loop)."""
+    self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.cfg.checkpoint)
+    self.writer = metrics_lib.MetricWriter(self.workdir, cfg=self.cfg)
+    self.metadata = {"mai_jax_version": __version__, "jax_version": jax.__version__,
+                     "mesh": dict(self.mesh.shape), "process_count": jax.process_count(),
+                     "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.content_hash}}
+
   # --------------------------------------------------------------------------------- state
   def _restore_or_init(self):
     """(state, step, step it resumed from or None)."""
-    num_steps = self.cfg.train.num_steps
-    latest = self.checkpointer.latest_step()
-    if latest is not None and latest > num_steps:
-      raise config_lib.ConfigError(
-          f"{self.checkpointer.directory} holds a checkpoint at step {latest}, past "
-          f"train.num_steps={num_steps}; set --config.train.num_steps>={latest} to go on, "
-          f"or use a new --workdir")
     restored = self.checkpointer.restore_latest(self.trainer.abstract_state(), _log)
     if restored is None:
       return self._fresh_state(), 0, None
@@ -230,7 +232,8 @@ class _Run:
     local = next(self.data_iter)
     self.data_metrics.add(local)
     self.position += 1
-    batch = step_lib.global_batch(local, self.trainer.batch_sharding, self.cfg.train.global_batch_size)
+    batch = step_lib.global_batch(local, self.trainer.batch_sharding,
+                                  self.cfg.train.global_batch_size)
     return batch, self.position - 1
 
   # ---------------------------------------------------------------------------------- loop
@@ -351,9 +354,11 @@ class _Run:
     if self.progress is not None:
       self.progress.close()
     try:
-      self.checkpointer.close()
+      if self.checkpointer is not None:
+        self.checkpointer.close()
     finally:
-      self.writer.close()
+      if self.writer is not None:
+        self.writer.close()
 
 
 def _sum_over_processes(x: np.ndarray) -> np.ndarray:
