@@ -3,6 +3,7 @@
   mai-jax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.SECTION.KEY=VALUE ...]
   mai-jax checkpoints --workdir DIR [--export-params OUT [--step S]]
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
+  mai-jax data curate --config CURATE.toml --out DIR [--engine local] [--workers N]
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
   mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
@@ -137,12 +138,39 @@ def _add_data_parser(sub) -> None:
   tokenize.add_argument("--workers", type=int, default=2, help="tokenizer threads")
   inspect = tasks.add_parser("inspect", help="print a token cache's manifest")
   inspect.add_argument("path", help="a token cache folder (OUT/NAME of `data tokenize`)")
+  _add_curate_parser(tasks)
+
+
+def _add_curate_parser(tasks) -> None:
+  curate = tasks.add_parser("curate", help="filter, deduplicate and decontaminate raw text into "
+                            "shards `data tokenize` reads (README: Data curation)")
+  curate.add_argument("--config", dest="curate_config", required=True,
+                      help="a curation config, NAME.toml or NAME.json")
+  curate.add_argument("--out", required=True, help="new folder for data/, report.json, "
+                      "summary.txt and signatures.npz (refused if it exists)")
+  curate.add_argument("--engine", choices=("local",), default="local",
+                      help="local: a process pool on this machine")
+  curate.add_argument("--workers", type=int, default=0, help="processes (0: the config's workers)")
+
+
+def _run_curate(args) -> None:
+  from mai_jax.data.curate import local, settings  # pylint: disable=import-outside-toplevel
+  cfg = settings.load(args.curate_config)
+  local.run(cfg, args.out, workers=args.workers or None,
+            log=lambda msg: print(f"mai-jax: {msg}", flush=True))
+  out = os.path.abspath(args.out)
+  pattern = os.path.join(out, "data", f"*.{cfg.output.format}")
+  print(f"mai-jax: wrote {out} (summary.txt, report.json); tokenize it with --config.data.sources="
+        f"\"({{'name': 'curated', 'kind': '{cfg.output.format}', 'path': '{pattern}'}},)\"")
 
 
 def _run_data(args, overrides: dict[str, str]) -> None:
   import json  # pylint: disable=import-outside-toplevel
   from mai_jax.data import (cache, sources, tokenizer,  # pylint: disable=import-outside-toplevel
                             tokenizer_files)
+  if args.data_command == "curate":
+    _run_curate(args)
+    return
   if args.data_command == "inspect":
     manifest, _ = cache.open_cache(args.path)
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))

@@ -1,0 +1,423 @@
+"""Data curation (mai_jax/data/curate): each rule on hand-computed cases, MinHash LSH against the
+S-curve, and a messy corpus that must come out with exactly the expected survivors."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rensa")
+pytest.importorskip("py3langid")
+
+from mai_jax.config import ConfigError  # noqa: E402
+from mai_jax.data.curate import (dedup, decontam, langid, local, minhash, rules,  # noqa: E402
+                                 settings)
+from mai_jax.data.curate.textstats import DocText  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Common English words, so generated sentences read as English to the language identifier.
+_VOCAB = ("the people who live in this small town have always said that the river is the "
+          "heart of their community and many families walk along its banks every evening "
+          "children play near old trees while parents talk about work school weather food "
+          "to of with the and the history music books gardens markets bridges roads farms houses schools libraries "
+          "teachers doctors farmers students writers painters builders workers neighbours "
+          "friends visitors travellers morning afternoon summer winter spring autumn light "
+          "water stone wood bread apples fish milk tea coffee letters stories songs games").split()
+
+
+def _sentence(rng) -> str:
+  words = [rng.choice(_VOCAB) for _ in range(rng.randint(9, 14))]
+  return " ".join(words).capitalize() + "."
+
+
+def _good_doc(seed: int, sentences: int = 12) -> str:
+  rng = random.Random(seed)
+  lines = [" ".join(_sentence(rng) for _ in range(2)) for _ in range(sentences // 2)]
+  return "\n".join(lines)
+
+
+def _shingle_set(text: str, n: int = 5) -> set:
+  words = [w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()]
+  return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _jaccard(a: str, b: str) -> float:
+  sa, sb = _shingle_set(a), _shingle_set(b)
+  return len(sa & sb) / len(sa | sb)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules on hand-computed cases
+
+
+def _apply(rule, text):
+  return rule.apply(DocText(text))
+
+
+def test_gopher_quality_each_check():
+  rule = rules.GopherQuality()
+  base = ("the cat sat with a dog and the bird " * 6).strip()  # 54 words, mean length 3.0
+  assert _apply(rule, base) == rules.KEEP
+  assert _apply(rule, " ".join(base.split()[:49]))[0] == "gopher_short_doc"   # 49 < 50
+  assert _apply(rule, " ".join(["ab"] * 60) + " the and")[0] == "gopher_below_avg_word_length"
+  assert _apply(rules.GopherQuality(min_avg_word_length=False), " ".join(["ab"] * 60)
+                + " the")[0] == "gopher_enough_stop_words"  # 1 distinct stop word < 2
+  # 54 words + 6 '#' tokens = 60 words: 6/60 = 0.1 is not > 0.1; 7 '#' of 61 is.
+  assert _apply(rule, base + " #" * 6) == rules.KEEP
+  assert _apply(rule, base + " #" * 7)[0] == "gopher_too_many_hashes"
+  bullets = "\n".join(f"- {line}" for line in [base] * 10)  # 10/10 lines > 0.9
+  assert _apply(rule, bullets)[0] == "gopher_too_many_bullets"
+  no_stop = ("cat sat dog bird tree " * 12).strip()  # no stop word
+  assert _apply(rule, no_stop)[0] == "gopher_enough_stop_words"
+
+
+def test_gopher_quality_stop_words_are_case_sensitive_and_counted_distinct():
+  rule = rules.GopherQuality(min_doc_words=1)
+  assert _apply(rule, "The cat and the dog") == rules.KEEP  # {'and','the'}: 2
+  assert _apply(rule, "The cat and dog")[0] == "gopher_enough_stop_words"  # {'and'}: 1
+
+
+def test_gopher_repetition_hand_counts():
+  rule = rules.GopherRepetition(top_n_grams=(), dup_n_grams=())
+  # 10 lines; a line's repeats are its occurrences after the first: 3/10 = 0.3 is not > 0.3.
+  unique = [f"line number {i} says something" for i in range(7)]
+  ok = "\n".join(unique[:6] + ["x y z"] * 4)
+  assert _apply(rules.GopherRepetition(dup_line_char_frac=False, top_n_grams=(), dup_n_grams=()),
+                ok) == rules.KEEP
+  bad = "\n".join(unique[:5] + ["x y z"] * 5)  # 4/10
+  assert _apply(rules.GopherRepetition(dup_line_char_frac=False, top_n_grams=(), dup_n_grams=()),
+                bad)[0] == "dup_line_frac"
+  # characters: 2 repeated lines of 20 chars in a text of 82 chars: 40/82 > 0.2
+  line = "a" * 20
+  text = "\n".join(["b" * 20, line, line, line])
+  assert len(text) == 83 and _apply(rules.GopherRepetition(dup_line_frac=False, dup_para_frac=False,
+                                                           dup_para_char_frac=False), text)[0] \
+      == "dup_line_char_frac"
+  # top 2-gram: 'buy now' 10 times = 70 chars over len(text)
+  spam = "buy now " * 10 + "please read the rest of this long sentence about other things today"
+  assert _apply(rules.GopherRepetition(dup_n_grams=()), spam)[0] == "top_2_gram"
+
+
+def test_duplicated_ngram_chars_definition():
+  # words a b c d e a b c d e f: the second 'abcde' (5 chars) repeats, counted once, skip past.
+  words = "a b c d e a b c d e f".split()
+  assert rules._duplicated_ngram_chars(words, 5) == 5  # pylint: disable=protected-access
+  assert rules._top_ngram_chars("a b a b a".split(), 2) == 3 * 2  # 'a b' x2  # pylint: disable=protected-access
+
+
+def test_c4_lines_and_pages():
+  rule = rules.C4Quality()
+  good = [f"This is sentence number {i} of the page." for i in range(5)]
+  text = "\n".join(good + ["Menu", "Enable JavaScript to see this page.",
+                           "We use cookies to improve the site.", "A line that never ends"])
+  reason, new_text = _apply(rule, text)
+  assert reason is None and new_text == "\n".join(good)
+  assert _apply(rule, "\n".join(good[:4]))[0] == "too_few_sentences"  # 4 < 5
+  assert _apply(rule, "\n".join(good + ["Lorem ipsum dolor sit amet."]))[0] == "lorem_ipsum"
+  assert _apply(rule, "\n".join(good + ["Use x = {1: 2} here."]))[0] == "curly_bracket"
+  assert _apply(rule, "Wiki text here[1]. And more text here[citation needed].\n" * 5)[1] == \
+      "\n".join(["Wiki text here. And more text here."] * 5)
+  assert _apply(rules.C4Quality(rewrite_lines=False), text) == rules.KEEP
+
+
+def test_c4_bad_words_needs_a_list_and_matches_whole_words():
+  with pytest.raises(ValueError, match="words_file"):
+    rules.C4BadWords()
+  rule = rules.C4BadWords(words=("darn",))
+  assert _apply(rule, "Well DARN it.")[0] == "bad_words"
+  assert _apply(rule, "The darning needle.") == rules.KEEP
+
+
+def test_fineweb_hand_counts():
+  rule = rules.FineWebQuality()
+  long_line = "this line is long enough to count as a real line of text"
+  # 1 of 9 lines ends in punctuation: 0.111 < 0.12
+  text = "\n".join([long_line + f" {i}" for i in range(8)] + [long_line + "."])
+  assert _apply(rule, text)[0] == "line_punct_ratio"
+  # 7 of 10 lines <= 30 chars: 0.7 > 0.67
+  short = "\n".join([f"short line {i}." for i in range(7)] + [long_line + "."] * 0
+                    + [long_line + f" {i}." for i in range(3)])
+  assert _apply(rule, short)[0] == "short_line_ratio"
+  dup = "\n".join([long_line + f" {i}." for i in range(20)] + [long_line + " 0."])
+  assert _apply(rule, dup)[0] == "char_dup_ratio"  # 60 of 1241 chars > 0.01
+  assert _apply(rule, "\n".join(long_line + f" {i}." for i in range(20))) == rules.KEEP
+
+
+def test_language_identifies_english_and_german():
+  english = _good_doc(0)
+  german = ("Die Leute in dieser kleinen Stadt sagen immer, dass der Fluss das Herz ihrer "
+            "Gemeinschaft ist, und viele Familien gehen jeden Abend an seinen Ufern spazieren.")
+  assert langid.classify(english)[0] == "en"
+  assert langid.classify(german)[0] == "de"
+  assert _apply(langid.Language(), german)[0] == "lang_de"
+  assert _apply(langid.Language(languages=("de",)), german) == rules.KEEP
+
+
+# ------------------------------------------------------------------------------------------------
+# MinHash, LSH and union-find
+
+
+def test_lsh_candidate_rate_follows_the_s_curve():
+  """Pairs of token sets with exact Jaccard s become LSH candidates at 1-(1-s^8)^14, within 5
+  binomial standard deviations (fixed tokens and seed: the outcome is fixed, not random)."""
+  pairs, union = 400, 100
+  for s in (0.5, 0.7, 0.8, 0.9):
+    shared = round(s * union)
+    only = (union - shared) // 2  # each set's own tokens: |A u B| = shared + 2 * only = union
+    sets_a, sets_b = [], []
+    for p in range(pairs):
+      tokens = [f"p{p}t{i}" for i in range(union)]
+      sets_a.append(tokens[:shared] + tokens[shared:shared + only])
+      sets_b.append(tokens[:shared] + tokens[shared + only:])
+    a, b = set(sets_a[-1]), set(sets_b[-1])
+    assert len(a & b) / len(a | b) == s
+    sig_a = minhash.set_signatures(sets_a, 112, 1)
+    sig_b = minhash.set_signatures(sets_b, 112, 1)
+    hits = np.zeros(pairs, bool)
+    for b in range(14):
+      hits |= np.all(sig_a[:, b * 8:(b + 1) * 8] == sig_b[:, b * 8:(b + 1) * 8], axis=1)
+    expected = minhash.candidate_probability(shared / union, 14, 8)
+    sd = np.sqrt(expected * (1 - expected) / pairs)
+    assert abs(hits.mean() - expected) <= 5 * sd + 1e-9, (s, hits.mean(), expected)
+    assert abs(np.mean(sig_a == sig_b) - shared / union) < 0.02  # the Jaccard estimate
+
+
+def test_union_find_root_is_smallest_member_whatever_the_order():
+  for order in ([(3, 4), (4, 1), (5, 6)], [(5, 6), (1, 4), (4, 3)]):
+    uf = dedup.UnionFind(7)
+    for a, b in order:
+      uf.union(a, b)
+    assert [uf.find(i) for i in range(7)] == [0, 1, 2, 1, 1, 5, 5]
+
+
+def test_decontam_matches_ngrams_and_whole_short_items(tmp_path):
+  evals = tmp_path / "eval.jsonl"
+  item = "what is the capital city of the country that lies north of spain and west of germany"
+  evals.write_text(json.dumps({"question": item}) + "\n"
+                   + json.dumps({"question": "two plus two is four , said ten people"}) + "\n"
+                   + json.dumps({"question": "too short"}) + "\n")
+  index = decontam.build_index([str(evals)], "", ngram=13, min_tokens=8)
+  assert index.items == 3 and index.skipped_short == 1
+  leak = "Quiz. Is the capital city of the country that lies north of Spain? Paris."
+  assert index.match(leak) is None  # only 12 tokens of the item in a row
+  assert index.match("Q: What is the capital city of the country that lies north of spain and "
+                     "west ...")[0] == "eval.jsonl:0"
+  assert index.match("Two plus two is four, said ten people.")[0] == "eval.jsonl:1"
+  assert index.match("too short") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The messy corpus, end to end
+
+
+def _write_jsonl(path, rows):
+  with open(path, "wb") as f:
+    for row in rows:
+      f.write(row if isinstance(row, bytes) else (json.dumps(row) + "\n").encode())
+
+
+BRACKET_ITEM = json.loads(open(os.path.join(REPO, "mai_jax/tasks/python_brackets.jsonl")).readlines()[-2])
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+  """The corpus, its config, and the expected fate of every document."""
+  root = tmp_path_factory.mktemp("messy")
+  good = {i: _good_doc(i) for i in range(10)}
+  near = good[2].split(" ")
+  for k in (40, 80):
+    near[k] = "bridges"
+  near = " ".join(near)
+  half = "\n".join(good[3].split("\n")[:3] + good[9].split("\n")[3:])
+  eval_item = ("the lighthouse keeper counted forty two ships passing the northern rocks during "
+               "one stormy night in march")
+  web = [
+      {"text": good[0], "url": "a"}, {"text": good[1]}, {"text": good[2]},
+      {"text": "  " + good[1].replace(" ", "  ").replace(".", " !") + " "},  # exact dup of 1
+      {"text": near},                                                        # near dup of 2
+      {"text": half},                                                        # J~0.3 with 3, 9
+      {"text": "Buy the best cheap pills now and get them with free delivery today.\n" * 20},
+      {"text": "Share this page with your friends.\nClick here to read the rest of the story.\n"
+               "Subscribe to our newsletter for the latest news and offers.\n" * 6},
+      {"text": ("Die Leute in dieser kleinen Stadt sagen immer, dass der Fluss das Herz ihrer "
+                "Gemeinschaft ist. ") * 6},                                  # German
+      {"text": good[4] + "\nWe use cookies to improve your experience on this site."},
+      {"text": good[5] + "\nThe notes say " + BRACKET_ITEM["context"]
+               + BRACKET_ITEM["choices"][BRACKET_ITEM["answer"]] + " is how it works."},
+      {"text": good[6] + "\nOur notes say " + eval_item + " and no more."},  # user eval leak
+      b'{"text": "caf\xe9 invalid utf-8"}\n',
+      b'{"text": "nul \\u0000 is fine in JSON but this is \x00 binary"}\n',
+      b'{"text": not json}\n',
+      {"no_text": "x"},
+      {"text": good[7]},                                                     # dup of synthetic
+  ]
+  synthetic = [{"text": good[7], "generator": "mai-1-tiny", "prompt_id": "p7", "seed": 7},
+               {"text": good[8], "generator": "mai-1-tiny", "prompt_id": "p8", "seed": 8}]
+  (root / "web").mkdir()
+  _write_jsonl(root / "web" / "part0.jsonl", web[:9])
+  _write_jsonl(root / "web" / "part1.jsonl", web[9:])
+  _write_jsonl(root / "synthetic.jsonl", synthetic)
+  _write_jsonl(root / "evals.jsonl", [{"question": eval_item}])
+  config = root / "curate.toml"
+  config.write_text(f'''
+workers = 1
+[[sources]]
+name = "synthetic"
+path = "{root / 'synthetic.jsonl'}"
+[[sources]]
+name = "web"
+path = "{root / 'web'}"
+[rules.language]
+[rules.gopher_repetition]
+[rules.gopher_quality]
+[rules.c4]
+[rules.fineweb]
+[decontamination]
+files = ["{root / 'evals.jsonl'}"]
+[output]
+examples_per_rule = 100
+shard_docs = 4
+''')
+  expected_kept = {"synthetic/synthetic.jsonl:0", "synthetic/synthetic.jsonl:1",
+                   "web/part0.jsonl:0", "web/part0.jsonl:1", "web/part0.jsonl:2",
+                   "web/part0.jsonl:5", "web/part1.jsonl:0"}
+  expected_removed = {
+      "web/part0.jsonl:3": "exact_dedup", "web/part0.jsonl:4": "near_dedup",
+      "web/part0.jsonl:6": "gopher_repetition", "web/part0.jsonl:7": "gopher_repetition",
+      "web/part0.jsonl:8": "language", "web/part1.jsonl:1": "decontamination",
+      "web/part1.jsonl:2": "decontamination", "web/part1.jsonl:7": "exact_dedup"}
+  jaccards = {"near": _jaccard(near, good[2]), "half3": _jaccard(half, good[3]),
+              "half9": _jaccard(half, good[9])}
+  return dict(root=root, config=str(config), kept=expected_kept, removed=expected_removed,
+              jaccards=jaccards, good=good)
+
+
+@pytest.fixture(scope="module")
+def curated(messy):
+  out = messy["root"] / "out"
+  report = local.run(settings.load(messy["config"]), str(out), log=lambda m: None)
+  return out, report
+
+
+def _output(out):
+  rows = []
+  for name in sorted(os.listdir(out / "data")):
+    rows += [json.loads(line) for line in open(out / "data" / name)]
+  return rows
+
+
+def test_messy_corpus_exact_survivors(messy, curated):
+  out, report = curated
+  j = messy["jaccards"]
+  assert j["near"] > 0.85 and j["half3"] < 0.4 and j["half9"] < 0.4, j
+  rows = _output(out)
+  assert {r["id"] for r in rows} == messy["kept"]
+  assert [r["id"] for r in rows] == sorted(messy["kept"], key=lambda i: (not i.startswith("syn"), i))
+  removed = {ex["id"]: stage for stage, s in report["stages"].items() for ex in s["examples"]}
+  assert removed == messy["removed"]
+  assert report["sources"]["web"]["skipped"] == {"binary": 1, "invalid JSON": 1,
+                                                 "invalid UTF-8": 1, "no text field": 1}
+  assert report["stages"]["exact_dedup"]["examples"][1]["detail"] == \
+      "kept synthetic/synthetic.jsonl:0"   # across sources: the earlier source survives
+  assert report["duplicate_clusters_exact"] == 2 and report["duplicate_clusters_near"] == 1
+
+
+def test_messy_corpus_provenance_rewrites_and_files(messy, curated):
+  out, report = curated
+  rows = {r["id"]: r for r in _output(out)}
+  assert rows["synthetic/synthetic.jsonl:1"]["meta"] == {"generator": "mai-1-tiny",
+                                                          "prompt_id": "p8", "seed": 8}
+  assert rows["web/part0.jsonl:0"]["meta"] == {"url": "a"}
+  assert rows["web/part1.jsonl:0"]["text"] == messy["good"][4]  # cookie line dropped by C4
+  # C4 rewrote the cookie page, the bracket leak ('[1]' citation) and the spaced exact copy.
+  assert report["rewritten_by_rule"] == {"c4": 3}
+  assert sorted(os.listdir(out)) == ["data", "report.json", "signatures.npz", "summary.txt"]
+  assert sorted(os.listdir(out / "data")) == ["part-00000.jsonl", "part-00001.jsonl"]
+  assert "gopher_repetition" in (out / "summary.txt").read_text()
+  web = report["sources"]["web"]
+  assert web["in"]["docs"] == 17 and web["out"]["docs"] == 5
+  assert not [p for p in os.listdir(messy["root"]) if ".partial-" in p]
+
+
+def test_signatures_dedup_a_later_corpus(messy, curated, tmp_path):
+  out, _ = curated
+  later = tmp_path / "later.jsonl"
+  _write_jsonl(later, [{"text": messy["good"][0]}, {"text": _good_doc(100)}])
+  cfg = settings.parse({"sources": [{"name": "later", "path": str(later)}],
+                        "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
+  report = local.run(cfg, str(tmp_path / "out2"), log=lambda m: None)
+  assert [r["id"] for r in _output(tmp_path / "out2")] == ["later/later.jsonl:1"]
+  assert report["stages"]["exact_dedup"]["examples"][0]["detail"] == "kept prior:web/part0.jsonl:0"
+
+
+def test_cli_two_workers_same_bytes_and_tokenize_reads_it(messy, curated, tmp_path):
+  out, _ = curated
+  out2 = tmp_path / "out_cli"
+  proc = subprocess.run([sys.executable, "-m", "mai_jax", "data", "curate", "--config",
+                         messy["config"], "--out", str(out2), "--workers", "2"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "--config.data.sources=" in proc.stdout
+  for name in ("part-00000.jsonl", "part-00001.jsonl"):
+    assert (out / "data" / name).read_bytes() == (out2 / "data" / name).read_bytes()
+  assert (out / "report.json").read_bytes() == (out2 / "report.json").read_bytes()
+  from mai_jax.data import readers  # what `data tokenize` reads a jsonl source with
+  docs = [d for rel in ("part-00000.jsonl", "part-00001.jsonl")
+          for d in readers.read_file_documents("jsonl", "text", str(out2 / "data"), rel)]
+  assert len(docs) == 7 and all(text for _, text, _ in docs)
+
+
+def test_parquet_output(messy, tmp_path):
+  pq = pytest.importorskip("pyarrow.parquet")
+  cfg = settings.load(messy["config"])
+  import dataclasses
+  cfg = dataclasses.replace(cfg, output=settings.Output(format="parquet", shard_docs=100))
+  local.run(cfg, str(tmp_path / "pq"), log=lambda m: None)
+  table = pq.read_table(tmp_path / "pq" / "data" / "part-00000.parquet")
+  assert table.column_names == ["id", "source", "text", "meta"]
+  assert set(table.column("id").to_pylist()) == messy["kept"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_empty_result_names_the_rule_and_writes_nothing(tmp_path):
+  src = tmp_path / "short.jsonl"
+  _write_jsonl(src, [{"text": f"Only a few words here, number {i}."} for i in range(3)])
+  cfg = settings.parse({"sources": [{"name": "s", "path": str(src)}],
+                        "rules": {"gopher_quality": {}}}, "t.toml")
+  with pytest.raises(ConfigError, match="'gopher_quality' removed the most \\(3 of 3"):
+    local.run(cfg, str(tmp_path / "out"), log=lambda m: None)
+  assert sorted(os.listdir(tmp_path)) == ["short.jsonl"]
+
+
+def test_misspelled_rule_and_key_list_the_valid_ones():
+  with pytest.raises(ConfigError, match="unknown rule 'gopher_qualty' \\(did you mean "
+                     "'gopher_quality'.*valid rules: language, gopher_quality"):
+    settings.parse({"sources": [{"name": "s", "path": "x"}], "rules": {"gopher_qualty": {}}}, "c")
+  with pytest.raises(ConfigError, match="rules.c4.min_sentences.*valid keys: "):
+    settings.parse({"sources": [{"name": "s", "path": "x"}], "rules": {"c4": {"min_sentences": 1}}},
+                   "c")
+  with pytest.raises(ConfigError, match="rules.gopher_quality.min_doc_words: expected an integer"):
+    settings.parse({"sources": [{"name": "s", "path": "x"}],
+                    "rules": {"gopher_quality": {"min_doc_words": "50"}}}, "c")
+  with pytest.raises(ConfigError, match="c4_bad_words: needs `words` or `words_file`"):
+    settings.parse({"sources": [{"name": "s", "path": "x"}], "rules": {"c4_bad_words": {}}}, "c")
+
+
+def test_existing_out_dir_is_refused_untouched(messy, tmp_path):
+  out = tmp_path / "exists"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  proc = subprocess.run([sys.executable, "-m", "mai_jax", "data", "curate", "--config",
+                         messy["config"], "--out", str(out)], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("mai-jax: error: --out") and "already exists" in proc.stderr
+  assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["exists"]
