@@ -105,9 +105,43 @@ def test_gopher_repetition_hand_counts():
 
 def test_duplicated_ngram_chars_definition():
   # words a b c d e a b c d e f: the second 'abcde' (5 chars) repeats, counted once, skip past.
-  words = "a b c d e a b c d e f".split()
-  assert rules._duplicated_ngram_chars(words, 5) == 5  # pylint: disable=protected-access
-  assert rules._top_ngram_chars("a b a b a".split(), 2) == 3 * 2  # 'a b' x2  # pylint: disable=protected-access
+  assert rules._duplicated_ngram_chars(DocText("a b c d e a b c d e f"), 5) == 5  # pylint: disable=protected-access
+  # overlapping repeats: 'a a a a a a a' has 5-grams at 0,1,2: the one at 1 repeats, skip to 6.
+  assert rules._duplicated_ngram_chars(DocText("a a a a a a a"), 5) == 5  # pylint: disable=protected-access
+  assert rules._top_ngram_chars(DocText("a b a b a"), 2) == 3 * 2  # 'a b' x2  # pylint: disable=protected-access
+  # 'a bb' and 'bb cc' both twice: the first seen wins (Counter.most_common), 4 chars x 2
+  assert rules._top_ngram_chars(DocText("a bb cc a bb cc"), 2) == 4 * 2  # pylint: disable=protected-access
+
+
+def _reference_top(words, n):  # datatrove's definitions, on strings
+  import collections
+  gram, count = collections.Counter(" ".join(words[i:i + n])
+                                    for i in range(len(words) - n + 1)).most_common(1)[0]
+  return len(gram) * count
+
+
+def _reference_dup(words, n):
+  seen, chars, i = set(), 0, 0
+  while i < len(words) - n + 1:
+    gram = "".join(words[i:i + n])
+    if gram in seen:
+      chars, i = chars + len(gram), i + n
+    else:
+      seen.add(gram)
+      i += 1
+  return chars
+
+
+def test_vectorized_ngram_counts_match_the_string_definitions():
+  rng = random.Random(0)
+  for trial in range(200):
+    vocab = ["aa", "bb", "cc", "dd"][:rng.randint(1, 4)]  # equal lengths: no 'ab c' = 'a bc'
+    words = [rng.choice(vocab) for _ in range(rng.randint(10, 60))]
+    doc = DocText(" ".join(words))
+    for n in (2, 3, 4):
+      assert rules._top_ngram_chars(doc, n) == _reference_top(words, n), (trial, n)  # pylint: disable=protected-access
+    for n in range(5, 11):
+      assert rules._duplicated_ngram_chars(doc, n) == _reference_dup(words, n), (trial, n)  # pylint: disable=protected-access
 
 
 def test_c4_lines_and_pages():

@@ -16,10 +16,11 @@ and at each rule (sentence counting in C4).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import re
 from typing import ClassVar, Optional
+
+import numpy as np
 
 from mai_jax.data.curate.textstats import TERMINAL_PUNCTUATION, DocText, is_symbol_word
 
@@ -102,23 +103,43 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
   return count, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-  """Characters of the most frequent word n-gram (joined by spaces) times its count."""
-  grams = collections.Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
-  gram, count = grams.most_common(1)[0]
-  return len(gram) * count
+_HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _duplicated_ngram_chars(words: list[str], n: int) -> int:
-  """Characters inside repeated word n-grams, each repeat counted once (Gopher's definition as
-  datatrove implements it: n-grams joined without spaces, skip past a repeat)."""
-  seen, chars, i = set(), 0, 0
-  while i < len(words) - n + 1:
-    gram = "".join(words[i:i + n])
-    if gram in seen:
-      chars, i = chars + len(gram), i + n
+def ngram_keys(ids_W: np.ndarray, n: int) -> np.ndarray:
+  """uint64 [W - n + 1] polynomial hashes of the word-id n-grams (equal n-grams, equal keys;
+  distinct ones collide with probability ~2**-64, so counts are exact in practice)."""
+  count = len(ids_W) - n + 1
+  keys = np.zeros(max(count, 0), np.uint64)
+  for k in range(n):
+    keys = keys * _HASH_MULT + ids_W[k:k + count]  # wraps modulo 2**64
+  return keys
+
+
+def _top_ngram_chars(doc: DocText, n: int) -> int:
+  """Characters of the most frequent word n-gram (joined by spaces) times its count; ties go to
+  the n-gram seen first, as Counter.most_common(1) does in datatrove."""
+  keys = ngram_keys(doc.word_ids_W, n)
+  _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+  top = counts.max()
+  i = int(first[counts == top].min())
+  cum = doc.word_chars_cum
+  return int(cum[i + n] - cum[i] + n - 1) * int(top)
+
+
+def _duplicated_ngram_chars(doc: DocText, n: int) -> int:
+  """Characters inside repeated word n-grams, each repeat counted once and skipped past (Gopher's
+  definition as datatrove implements it, whose n-grams are words joined without spaces: there
+  'ab c' repeats 'a bc', here it does not)."""
+  keys = ngram_keys(doc.word_ids_W, n)
+  if len(np.unique(keys)) == len(keys):
+    return 0
+  cum, keys, seen, chars, i = doc.word_chars_cum, keys.tolist(), set(), 0, 0
+  while i < len(keys):
+    if keys[i] in seen:
+      chars, i = chars + int(cum[i + n] - cum[i]), i + n
     else:
-      seen.add(gram)
+      seen.add(keys[i])
       i += 1
   return chars
 
@@ -152,18 +173,20 @@ class GopherRepetition:
         return f"dup_{unit}_frac", None
       if _over(char_frac, chars / len(text)):
         return f"dup_{unit}_char_frac", None
-    words = doc.words
     for n, frac in self.top_n_grams:
-      if len(words) >= n and _top_ngram_chars(words, n) / len(text) > frac:
+      if len(doc.words) >= n and _top_ngram_chars(doc, n) / len(text) > frac:
         return f"top_{n}_gram", None
-    for n, frac in self.dup_n_grams:
-      if _duplicated_ngram_chars(words, n) / len(text) > frac:
+    repeats = True  # no repeated n-gram means no repeated longer one: skip those
+    for n, frac in sorted(self.dup_n_grams):
+      repeats = repeats and (chars := _duplicated_ngram_chars(doc, n)) > 0
+      if repeats and chars / len(text) > frac:
         return f"duplicated_{n}_n_grams", None
     return KEEP
 
 
 _CITATION_RE = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
-_SENTENCE_END_RE = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+# A sentence ends at . ! ? (and closing quotes/brackets) followed by whitespace and more text.
+SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=\S)")
 _C4_END = (".", "?", "!", '"', "'")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
            "use cookies")
@@ -177,8 +200,8 @@ class C4Quality:
   ending in terminal punctuation (or ending in '...'), with fewer than 3 words, mentioning
   javascript, or with cookie/terms-of-use phrases. Per page: remove it if it has 'lorem ipsum' or a
   curly bracket in a kept line, or fewer than 5 sentences in the kept lines. Kept lines replace the
-  text (rewrite_lines=False only filters). Sentences are counted by a regex (runs of . ! ? before
-  whitespace), where datatrove uses NLTK's punkt, which needs a download.
+  text (rewrite_lines=False only filters). Sentences are split by a regex (SENTENCE_SPLIT_RE: after
+  . ! ? and closing quotes, before whitespace), where datatrove uses NLTK's punkt, a download.
   """
   name: ClassVar[str] = "c4"
   filter_no_terminal_punct: bool = True
@@ -214,7 +237,7 @@ class C4Quality:
         return "curly_bracket", None
       if self.filter_policy and any(p in lower for p in _POLICY):
         continue
-      sentences += max(1, len(_SENTENCE_END_RE.findall(line)))
+      sentences += 1 + len(SENTENCE_SPLIT_RE.findall(line))
       kept.append(line)
     if _under(self.min_num_sentences, sentences):
       return "too_few_sentences", None

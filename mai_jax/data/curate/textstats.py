@@ -13,6 +13,8 @@ import functools
 import re
 import unicodedata
 
+import numpy as np
+
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
 _LINES_RE = re.compile(r"\n+")
 _PARAGRAPHS_RE = re.compile(r"\n{2,}")
@@ -36,6 +38,17 @@ class DocText:
   @functools.cached_property
   def words(self) -> list[str]:
     return WORD_RE.findall(self.text)
+
+  @functools.cached_property
+  def word_ids_W(self) -> np.ndarray:
+    """uint64 [W]: each word's index in this document's own vocabulary, plus one."""
+    vocab: dict[str, int] = {}
+    return np.array([vocab.setdefault(w, len(vocab) + 1) for w in self.words], np.uint64)
+
+  @functools.cached_property
+  def word_chars_cum(self) -> np.ndarray:
+    """int64 [W + 1]: characters in the first i words (so words i..j hold cum[j] - cum[i])."""
+    return np.concatenate([[0], np.cumsum([len(w) for w in self.words], dtype=np.int64)])
 
   @functools.cached_property
   def lines(self) -> list[str]:
