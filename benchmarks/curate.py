@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime
 import glob
 import json
 import os
@@ -34,7 +33,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import git_commit, machine_info  # noqa: E402  (the shared benchmark record)
+from train_step import save_result  # noqa: E402  (the shared benchmark record)
 
 from mai_jax.data.curate import langid, minhash, rules  # noqa: E402
 from mai_jax.data.curate.textstats import WORD_RE, DocText  # noqa: E402
@@ -216,6 +215,28 @@ def minhash_bench(docs, mb, with_datatrove: bool) -> dict:
   return out
 
 
+def engine_bench(docs, mb) -> dict:
+  """`local.run` end to end (default rule chain, decontamination, exact + near dedup, JSONL out)
+  on the corpus as 8 JSONL files, with 1 and 2 worker processes."""
+  from mai_jax.data.curate import local, settings  # pylint: disable=import-outside-toplevel
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for k in range(8):
+      with open(os.path.join(tmp, f"in{k}.jsonl"), "w", encoding="utf-8") as f:
+        for d in docs[k::8]:
+          f.write(json.dumps({"text": d}) + "\n")
+    for workers in (1, 2):
+      cfg = settings.parse({"sources": [{"name": "docs", "path": os.path.join(tmp, "in*.jsonl")}],
+                            "workers": workers}, "benchmark")
+      t0 = time.perf_counter()
+      report = local.run(cfg, os.path.join(tmp, f"out{workers}"), log=lambda m: None)
+      dt = time.perf_counter() - t0
+      out[f"workers_{workers}"] = {"docs_per_s": round(len(docs) / dt, 1),
+                                   "mb_per_s": round(mb / dt, 3), "seconds": round(dt, 3),
+                                   "docs_out": report["sources"]["docs"]["out"]["docs"]}
+  return out
+
+
 def versions(with_datatrove: bool) -> dict:
   from importlib import metadata  # pylint: disable=import-outside-toplevel
   names = ["rensa", "py3langid", "numpy", "datasketch"] + (["datatrove"] if with_datatrove else [])
@@ -254,14 +275,8 @@ def main(argv=None) -> int:
     result["speedup_vs_datatrove"] = {n: round(speed[n]["docs_per_s"] / dt_speed[n]["docs_per_s"], 2)
                                       for n in dt_speed}
   result["minhash_14x8_5gram"] = minhash_bench(docs, mb, with_dt)
-  record = {"benchmark": "curate",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/curate.py"] + argv),
-            "git_commit": git_commit(), "machine": machine_info(),
-            "versions": versions(with_dt), "result": result}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=2)
+  result["engine_local_end_to_end"] = engine_bench(docs, mb)
+  save_result("curate", argv, {"curate_versions": versions(with_dt), "result": result}, args.out)
   print(json.dumps(result, indent=2))
   return 0
 

@@ -83,16 +83,12 @@ def test_gopher_quality_stop_words_are_case_sensitive_and_counted_distinct():
 
 
 def test_gopher_repetition_hand_counts():
-  rule = rules.GopherRepetition(top_n_grams=(), dup_n_grams=())
+  rule = rules.GopherRepetition(dup_line_char_frac=False, top_n_grams=(), dup_n_grams=())
   # 10 lines; a line's repeats are its occurrences after the first: 3/10 = 0.3 is not > 0.3.
   unique = [f"line number {i} says something" for i in range(7)]
-  ok = "\n".join(unique[:6] + ["x y z"] * 4)
-  assert _apply(rules.GopherRepetition(dup_line_char_frac=False, top_n_grams=(), dup_n_grams=()),
-                ok) == rules.KEEP
-  bad = "\n".join(unique[:5] + ["x y z"] * 5)  # 4/10
-  assert _apply(rules.GopherRepetition(dup_line_char_frac=False, top_n_grams=(), dup_n_grams=()),
-                bad)[0] == "dup_line_frac"
-  # characters: 2 repeated lines of 20 chars in a text of 82 chars: 40/82 > 0.2
+  assert _apply(rule, "\n".join(unique[:6] + ["x y z"] * 4)) == rules.KEEP
+  assert _apply(rule, "\n".join(unique[:5] + ["x y z"] * 5))[0] == "dup_line_frac"  # 4/10
+  # characters: 2 repeated lines of 20 chars in a text of 83 chars: 40/83 > 0.2
   line = "a" * 20
   text = "\n".join(["b" * 20, line, line, line])
   assert len(text) == 83 and _apply(rules.GopherRepetition(dup_line_frac=False, dup_para_frac=False,
@@ -429,6 +425,19 @@ def test_empty_result_names_the_rule_and_writes_nothing(tmp_path):
   with pytest.raises(ConfigError, match="'gopher_quality' removed the most \\(3 of 3"):
     local.run(cfg, str(tmp_path / "out"), log=lambda m: None)
   assert sorted(os.listdir(tmp_path)) == ["short.jsonl"]
+
+
+def test_readme_config_parses():
+  import re
+  import tomllib
+  readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+  section = readme[readme.index("## Data curation"):]
+  raw = tomllib.loads(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
+  raw["decontamination"]["files"] = []  # names a file of the reader's
+  cfg = settings.parse(raw, "README.md")
+  assert [r.name for r in cfg.rules] == ["language", "gopher_repetition", "gopher_quality", "c4",
+                                         "fineweb"]
+  assert cfg.rules[3].filter_no_terminal_punct is False and cfg.workers == 2
 
 
 def test_misspelled_rule_and_key_list_the_valid_ones():
