@@ -216,9 +216,9 @@ def minhash_bench(docs, mb, with_datatrove: bool) -> dict:
 
 
 def engine_bench(docs, mb) -> dict:
-  """`local.run` end to end (default rule chain, decontamination, exact + near dedup, JSONL out)
+  """`pipeline.curate` (engine local) end to end (default rule chain, decontamination, exact + near dedup, JSONL out)
   on the corpus as 8 JSONL files, with 1 and 2 worker processes."""
-  from mai_jax.data.curate import local, settings  # pylint: disable=import-outside-toplevel
+  from mai_jax.data.curate import pipeline, settings  # pylint: disable=import-outside-toplevel
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
     for k in range(8):
@@ -229,7 +229,7 @@ def engine_bench(docs, mb) -> dict:
       cfg = settings.parse({"sources": [{"name": "docs", "path": os.path.join(tmp, "in*.jsonl")}],
                             "workers": workers}, "benchmark")
       t0 = time.perf_counter()
-      report = local.run(cfg, os.path.join(tmp, f"out{workers}"), log=lambda m: None)
+      report = pipeline.curate(cfg, os.path.join(tmp, f"out{workers}"), log=lambda m: None)
       dt = time.perf_counter() - t0
       out[f"workers_{workers}"] = {"docs_per_s": round(len(docs) / dt, 1),
                                    "mb_per_s": round(mb / dt, 3), "seconds": round(dt, 3),

@@ -3,7 +3,7 @@
   mai-jax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.SECTION.KEY=VALUE ...]
   mai-jax checkpoints --workdir DIR [--export-params OUT [--step S]]
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
-  mai-jax data curate --config CURATE.toml --out DIR [--engine local] [--workers N]
+  mai-jax data curate --config CURATE.toml --out DIR [--engine local|ray] [--workers N]
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
   mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
@@ -148,16 +148,17 @@ def _add_curate_parser(tasks) -> None:
                       help="a curation config, NAME.toml or NAME.json")
   curate.add_argument("--out", required=True, help="new folder for data/, report.json, "
                       "summary.txt and signatures.npz (refused if it exists)")
-  curate.add_argument("--engine", choices=("local",), default="local",
-                      help="local: a process pool on this machine")
+  curate.add_argument("--engine", choices=("local", "ray"), default="local",
+                      help="local: a process pool on this machine; ray: Ray Data on RAY_ADDRESS "
+                      "or a local Ray instance (same output bytes)")
   curate.add_argument("--workers", type=int, default=0, help="processes (0: the config's workers)")
 
 
 def _run_curate(args) -> None:
-  from mai_jax.data.curate import local, settings  # pylint: disable=import-outside-toplevel
+  from mai_jax.data.curate import pipeline, settings  # pylint: disable=import-outside-toplevel
   cfg = settings.load(args.curate_config)
-  local.run(cfg, args.out, workers=args.workers or None,
-            log=lambda msg: print(f"mai-jax: {msg}", flush=True))
+  pipeline.curate(cfg, args.out, engine=args.engine, workers=args.workers or None,
+                  log=lambda msg: print(f"mai-jax: {msg}", flush=True))
   out = os.path.abspath(args.out)
   pattern = os.path.join(out, "data", f"*.{cfg.output.format}")
   print(f"mai-jax: wrote {out} (summary.txt, report.json); tokenize it with --config.data.sources="

@@ -14,7 +14,7 @@ pytest.importorskip("rensa")
 pytest.importorskip("py3langid")
 
 from mai_jax.config import ConfigError  # noqa: E402
-from mai_jax.data.curate import (dedup, decontam, langid, local, minhash, rules,  # noqa: E402
+from mai_jax.data.curate import (dedup, decontam, langid, pipeline, minhash, rules,  # noqa: E402
                                  settings)
 from mai_jax.data.curate.textstats import DocText  # noqa: E402
 
@@ -330,7 +330,7 @@ shard_docs = 4
 @pytest.fixture(scope="module")
 def curated(messy):
   out = messy["root"] / "out"
-  report = local.run(settings.load(messy["config"]), str(out), log=lambda m: None)
+  report = pipeline.curate(settings.load(messy["config"]), str(out), log=lambda m: None)
   return out, report
 
 
@@ -380,7 +380,7 @@ def test_signatures_dedup_a_later_corpus(messy, curated, tmp_path):
   _write_jsonl(later, [{"text": messy["good"][0]}, {"text": _good_doc(100)}])
   cfg = settings.parse({"sources": [{"name": "later", "path": str(later)}],
                         "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
-  report = local.run(cfg, str(tmp_path / "out2"), log=lambda m: None)
+  report = pipeline.curate(cfg, str(tmp_path / "out2"), log=lambda m: None)
   assert [r["id"] for r in _output(tmp_path / "out2")] == ["later/later.jsonl:1"]
   assert report["stages"]["exact_dedup"]["examples"][0]["detail"] == "kept prior:web/part0.jsonl:0"
 
@@ -407,7 +407,7 @@ def test_parquet_output(messy, tmp_path):
   cfg = settings.load(messy["config"])
   import dataclasses
   cfg = dataclasses.replace(cfg, output=settings.Output(format="parquet", shard_docs=100))
-  local.run(cfg, str(tmp_path / "pq"), log=lambda m: None)
+  pipeline.curate(cfg, str(tmp_path / "pq"), log=lambda m: None)
   table = pq.read_table(tmp_path / "pq" / "data" / "part-00000.parquet")
   assert table.column_names == ["id", "source", "text", "meta"]
   assert set(table.column("id").to_pylist()) == messy["kept"]
@@ -423,7 +423,7 @@ def test_empty_result_names_the_rule_and_writes_nothing(tmp_path):
   cfg = settings.parse({"sources": [{"name": "s", "path": str(src)}],
                         "rules": {"gopher_quality": {}}}, "t.toml")
   with pytest.raises(ConfigError, match="'gopher_quality' removed the most \\(3 of 3"):
-    local.run(cfg, str(tmp_path / "out"), log=lambda m: None)
+    pipeline.curate(cfg, str(tmp_path / "out"), log=lambda m: None)
   assert sorted(os.listdir(tmp_path)) == ["short.jsonl"]
 
 
@@ -464,3 +464,18 @@ def test_existing_out_dir_is_refused_untouched(messy, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("mai-jax: error: --out") and "already exists" in proc.stderr
   assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["exists"]
+
+
+@pytest.mark.slow
+def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
+  """The messy corpus through `--engine ray` on a local Ray instance: every output file equal."""
+  pytest.importorskip("ray.data")
+  out, _ = curated
+  out_ray = tmp_path / "out_ray"
+  pipeline.curate(settings.load(messy["config"]), str(out_ray), engine="ray", workers=2,
+                  log=lambda m: None)
+  names = sorted(os.listdir(out))
+  assert sorted(os.listdir(out_ray)) == names
+  for name in ["data/" + n for n in sorted(os.listdir(out / "data"))] + names:
+    if name != "data":
+      assert (out / name).read_bytes() == (out_ray / name).read_bytes(), name

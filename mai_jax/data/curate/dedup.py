@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -63,36 +64,43 @@ class DedupResult:
     return ~self.removed_exact() & (self.near_survivor != np.arange(len(self.near_survivor)))
 
 
-def _groups_union(uf: UnionFind, key_N: np.ndarray, members: np.ndarray) -> None:
-  """Unions every pair of `members` that share a key (consecutive after a stable sort)."""
-  order = np.argsort(key_N, kind="stable")
-  sorted_keys = key_N[order]
-  same = np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0]
-  for j in same.tolist():
-    uf.union(int(members[order[j]]), int(members[order[j + 1]]))
+def same_key_pairs(keys: list[np.ndarray], members: np.ndarray) -> Iterable[tuple[int, int]]:
+  """For each key array (a band, or the exact hashes), pairs of `members` sharing a key: enough
+  edges to connect every group (consecutive members after a stable sort). The Ray engine
+  computes the same groups with a Ray Data groupby; any edges that connect each group give the
+  same clusters, and so the same survivors."""
+  for key_N in keys:
+    order = np.argsort(key_N, kind="stable")
+    same = np.nonzero(key_N[order][1:] == key_N[order][:-1])[0]
+    for j in same.tolist():
+      yield int(members[order[j]]), int(members[order[j + 1]])
+
+
+PairsFn = Callable[[list, np.ndarray], Iterable[tuple[int, int]]]
+
+
+def _roots(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+  uf = UnionFind(n)
+  for a, b in pairs:
+    uf.union(a, b)
+  return np.array([uf.find(i) for i in range(n)], np.int64)
 
 
 def deduplicate(exact_N: np.ndarray, sig_NP: np.ndarray, *, exact: bool, near: bool,
-                bands: int, rows: int) -> DedupResult:
-  """Clusters documents 0..N-1 (priority order) and returns each one's survivor."""
+                bands: int, rows: int, pairs: PairsFn = same_key_pairs) -> DedupResult:
+  """Clusters documents 0..N-1 (priority order) and returns each one's survivor. `pairs` finds
+  the LSH band groups (locally, or on Ray); exact groups are one sort of N hashes, done here."""
   n = len(exact_N)
   all_N = np.arange(n)
   exact_survivor = all_N.copy()
   if exact and n:
-    uf = UnionFind(n)
-    _groups_union(uf, exact_N.astype(np.uint64), all_N)
-    exact_survivor = np.array([uf.find(i) for i in range(n)], np.int64)
+    exact_survivor = _roots(n, same_key_pairs([exact_N.astype(np.uint64)], all_N))
   near_survivor = exact_survivor.copy()
   if near and n:
     kept = np.nonzero(exact_survivor == all_N)[0]
-    has_words = ~np.all(sig_NP[kept] == np.iinfo(np.uint32).max, axis=1)
-    kept = kept[has_words]
-    uf = UnionFind(n)
-    if len(kept):
-      for key_N in minhash.band_keys(sig_NP[kept], bands, rows):
-        _groups_union(uf, key_N, kept)
-    roots = np.array([uf.find(i) for i in range(n)], np.int64)
-    near_survivor = roots[exact_survivor]
+    kept = kept[~np.all(sig_NP[kept] == np.iinfo(np.uint32).max, axis=1)]  # wordless: no shingles
+    band_keys = minhash.band_keys(sig_NP[kept], bands, rows) if len(kept) else []
+    near_survivor = _roots(n, pairs(band_keys, kept))[exact_survivor]
   return DedupResult(exact_survivor, near_survivor)
 
 

@@ -72,6 +72,20 @@ class Report:
       mine["examples"].extend(s["examples"][:self.examples_per_rule - len(mine["examples"])])
     self.rewritten.update(other.rewritten)
 
+  @classmethod
+  def from_json(cls, state: dict, examples_per_rule: int) -> "Report":
+    """The inverse of to_json (engines that ship partial reports between processes as JSON)."""
+    report = cls(list(state["sources"]), list(state["stages"]), examples_per_rule)
+    for name, s in state["sources"].items():
+      report.sources[name] = {"in": dict(s["in"]), "out": dict(s["out"]),
+                              "skipped": collections.Counter(s["skipped"])}
+    for name, s in state["stages"].items():
+      report.stages[name] = {"removed": dict(s["removed"]),
+                             "reasons": collections.Counter(s["reasons"]),
+                             "examples": list(s["examples"])}
+    report.rewritten = collections.Counter(state["rewritten_by_rule"])
+    return report
+
   def worst_stage(self) -> tuple[str, int]:
     """(stage, documents) of the stage that removed the most documents."""
     return max(((s, v["removed"]["docs"]) for s, v in self.stages.items()), key=lambda x: x[1])
@@ -93,7 +107,8 @@ class Report:
                    f"{s['in']['words']:>10} {s['out']['words']:>10}")
     lines += ["", "stage               removed docs  removed words  top reasons"]
     for name, s in self.stages.items():
-      top = ", ".join(f"{r} {c}" for r, c in s["reasons"].most_common(3))
+      top = ", ".join(f"{r} {c}" for r, c in sorted(s["reasons"].items(),
+                                                     key=lambda rc: (-rc[1], rc[0]))[:3])
       lines.append(f"{name:<20} {s['removed']['docs']:>12} {s['removed']['words']:>14}  {top}")
     for key, value in self.extra.items():
       if isinstance(value, (int, float, str)):

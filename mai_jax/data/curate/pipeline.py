@@ -1,10 +1,12 @@
-"""The local engine: a process pool over input files, then global dedup, then the output shards.
+"""A curation run, on either engine: list files, filter per file, global dedup, write the shards.
 
 Stages: (1) list every source's files (a source without files is an error before anything is
-written); (2) `docfilter.filter_file` per file on `workers` processes (fork, so the evaluation
-index built once is shared), each writing a staging file; (3) exact + near dedup over all kept
-documents in priority order, plus the documents of `dedup.against`; (4) one pass over the staging
-files in order writing the survivors to shards, the report and signatures.npz. Everything is
+written); (2) `docfilter.filter_file` per file, each writing a staging file: engine 'local' runs
+it on `workers` processes (fork, so the evaluation index built once is shared), engine 'ray' as a
+Ray Data map (ray_engine.py); (3) exact + near dedup over all kept documents in priority order,
+plus the documents of `dedup.against` (groups found locally or by a Ray Data groupby);
+(4) one pass over the staging files in order writing the survivors to shards, the report and
+signatures.npz. Everything is
 written into OUT.partial-*, renamed to OUT only when the run succeeds, so a failed or refused run
 leaves nothing behind. Memory: the signatures (4 x bands x rows bytes a document) and ids of the
 kept documents; the texts stay on disk.
@@ -12,6 +14,7 @@ kept documents; the texts stay on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -63,15 +66,27 @@ def check_out_dir(out_dir: str) -> None:
                       f"or choose another")
 
 
-def run(cfg: CurateConfig, out_dir: str, workers: Optional[int] = None,
-        log: Callable[[str], None] = print) -> dict:
+ENGINES = ("local", "ray")
+
+
+def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Optional[int] = None,
+           log: Callable[[str], None] = print) -> dict:
   """Curates cfg.sources into out_dir (which must not exist); returns the report as a dict."""
+  if engine not in ENGINES:
+    raise ConfigError(f"--engine {engine!r}; valid engines: {', '.join(ENGINES)}")
   out_dir = os.path.abspath(out_dir)
   check_out_dir(out_dir)
   files = list_files(cfg)
   priors = [dedup.load_signatures(p, cfg.dedup.signature_params()) for p in cfg.dedup.against]
   index = eval_index(cfg)
   workers = max(1, min(workers or cfg.workers, len(files)))
+  if engine == "ray":
+    from mai_jax.data.curate import ray_engine  # pylint: disable=import-outside-toplevel
+    ray_engine.check_installed()
+    connection, filter_files, pairs = (ray_engine.session(workers), ray_engine.filter_files,
+                                       ray_engine.same_key_pairs)
+  else:
+    connection, filter_files, pairs = contextlib.nullcontext(), _filter_all, dedup.same_key_pairs
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   staging = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-",
                              dir=os.path.dirname(out_dir))
@@ -79,9 +94,10 @@ def run(cfg: CurateConfig, out_dir: str, workers: Optional[int] = None,
     os.makedirs(os.path.join(staging, "stage"))
     jobs = [docfilter.FileJob(i, s, b, r, os.path.join(staging, "stage", f"{i:06d}.jsonl"))
             for i, (s, b, r) in enumerate(files)]
-    log(f"curating {len(files)} files from {len(cfg.sources)} sources on {workers} workers")
-    results = _filter_all(cfg, index, jobs, workers)
-    report = _finish(cfg, results, priors, index, staging, log)
+    log(f"curating {len(files)} files from {len(cfg.sources)} sources, engine {engine}")
+    with connection:
+      results = filter_files(cfg, index, jobs, workers)
+      report = _finish(cfg, results, priors, index, staging, log, pairs)
     os.rename(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -100,7 +116,8 @@ def _filter_all(cfg, index, jobs, workers) -> list:
     _WORKER.clear()
 
 
-def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str, log) -> dict:
+def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str, log,
+            pairs: dedup.PairsFn) -> dict:
   report = docfilter.new_report(cfg)
   for r in sorted(results, key=lambda r: r.number):
     report.merge(r.report)
@@ -114,7 +131,7 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
                           + [np.zeros((0, num_perm), np.uint32)])
   d = cfg.dedup
   result = dedup.deduplicate(exact_N, sig_NP, exact=d.exact, near=d.near, bands=d.bands,
-                             rows=d.rows)
+                             rows=d.rows, pairs=pairs)
   removed_exact, removed_near = result.removed_exact(), result.removed_near()
   writer = records.ShardWriter(os.path.join(staging, "data"), cfg.output.format,
                                cfg.output.shard_docs)
