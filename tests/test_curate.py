@@ -14,8 +14,8 @@ pytest.importorskip("rensa")
 pytest.importorskip("py3langid")
 
 from mai_jax.config import ConfigError  # noqa: E402
-from mai_jax.data.curate import (dedup, decontam, langid, pipeline, minhash, rules,  # noqa: E402
-                                 settings)
+from mai_jax.data.curate import (dedup, decontam, docfilter, langid, minhash, pipeline,  # noqa: E402
+                                 rules, settings)
 from mai_jax.data.curate.textstats import DocText  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -371,7 +371,7 @@ def test_messy_corpus_provenance_rewrites_and_files(messy, curated):
   assert "gopher_repetition" in (out / "summary.txt").read_text()
   web = report["sources"]["web"]
   assert web["in"]["docs"] == 17 and web["out"]["docs"] == 5
-  assert not [p for p in os.listdir(messy["root"]) if ".partial-" in p]
+  assert not [p for p in os.listdir(messy["root"]) if ".partial" in p]
 
 
 def test_signatures_dedup_a_later_corpus(messy, curated, tmp_path):
@@ -400,6 +400,40 @@ def test_cli_two_workers_same_bytes_and_tokenize_reads_it(messy, curated, tmp_pa
   docs = [d for rel in ("part-00000.jsonl", "part-00001.jsonl")
           for d in readers.read_file_documents("jsonl", "text", str(out2 / "data"), rel)]
   assert len(docs) == 7 and all(text for _, text, _ in docs)
+
+
+def test_interrupted_run_resumes_file_by_file(messy, curated, tmp_path, monkeypatch):
+  out, _ = curated
+  real, calls = docfilter.filter_file, []
+
+  def crash_on_third(cfg, index, job):
+    if job.number == 2:
+      raise KeyboardInterrupt
+    return real(cfg, index, job)
+  monkeypatch.setattr(docfilter, "filter_file", crash_on_third)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.curate(settings.load(messy["config"]), str(tmp_path / "out"), log=lambda m: None)
+  assert sorted(os.listdir(tmp_path)) == ["out.partial"]
+  assert sorted(n for n in os.listdir(tmp_path / "out.partial" / "stage")
+                if n.endswith(".report.json")) == ["000000.report.json", "000001.report.json"]
+
+  def count(cfg, index, job):
+    calls.append(job.number)
+    return real(cfg, index, job)
+  monkeypatch.setattr(docfilter, "filter_file", count)
+  pipeline.curate(settings.load(messy["config"]), str(tmp_path / "out"), log=lambda m: None)
+  assert calls == [2]
+  for name in ("data/part-00000.jsonl", "data/part-00001.jsonl", "report.json", "signatures.npz"):
+    assert (out / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_resume_with_another_config_is_refused(messy, tmp_path):
+  (tmp_path / "out.partial").mkdir()
+  (tmp_path / "out.partial" / "run.json").write_text('{"fingerprint": "other"}')
+  with pytest.raises(ConfigError, match="another config or other inputs"):
+    pipeline.curate(settings.load(messy["config"]), str(tmp_path / "out"), log=lambda m: None)
+  assert os.listdir(tmp_path / "out.partial") == ["run.json"]
 
 
 def test_parquet_output(messy, tmp_path):

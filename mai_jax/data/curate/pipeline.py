@@ -6,9 +6,9 @@ it on `workers` processes (fork, so the evaluation index built once is shared), 
 Ray Data map (ray_engine.py); (3) exact + near dedup over all kept documents in priority order,
 plus the documents of `dedup.against` (groups found locally or by a Ray Data groupby);
 (4) one pass over the staging files in order writing the survivors to shards, the report and
-signatures.npz. Everything is
-written into OUT.partial-*, renamed to OUT only when the run succeeds, so a failed or refused run
-leaves nothing behind. Memory: the signatures (4 x bands x rows bytes a document) and ids of the
+signatures.npz. Everything is written into OUT.partial (staging.py), renamed to OUT only when the
+run succeeds: a refused run or one with no documents left leaves nothing; an interrupted one
+leaves OUT.partial, and the same command resumes it file by file. Memory: the signatures (4 x bands x rows bytes a document) and ids of the
 kept documents; the texts stay on disk.
 """
 
@@ -19,14 +19,14 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from mai_jax.config import ConfigError
 from mai_jax.data import readers
 from mai_jax.data.curate import decontam, dedup, docfilter, records
+from mai_jax.data.curate import staging as staging_lib
 from mai_jax.data.curate.settings import CurateConfig
 
 _WORKER: dict = {}  # config and evaluation index, set before the pool forks
@@ -88,30 +88,38 @@ def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Opti
   else:
     connection, filter_files, pairs = contextlib.nullcontext(), _filter_all, dedup.same_key_pairs
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-",
-                             dir=os.path.dirname(out_dir))
+  staging, resumed = staging_lib.open_staging(out_dir, staging_lib.fingerprint(cfg, files))
   try:
-    os.makedirs(os.path.join(staging, "stage"))
     jobs = [docfilter.FileJob(i, s, b, r, os.path.join(staging, "stage", f"{i:06d}.jsonl"))
             for i, (s, b, r) in enumerate(files)]
-    log(f"curating {len(files)} files from {len(cfg.sources)} sources, engine {engine}")
+    done = staging_lib.load_results(staging, jobs, cfg) if resumed else {}
+    log(f"curating {len(files)} files from {len(cfg.sources)} sources, engine {engine}"
+        + (f"; resuming {staging}: {len(done)} files already done" if resumed else ""))
     with connection:
-      results = filter_files(cfg, index, jobs, workers)
+      results = list(done.values())
+      for result in filter_files(cfg, index, [j for j in jobs if j.number not in done], workers):
+        staging_lib.save_result(staging, result)
+        results.append(result)
       report = _finish(cfg, results, priors, index, staging, log, pairs)
     os.rename(staging, out_dir)
-  except BaseException:
+  except ConfigError:  # nothing to resume: the input or config must change first
     shutil.rmtree(staging, ignore_errors=True)
+    raise
+  except BaseException:
+    log(f"stopped; the same command resumes from {staging} (delete it to start over)")
     raise
   return report
 
 
-def _filter_all(cfg, index, jobs, workers) -> list:
+def _filter_all(cfg, index, jobs, workers) -> Iterator[docfilter.FileResult]:
+  """docfilter.filter_file over jobs on `workers` processes, results in job order as they end."""
   _WORKER.update(cfg=cfg, index=index)
   try:
     if workers == 1:
-      return [_work(j) for j in _progress(jobs, len(jobs), "filter")]
+      yield from (_work(j) for j in _progress(jobs, len(jobs), "filter"))
+      return
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-      return list(_progress(pool.imap(_work, jobs), len(jobs), "filter"))
+      yield from _progress(pool.imap(_work, jobs), len(jobs), "filter")
   finally:
     _WORKER.clear()
 
@@ -133,6 +141,7 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
   result = dedup.deduplicate(exact_N, sig_NP, exact=d.exact, near=d.near, bands=d.bands,
                              rows=d.rows, pairs=pairs)
   removed_exact, removed_near = result.removed_exact(), result.removed_near()
+  shutil.rmtree(os.path.join(staging, "data"), ignore_errors=True)  # a resumed run's partial shards
   writer = records.ShardWriter(os.path.join(staging, "data"), cfg.output.format,
                                cfg.output.shard_docs)
   keep = np.zeros(len(ids), bool)
@@ -154,9 +163,7 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
           writer.add(rec)
           report.doc_out(rec["source"], counts)
         n += 1
-    os.remove(r.staging_path)
   writer.flush()
-  os.rmdir(os.path.join(staging, "stage"))
   report.extra.update(
       duplicate_clusters_exact=len(clusters["exact"]),
       duplicate_clusters_near=len(clusters["near"]),
@@ -175,6 +182,8 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
                         [ids[i] for i in np.nonzero(keep)[0]], exact_N[keep], sig_NP[keep],
                         d.signature_params())
   report.write(staging)
+  shutil.rmtree(os.path.join(staging, "stage"))
+  os.remove(os.path.join(staging, "run.json"))
   log(f"kept {total_out} of {sum(s['in']['docs'] for s in report.sources.values())} documents "
       f"in {len(writer.paths)} shards")
   return report.to_json()
