@@ -456,7 +456,8 @@ def test_empty_result_names_the_rule_and_writes_nothing(tmp_path):
   _write_jsonl(src, [{"text": f"Only a few words here, number {i}."} for i in range(3)])
   cfg = settings.parse({"sources": [{"name": "s", "path": str(src)}],
                         "rules": {"gopher_quality": {}}}, "t.toml")
-  with pytest.raises(ConfigError, match="'gopher_quality' removed the most \\(3 of 3"):
+  with pytest.raises(ConfigError, match="'gopher_quality' removed the most \\(3 of 3 documents: "
+                     "gopher_short_doc 3\\); loosen rules.gopher_quality$"):
     pipeline.curate(cfg, str(tmp_path / "out"), log=lambda m: None)
   assert sorted(os.listdir(tmp_path)) == ["short.jsonl"]
 

@@ -176,8 +176,10 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
     stage, count = report.worst_stage()
     total_in = sum(s["in"]["docs"] for s in report.sources.values())
     fix = f"loosen rules.{stage}" if stage in {r.name for r in cfg.rules} else "check the input"
+    reasons = sorted(report.stages[stage]["reasons"].items(), key=lambda rc: (-rc[1], rc[0]))
     raise ConfigError(f"no documents left after curation: {stage!r} removed the most ({count} of "
-                      f"{total_in} documents); {fix} (see the reasons with examples_per_rule)")
+                      f"{total_in} documents: {', '.join(f'{r} {c}' for r, c in reasons[:3])}); "
+                      f"{fix}")
   dedup.save_signatures(os.path.join(staging, "signatures.npz"),
                         [ids[i] for i in np.nonzero(keep)[0]], exact_N[keep], sig_NP[keep],
                         d.signature_params())

@@ -20,7 +20,8 @@
 
 Without a `rules` table the chain is FineWeb's order with datatrove's defaults: language,
 gopher_repetition, gopher_quality, c4, fineweb. A misspelled rule, key or value is a ConfigError
-naming the file and the key, and listing what is valid.
+naming the file and the key, and listing what is valid. Relative paths in the file are relative
+to the file's folder.
 """
 
 from __future__ import annotations
@@ -147,8 +148,33 @@ def rule_from_params(path: str, name: str, params: Any):
   return _section(path, f"rules.{name}", RULES[name], params)
 
 
-def parse(raw: dict, path: str) -> CurateConfig:
-  """A CurateConfig from the file's parsed contents (`path` names it in errors)."""
+def _relative_to(base_dir: str, raw: dict) -> dict:
+  """Copies `raw` with its file paths (sources[].path, dedup.against, decontamination.files,
+  rules.*.words_file) joined to base_dir when relative."""
+  def fix(p):
+    return os.path.join(base_dir, os.path.expanduser(p)) if isinstance(p, str) else p
+
+  def fix_list(v):
+    return [fix(p) for p in v] if isinstance(v, list) else v
+  raw = dict(raw)
+  if isinstance(raw.get("sources"), list):
+    raw["sources"] = [{**e, "path": fix(e["path"])} if isinstance(e, dict) and "path" in e else e
+                      for e in raw["sources"]]
+  for section, key in (("dedup", "against"), ("decontamination", "files")):
+    if isinstance(raw.get(section), dict) and key in raw[section]:
+      raw[section] = {**raw[section], key: fix_list(raw[section][key])}
+  if isinstance(raw.get("rules"), dict):
+    raw["rules"] = {name: ({**params, "words_file": fix(params["words_file"])}
+                           if isinstance(params, dict) and params.get("words_file") else params)
+                    for name, params in raw["rules"].items()}
+  return raw
+
+
+def parse(raw: dict, path: str, base_dir: str = "") -> CurateConfig:
+  """A CurateConfig from the file's parsed contents (`path` names it in errors); relative file
+  paths are relative to base_dir (load: the config file's folder)."""
+  if base_dir:
+    raw = _relative_to(base_dir, raw)
   known = [f.name for f in dataclasses.fields(CurateConfig)]
   for key in raw:
     if key not in known:
@@ -218,4 +244,4 @@ def load(path: str) -> CurateConfig:
     raise ConfigError(f"{path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}") from e
   if not isinstance(raw, dict):
     raise ConfigError(f"{path}: expected a table of keys at the top level")
-  return parse(raw, path)
+  return parse(raw, path, os.path.dirname(os.path.abspath(path)))
