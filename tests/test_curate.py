@@ -15,7 +15,7 @@ pytest.importorskip("py3langid")
 
 from mai_jax.config import ConfigError  # noqa: E402
 from mai_jax.data.curate import (dedup, decontam, docfilter, langid, minhash, pipeline,  # noqa: E402
-                                 rules, settings)
+                                 quality, rules, settings)
 from mai_jax.data.curate.textstats import DocText  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,6 +186,55 @@ def test_language_identifies_english_and_german():
   assert langid.classify(german)[0] == "de"
   assert _apply(langid.Language(), german)[0] == "lang_de"
   assert _apply(langid.Language(languages=("de",)), german) == rules.KEEP
+
+
+def test_quality_features_and_one_sgd_step_by_hand():
+  import zlib
+  index, values = quality.features("A b a", 1 << 10)
+  counts = {}
+  for g in ["a", "b", "a", "a b", "b a"]:
+    slot = zlib.crc32(g.encode()) % (1 << 10)
+    counts[slot] = counts.get(slot, 0) + 1
+  expected = np.log1p(np.array([counts[k] for k in sorted(counts)], np.float32))
+  assert index.tolist() == sorted(counts)
+  np.testing.assert_allclose(values, expected / np.linalg.norm(expected), rtol=1e-6)
+  # one positive document, one step from zero: w = -lr * (sigmoid(0) - 1) * x = lr/2 * x
+  w_B, bias = quality.train(["A b a"], [], buckets=1 << 10, epochs=1, lr=0.4, l2=0.0, seed=0)
+  np.testing.assert_allclose(w_B[index], 0.2 * values, rtol=1e-6)
+  assert bias == pytest.approx(0.2) and np.count_nonzero(w_B) == len(index)
+
+
+def _jsonl_texts(path, texts):
+  _write_jsonl(path, [{"text": t} for t in texts])
+  return str(path)
+
+
+def test_quality_classifier_separates_and_scores_into_meta(tmp_path):
+  textbook = [_good_doc(i, 4) for i in range(200, 260)]
+  rng = random.Random(1)
+  spam_words = "click buy deal offer free win now cheap sale discount best price order".split()
+  spam = [" ".join(rng.choice(spam_words) for _ in range(60)) + "." for _ in range(60)]
+  pos = _jsonl_texts(tmp_path / "pos.jsonl", textbook[:40])
+  neg = _jsonl_texts(tmp_path / "neg.jsonl", spam[:40])
+  rule = quality.QualityClassifier(positives=(pos,), negatives=(neg,))
+  held_out_pos = [rule.score(t) for t in textbook[40:]]
+  held_out_neg = [rule.score(t) for t in spam[40:]]
+  assert min(held_out_pos) > 0.9 and max(held_out_neg) < 0.1, (held_out_pos, held_out_neg)
+  again = quality.QualityClassifier(positives=(pos,), negatives=(neg,))
+  assert again.score(spam[50]) == rule.score(spam[50])  # seeded: same weights
+  _jsonl_texts(tmp_path / "web.jsonl", textbook[40:45] + spam[40:45])
+  cfg = settings.parse({"sources": [{"name": "web", "path": "web.jsonl"}],
+                        "rules": {"quality_classifier": {"positives": ["pos.jsonl"],
+                                                         "negatives": ["neg.jsonl"]}}},
+                       "q.toml", str(tmp_path))
+  report = pipeline.curate(cfg, str(tmp_path / "out"), log=lambda m: None)
+  rows = _output(tmp_path / "out")
+  assert [r["id"] for r in rows] == [f"web/web.jsonl:{i}" for i in range(5)]
+  assert all(r["meta"]["quality_score"] > 0.9 for r in rows)
+  assert report["stages"]["quality_classifier"]["reasons"] == {"below_threshold": 5}
+  with pytest.raises(ConfigError, match="needs documents in both `positives`"):
+    settings.parse({"sources": [{"name": "s", "path": "x"}],
+                    "rules": {"quality_classifier": {"positives": [pos]}}}, "c")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -70,13 +70,15 @@ def filter_file(cfg: CurateConfig, index: Optional[decontam.EvalIndex], job: Fil
       doc = DocText(text)
       counts = doc_counts(text, doc)
       report.doc_in(name, counts)
-      removed = False
+      removed, scores = False, {}
       for rule in cfg.rules:
         why, new_text = rule.apply(doc)
         if why is not None:
           report.removed(rule.name, why, out_id, text, counts)
           removed = True
           break
+        if hasattr(rule, "fields"):  # scoring rules (quality.py) write their score into meta
+          scores.update(rule.fields(doc))
         if new_text is not None:
           doc = DocText(new_text)
           report.rewritten[rule.name] += 1
@@ -87,7 +89,8 @@ def filter_file(cfg: CurateConfig, index: Optional[decontam.EvalIndex], job: Fil
       if hit is not None:
         report.removed(DECONTAM, "eval_overlap", out_id, text, counts, detail=f"{hit[0]}: {hit[1]}")
         continue
-      staging.write(json.dumps({"id": out_id, "source": name, "text": doc.text, "meta": meta},
+      staging.write(json.dumps({"id": out_id, "source": name, "text": doc.text,
+                                "meta": {**meta, **scores}},
                                ensure_ascii=False) + "\n")
       ids.append(out_id)
       texts.append(doc.text)

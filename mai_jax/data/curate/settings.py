@@ -35,9 +35,10 @@ import typing
 from typing import Any
 
 from mai_jax.config import ConfigError
-from mai_jax.data.curate import langid, records, rules
+from mai_jax.data.curate import langid, quality, records, rules
 
-RULES = {**{langid.Language.name: langid.Language}, **rules.HEURISTIC_RULES}
+RULES = {langid.Language.name: langid.Language, **rules.HEURISTIC_RULES,
+         quality.QualityClassifier.name: quality.QualityClassifier}
 DEFAULT_CHAIN = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb")
 
 
@@ -150,7 +151,7 @@ def rule_from_params(path: str, name: str, params: Any):
 
 def _relative_to(base_dir: str, raw: dict) -> dict:
   """Copies `raw` with its file paths (sources[].path, dedup.against, decontamination.files,
-  rules.*.words_file) joined to base_dir when relative."""
+  rules.*.words_file, positives, negatives) joined to base_dir when relative."""
   def fix(p):
     return os.path.join(base_dir, os.path.expanduser(p)) if isinstance(p, str) else p
 
@@ -164,9 +165,17 @@ def _relative_to(base_dir: str, raw: dict) -> dict:
     if isinstance(raw.get(section), dict) and key in raw[section]:
       raw[section] = {**raw[section], key: fix_list(raw[section][key])}
   if isinstance(raw.get("rules"), dict):
-    raw["rules"] = {name: ({**params, "words_file": fix(params["words_file"])}
-                           if isinstance(params, dict) and params.get("words_file") else params)
-                    for name, params in raw["rules"].items()}
+    rules_raw = {}
+    for name, params in raw["rules"].items():
+      if isinstance(params, dict):
+        params = dict(params)
+        if params.get("words_file"):
+          params["words_file"] = fix(params["words_file"])
+        for key in ("positives", "negatives"):
+          if key in params:
+            params[key] = fix_list(params[key])
+      rules_raw[name] = params
+    raw["rules"] = rules_raw
   return raw
 
 
