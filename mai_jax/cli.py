@@ -155,7 +155,9 @@ def _add_curate_parser(tasks) -> None:
 
 
 def _run_curate(args) -> None:
+  from mai_jax import curate_perplexity  # pylint: disable=import-outside-toplevel
   from mai_jax.data.curate import pipeline, settings  # pylint: disable=import-outside-toplevel
+  settings.register_rule(curate_perplexity.Perplexity)
   cfg = settings.load(args.curate_config)
   pipeline.curate(cfg, args.out, engine=args.engine, workers=args.workers or None,
                   log=lambda msg: print(f"mai-jax: {msg}", flush=True))

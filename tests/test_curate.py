@@ -538,6 +538,21 @@ def test_misspelled_rule_and_key_list_the_valid_ones():
     settings.parse({"sources": [{"name": "s", "path": "x"}], "rules": {"c4_bad_words": {}}}, "c")
 
 
+def test_cli_knows_the_perplexity_rule_and_checks_its_workdir(tmp_path):
+  config = tmp_path / "c.toml"
+  config.write_text('[[sources]]\nname = "s"\npath = "in.jsonl"\n[rules.perplexity]\n'
+                    'workdir = "no_such_run"\n')
+  (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
+  proc = subprocess.run([sys.executable, "-m", "mai_jax", "data", "curate", "--config",
+                         str(config), "--out", str(tmp_path / "out")], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == (f"mai-jax: error: {config}: rules.perplexity: workdir "
+                                 f"'{tmp_path / 'no_such_run'}' is not a folder (a `mai-jax "
+                                 f"train` workdir)")
+  assert sorted(os.listdir(tmp_path)) == ["c.toml", "in.jsonl"]
+
+
 def test_existing_out_dir_is_refused_untouched(messy, tmp_path):
   out = tmp_path / "exists"
   out.mkdir()
@@ -563,3 +578,30 @@ def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
   for name in ["data/" + n for n in sorted(os.listdir(out / "data"))] + names:
     if name != "data":
       assert (out / name).read_bytes() == (out_ray / name).read_bytes(), name
+
+
+@pytest.mark.slow  # compiles a tiny Decoder's forward (~30 s on 2 busy cores)
+def test_perplexity_rule_against_a_direct_forward(tmp_path):
+  import dataclasses
+  from test_evaluate import CharTokenizer, direct_logprob, tiny_model
+  from mai_jax import curate_perplexity
+  model, tok = tiny_model(), CharTokenizer()
+  texts = ["the river runs by the town.", "zzqx qxzz zqzq xqxq zzzz."]
+  want = [float(np.exp(-direct_logprob(model, [tok.bos_id], tok.encode(t), 32) / len(t)))
+          for t in texts]
+  got = [curate_perplexity.perplexity(model, tok, t, 64, 32) for t in texts]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  settings.register_rule(curate_perplexity.Perplexity)
+  _jsonl_texts(tmp_path / "in.jsonl", texts)
+  cfg = settings.parse({"sources": [{"name": "s", "path": "in.jsonl"}],
+                        "rules": {"perplexity": {"workdir": str(tmp_path)}},
+                        "decontamination": {"enabled": False}}, "p.toml", str(tmp_path))
+  rule = dataclasses.replace(cfg.rules[0], max_perplexity=(got[0] + got[1]) / 2)
+  object.__setattr__(rule, "_loaded_model", (model, tok, 32))  # instead of a trained workdir
+  report = pipeline.curate(dataclasses.replace(cfg, rules=(rule,)), str(tmp_path / "out"),
+                           log=lambda m: None)
+  rows = _output(tmp_path / "out")
+  low = int(np.argmin(got))
+  assert [r["id"] for r in rows] == [f"s/in.jsonl:{low}"]
+  assert rows[0]["meta"]["perplexity"] == pytest.approx(got[low], rel=1e-4)
+  assert report["stages"]["perplexity"]["reasons"] == {"above_max_perplexity": 1}

@@ -39,6 +39,14 @@ from mai_jax.data.curate import langid, quality, records, rules
 
 RULES = {langid.Language.name: langid.Language, **rules.HEURISTIC_RULES,
          quality.QualityClassifier.name: quality.QualityClassifier}
+
+
+def register_rule(cls) -> None:
+  """Adds a rule class defined outside this package (mai_jax/curate_perplexity.py, which needs
+  the model and so cannot live under mai_jax.data)."""
+  RULES[cls.name] = cls
+
+
 DEFAULT_CHAIN = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb")
 
 
@@ -151,7 +159,7 @@ def rule_from_params(path: str, name: str, params: Any):
 
 def _relative_to(base_dir: str, raw: dict) -> dict:
   """Copies `raw` with its file paths (sources[].path, dedup.against, decontamination.files,
-  rules.*.words_file, positives, negatives) joined to base_dir when relative."""
+  rules.*.words_file, workdir, positives, negatives) joined to base_dir when relative."""
   def fix(p):
     return os.path.join(base_dir, os.path.expanduser(p)) if isinstance(p, str) else p
 
@@ -169,8 +177,9 @@ def _relative_to(base_dir: str, raw: dict) -> dict:
     for name, params in raw["rules"].items():
       if isinstance(params, dict):
         params = dict(params)
-        if params.get("words_file"):
-          params["words_file"] = fix(params["words_file"])
+        for key in ("words_file", "workdir"):
+          if params.get(key):
+            params[key] = fix(params[key])
         for key in ("positives", "negatives"):
           if key in params:
             params[key] = fix_list(params[key])
