@@ -4,6 +4,7 @@
   mai-jax checkpoints --workdir DIR [--export-params OUT [--step S]]
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
   mai-jax data curate --config CURATE.toml --out DIR [--engine local|ray] [--workers N]
+  mai-jax data synthesize --workdir W --prompts P.jsonl --out DIR [--batch-size B] [sampling flags]
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
   mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
@@ -139,6 +140,7 @@ def _add_data_parser(sub) -> None:
   inspect = tasks.add_parser("inspect", help="print a token cache's manifest")
   inspect.add_argument("path", help="a token cache folder (OUT/NAME of `data tokenize`)")
   _add_curate_parser(tasks)
+  _add_synthesize_parser(tasks)
 
 
 def _add_curate_parser(tasks) -> None:
@@ -173,6 +175,9 @@ def _run_data(args, overrides: dict[str, str]) -> None:
                             tokenizer_files)
   if args.data_command == "curate":
     _run_curate(args)
+    return
+  if args.data_command == "synthesize":
+    _run_synthesize(args, overrides)
     return
   if args.data_command == "inspect":
     manifest, _ = cache.open_cache(args.path)
@@ -301,6 +306,10 @@ def _add_sample_parser(sub) -> None:
                      "(KV cache; several --prompt run as one batch)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  _add_sampling_flags(p)
+
+
+def _add_sampling_flags(p) -> None:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
@@ -312,15 +321,44 @@ def _run_sample(args, overrides) -> None:
   cfg = resolve_config(None, args.workdir, overrides)
   from mai_jax import sample  # heavy imports only once the config is valid
   from mai_jax import workdir as workdir_lib
-  settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, seed=args.seed)
-  sample.check(settings)
+  settings = _sampling_from_args(args)
   cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
   tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
   texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh)
   for prompt, text in zip(args.prompt, texts):
     print(f"=== {prompt!r}\n{prompt}{text}")
+
+
+def _sampling_from_args(args):
+  from mai_jax import sample  # pylint: disable=import-outside-toplevel
+  settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed)
+  sample.check(settings)
+  return settings
+
+
+def _add_synthesize_parser(tasks) -> None:
+  p = tasks.add_parser("synthesize", help="generate synthetic text from a workdir's model into "
+                       "JSONL shards with provenance (sharded over processes, resumable)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--prompts", required=True, help='JSONL: {"prompt": str, "id": optional}')
+  p.add_argument("--out", required=True, help="folder for part-NNNNN.jsonl (resumes there)")
+  p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+  p.add_argument("--shard-prompts", type=int, default=256, help="prompts per shard file")
+  _add_sampling_flags(p)
+
+
+def _run_synthesize(args, overrides) -> None:
+  cfg = resolve_config(None, args.workdir, overrides)
+  settings = _sampling_from_args(args)
+  from mai_jax import synthesize  # pylint: disable=import-outside-toplevel
+  synthesize.read_prompts(args.prompts)  # a bad prompts file fails before the model loads
+  written = synthesize.synthesize_workdir(
+      args.workdir, args.prompts, args.out, settings, shard_prompts=args.shard_prompts,
+      batch_size=args.batch_size, cfg=cfg, log=lambda msg: print(f"mai-jax: {msg}", flush=True))
+  print(f"mai-jax: {len(written)} new shards in {args.out}; curate them as a source "
+        f"{{name = \"synthetic\", path = \"{os.path.join(args.out, 'part-*.jsonl')}\"}}")
 
 
 def _add_convert_parser(sub) -> None:

@@ -605,3 +605,64 @@ def test_perplexity_rule_against_a_direct_forward(tmp_path):
   assert [r["id"] for r in rows] == [f"s/in.jsonl:{low}"]
   assert rows[0]["meta"]["perplexity"] == pytest.approx(got[low], rel=1e-4)
   assert report["stages"]["perplexity"]["reasons"] == {"above_max_perplexity": 1}
+
+
+class _LetterTokenizer:
+  """a..z -> ids 4..29 both ways; bos 2, eos 3."""
+  bos_id, eos_id, pad_id = 2, 3, 0
+
+  def encode(self, text):
+    return [4 + (ord(c) - 97) % 26 for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(97 + (i - 4) % 26) for i in ids)
+
+
+@pytest.mark.slow  # compiles the KV-cache sampler for a tiny Decoder (~20 s on 2 busy cores)
+def test_synthesize_shards_provenance_resume_and_curate(tmp_path):
+  import dataclasses
+  from test_evaluate import tiny_model
+  from mai_jax import config as config_lib, sample, synthesize
+  model, tok, cfg = tiny_model(), _LetterTokenizer(), config_lib.Config()
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n"
+                                            for i, p in enumerate(["abcd", "efgh", "ijkl", "mnop"])))
+  prompts = synthesize.read_prompts(str(tmp_path / "p.jsonl"))
+  sampling = sample.SamplingConfig(max_new_tokens=5, temperature=1.0, seed=7)
+  kw = dict(generator="tiny@step 0", shard_prompts=2, batch_size=2, log=lambda m: None)
+  out = tmp_path / "syn"
+  written = synthesize.synthesize(cfg, model, tok, prompts, str(out), sampling, **kw)
+  assert [os.path.basename(p) for p in written] == ["part-00000.jsonl", "part-00001.jsonl"]
+  rows = [json.loads(line) for n in ("part-00000.jsonl", "part-00001.jsonl")
+          for line in open(out / n)]
+  want = (sample.sample_text(cfg, model, tok, ["abcd", "efgh"], dataclasses.replace(sampling, seed=7))
+          + sample.sample_text(cfg, model, tok, ["ijkl", "mnop"], dataclasses.replace(sampling, seed=8)))
+  assert [r["text"] for r in rows] == want  # (eos may end a row early)
+  assert [(r["prompt_id"], r["seed"], r["generator"]) for r in rows] == [
+      ("q0", 7, "tiny@step 0"), ("q1", 7, "tiny@step 0"), ("q2", 8, "tiny@step 0"),
+      ("q3", 8, "tiny@step 0")]
+  first = (out / "part-00001.jsonl").read_bytes()
+  os.remove(out / "part-00001.jsonl")  # an interrupted run: the same call makes only that shard
+  assert synthesize.synthesize(cfg, model, tok, prompts, str(out), sampling, **kw) == [
+      str(out / "part-00001.jsonl")]
+  assert (out / "part-00001.jsonl").read_bytes() == first
+  other = synthesize.synthesize(cfg, model, tok, prompts, str(tmp_path / "p1"), sampling,
+                                process_index=1, process_count=2, **kw)
+  assert [os.path.basename(p) for p in other] == ["part-00001.jsonl"]
+  assert (tmp_path / "p1" / "part-00001.jsonl").read_bytes() == first
+  with pytest.raises(ConfigError, match="made with other sampling"):
+    synthesize.synthesize(cfg, model, tok, prompts, str(out),
+                          dataclasses.replace(sampling, temperature=0.5), **kw)
+  ccfg = settings.parse({"sources": [{"name": "syn", "path": "syn/part-*.jsonl"}], "rules": {},
+                         "dedup": {"near": False}, "decontamination": {"enabled": False}},
+                        "c.toml", str(tmp_path))
+  pipeline.curate(ccfg, str(tmp_path / "cur"), log=lambda m: None)
+  meta = [r["meta"] for r in _output(tmp_path / "cur")]
+  assert [m["prompt_id"] for m in meta] == ["q0", "q1", "q2", "q3"]
+  assert meta[0]["generator"] == "tiny@step 0" and meta[0]["seed"] == 7
+
+
+def test_synthesize_bad_prompts_file_names_the_line(tmp_path):
+  from mai_jax import synthesize
+  (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+  with pytest.raises(ConfigError, match=r"p.jsonl:2: expected an object with a string 'prompt'"):
+    synthesize.read_prompts(str(tmp_path / "p.jsonl"))
