@@ -538,31 +538,37 @@ def test_misspelled_rule_and_key_list_the_valid_ones():
     settings.parse({"sources": [{"name": "s", "path": "x"}], "rules": {"c4_bad_words": {}}}, "c")
 
 
-def test_cli_knows_the_perplexity_rule_and_checks_its_workdir(tmp_path):
+def test_cli_knows_the_perplexity_rule_and_checks_its_workdir(tmp_path, capsys):
+  from mai_jax import cli
   config = tmp_path / "c.toml"
   config.write_text('[[sources]]\nname = "s"\npath = "in.jsonl"\n[rules.perplexity]\n'
                     'workdir = "no_such_run"\n')
   (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
-  proc = subprocess.run([sys.executable, "-m", "mai_jax", "data", "curate", "--config",
-                         str(config), "--out", str(tmp_path / "out")], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2
-  assert proc.stderr.strip() == (f"mai-jax: error: {config}: rules.perplexity: workdir "
-                                 f"'{tmp_path / 'no_such_run'}' is not a folder (a `mai-jax "
-                                 f"train` workdir)")
+  assert cli.main(["data", "curate", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"mai-jax: error: {config}: rules.perplexity: workdir '{tmp_path / 'no_such_run'}' is not a "
+      f"folder (a `mai-jax train` workdir)")
   assert sorted(os.listdir(tmp_path)) == ["c.toml", "in.jsonl"]
 
 
-def test_existing_out_dir_is_refused_untouched(messy, tmp_path):
+def test_existing_out_dir_is_refused_untouched(messy, tmp_path, capsys):
+  from mai_jax import cli
   out = tmp_path / "exists"
   out.mkdir()
   (out / "keep.txt").write_text("mine")
-  proc = subprocess.run([sys.executable, "-m", "mai_jax", "data", "curate", "--config",
-                         messy["config"], "--out", str(out)], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().startswith("mai-jax: error: --out") and "already exists" in proc.stderr
+  assert cli.main(["data", "curate", "--config", messy["config"], "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("mai-jax: error: --out") and "already exists" in err and "\n" not in err
   assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["exists"]
+
+
+def test_synthesize_cli_errors_are_one_line(tmp_path, capsys):
+  from mai_jax import cli
+  assert cli.main(["data", "synthesize", "--workdir", str(tmp_path / "none"), "--prompts",
+                   str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("mai-jax: error: ") and err.count("\n") == 1
+  assert sorted(os.listdir(tmp_path)) == []
 
 
 @pytest.mark.slow
