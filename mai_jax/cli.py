@@ -350,6 +350,9 @@ def _add_synthesize_parser(tasks) -> None:
 
 
 def _run_synthesize(args, overrides) -> None:
+  if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    raise config_lib.ConfigError(f"--workdir {args.workdir!r} holds no config.json: train or "
+                                 f"convert a model there first")
   cfg = resolve_config(None, args.workdir, overrides)
   settings = _sampling_from_args(args)
   from mai_jax import synthesize  # pylint: disable=import-outside-toplevel
