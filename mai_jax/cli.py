@@ -3,6 +3,8 @@
   mai-jax train --config experiments/NAME.py[:VARIANT] --workdir DIR [--config.SECTION.KEY=VALUE ...]
   mai-jax checkpoints --workdir DIR [--export-params OUT [--step S]]
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
+  mai-jax data curate --config CURATE.toml --out DIR [--engine local|ray] [--workers N]
+  mai-jax data synthesize --workdir W --prompts P.jsonl --out DIR [--batch-size B] [sampling flags]
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
   mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
@@ -193,12 +195,46 @@ def _add_data_parser(sub) -> None:
   tokenize.add_argument("--workers", type=int, default=2, help="tokenizer threads")
   inspect = tasks.add_parser("inspect", help="print a token cache's manifest")
   inspect.add_argument("path", help="a token cache folder (OUT/NAME of `data tokenize`)")
+  _add_curate_parser(tasks)
+  _add_synthesize_parser(tasks)
+
+
+def _add_curate_parser(tasks) -> None:
+  curate = tasks.add_parser("curate", help="filter, deduplicate and decontaminate raw text into "
+                            "shards `data tokenize` reads (README: Data curation)")
+  curate.add_argument("--config", dest="curate_config", required=True,
+                      help="a curation config, NAME.toml or NAME.json")
+  curate.add_argument("--out", required=True, help="new folder for data/, report.json, "
+                      "summary.txt and signatures.npz (refused if it exists)")
+  curate.add_argument("--engine", choices=("local", "ray"), default="local",
+                      help="local: a process pool on this machine; ray: Ray Data on RAY_ADDRESS "
+                      "or a local Ray instance (same output bytes)")
+  curate.add_argument("--workers", type=int, default=0, help="processes (0: the config's workers)")
+
+
+def _run_curate(args) -> None:
+  from mai_jax import curate_perplexity  # pylint: disable=import-outside-toplevel
+  from mai_jax.data.curate import pipeline, settings  # pylint: disable=import-outside-toplevel
+  settings.register_rule(curate_perplexity.Perplexity)
+  cfg = settings.load(args.curate_config)
+  pipeline.curate(cfg, args.out, engine=args.engine, workers=args.workers or None,
+                  log=lambda msg: print(f"mai-jax: {msg}", flush=True))
+  out = os.path.abspath(args.out)
+  pattern = os.path.join(out, "data", f"*.{cfg.output.format}")
+  print(f"mai-jax: wrote {out} (summary.txt, report.json); tokenize it with --config.data.sources="
+        f"\"({{'name': 'curated', 'kind': '{cfg.output.format}', 'path': '{pattern}'}},)\"")
 
 
 def _run_data(args, overrides: dict[str, str]) -> None:
   import json  # pylint: disable=import-outside-toplevel
   from mai_jax.data import (cache, sources, tokenizer,  # pylint: disable=import-outside-toplevel
                             tokenizer_files)
+  if args.data_command == "curate":
+    _run_curate(args)
+    return
+  if args.data_command == "synthesize":
+    _run_synthesize(args, overrides)
+    return
   if args.data_command == "inspect":
     manifest, _ = cache.open_cache(args.path)
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
@@ -347,6 +383,10 @@ def _add_sample_parser(sub) -> None:
                      "(KV cache; several --prompt run as one batch)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  _add_sampling_flags(p)
+
+
+def _add_sampling_flags(p) -> None:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
@@ -358,10 +398,7 @@ def _add_sample_parser(sub) -> None:
 def _run_sample(args, overrides) -> None:
   from mai_jax import sample  # heavy imports
   from mai_jax import workdir as workdir_lib
-  settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, seed=args.seed)
-  sample.check(settings)
+  settings = _sampling_from_args(args)
   cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
   cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg, step=step)
   tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
@@ -371,6 +408,41 @@ def _run_sample(args, overrides) -> None:
                              trained_context=cfg.data.seq_len if step > 0 else None)
   for prompt, text in zip(args.prompt, texts):
     print(f"=== {prompt!r}\n{prompt}{text}")
+
+
+def _sampling_from_args(args):
+  from mai_jax import sample  # pylint: disable=import-outside-toplevel
+  settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed)
+  sample.check(settings)
+  return settings
+
+
+def _add_synthesize_parser(tasks) -> None:
+  p = tasks.add_parser("synthesize", help="generate synthetic text from a workdir's model into "
+                       "JSONL shards with provenance (sharded over processes, resumable)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--prompts", required=True, help='JSONL: {"prompt": str, "id": optional}')
+  p.add_argument("--out", required=True, help="folder for part-NNNNN.jsonl (resumes there)")
+  p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+  p.add_argument("--shard-prompts", type=int, default=256, help="prompts per shard file")
+  _add_sampling_flags(p)
+
+
+def _run_synthesize(args, overrides) -> None:
+  if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    raise config_lib.ConfigError(f"--workdir {args.workdir!r} holds no config.json: train or "
+                                 f"convert a model there first")
+  cfg = resolve_config(None, args.workdir, overrides)
+  settings = _sampling_from_args(args)
+  from mai_jax import synthesize  # pylint: disable=import-outside-toplevel
+  synthesize.read_prompts(args.prompts)  # a bad prompts file fails before the model loads
+  written = synthesize.synthesize_workdir(
+      args.workdir, args.prompts, args.out, settings, shard_prompts=args.shard_prompts,
+      batch_size=args.batch_size, cfg=cfg, log=lambda msg: print(f"mai-jax: {msg}", flush=True))
+  print(f"mai-jax: {len(written)} new shards in {args.out}; curate them as a source "
+        f"{{name = \"synthetic\", path = \"{os.path.join(args.out, 'part-*.jsonl')}\"}}")
 
 
 def _add_convert_parser(sub) -> None:
