@@ -139,25 +139,32 @@ def test_a_bad_count(argv, message, place, capsys):
 TRUNCATED, NOT_SECTIONS = '{"model": {"d_model": 64', ["[1, 2]", '{"model": 3}']
 RUN_CONFIG_READERS = [
     ["train", "--workdir", "run"],
-    ["eval", "--workdir", "run"],
-    ["sample", "--workdir", "run", "--prompt", "x"],
-    ["convert", "to-hf", "--workdir", "run", "--out", "out"],
     ["train", "--config", "run/config.json", "--workdir", "other"],
     ["config", "show", "--workdir", "run"],
 ]
+# Readers of a checkpoint take its own config (workdir.open_checkpoint), never config.json: with a
+# broken config.json and no checkpoint they say there is no checkpoint.
+CHECKPOINT_READERS = [
+    ["eval", "--workdir", "run"],
+    ["sample", "--workdir", "run", "--prompt", "x"],
+    ["convert", "to-hf", "--workdir", "run", "--out", "out"],
+]
 
 
-@pytest.mark.parametrize("broken, argv, text", [
-    *[("run/config.json", argv, text) for argv in RUN_CONFIG_READERS
+@pytest.mark.parametrize("broken, argv, text, named", [
+    *[("run/config.json", argv, text, "run/config.json") for argv in RUN_CONFIG_READERS
       for text in [TRUNCATED] + NOT_SECTIONS],
-    ("hf/config.json", ["convert", "from-hf", "--hf-dir", "hf", "--workdir", "out"], TRUNCATED),
-    ("cache/manifest.json", ["data", "inspect", "cache"], TRUNCATED),
+    *[("run/config.json", argv, TRUNCATED, "no restorable checkpoint")
+      for argv in CHECKPOINT_READERS],
+    ("hf/config.json", ["convert", "from-hf", "--hf-dir", "hf", "--workdir", "out"], TRUNCATED,
+     "hf/config.json"),
+    ("cache/manifest.json", ["data", "inspect", "cache"], TRUNCATED, "cache/manifest.json"),
 ], ids=lambda a: " ".join(a[:2]) if isinstance(a, list) else None)
-def test_a_broken_json_file(broken, argv, text, place, capsys):
+def test_a_broken_json_file(broken, argv, text, named, place, capsys):
   os.makedirs(place / os.path.dirname(broken), exist_ok=True)
   (place / broken).write_text(text)
   before = _tree(place)
-  assert broken in _one_line_error(argv, capsys)
+  assert named in _one_line_error(argv, capsys)
   assert _tree(place) == before
 
 
