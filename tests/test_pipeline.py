@@ -208,3 +208,16 @@ def test_pipelined_train_steps_with_accumulation_match_and_checkpoints_move_to_s
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), want):
       np.testing.assert_array_equal(a, b)
   ckpt.close()
+
+
+@pytest.mark.parametrize("stages,repeats", [(2, 2), (2, 3), (3, 2), (4, 2), (4, 5), (3, 7)])
+def test_circular_regrouping_routes_every_layer_to_its_virtual_stage(stages, repeats):
+  """NumPy replay of _regroup_for_repeats' all_to_all: device d ends with the layers of virtual
+  stages d, S + d, ... in repeat order, taken from the contiguous canonical shards."""
+  send_q, recv_src, recv_slot = pipeline._regroup_tables(stages, repeats)
+  lc = 2
+  layers = np.arange(stages * repeats * lc)
+  shards = layers.reshape(stages, repeats, lc)  # device s: its canonical block, as R groups
+  sent = shards[np.arange(stages)[:, None, None], send_q]  # [from, to, slot, Lc]
+  got = np.stack([sent[recv_src[d], d, recv_slot[d]] for d in range(stages)], axis=1)
+  np.testing.assert_array_equal(got, layers.reshape(repeats, stages, lc))

@@ -202,7 +202,14 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
       return layer_fn(carry_bTD, jax.tree.unflatten(treedef, layer_leaves), seg_bT, pos_bT), None
     return jax.lax.scan(body, x_bTD, w_Lc)[0]
 
-  all_stages = jax.vmap(one_stage, spmd_axis_name="stage")
+  def all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT):
+    # Each stage's weights for its current repeat, by selects (a gather indexed per stage would
+    # make the partitioner all-gather the weights over fsdp and tensor). Inside the checkpoint,
+    # so the backward pass keeps only the loop-invariant [R, S, ...] weights, not a copy per
+    # iteration.
+    w_S = [w[0] if R == 1 else _select_repeat(w, repeat_S) for w in weights_RS]
+    return jax.vmap(one_stage, spmd_axis_name="stage")(w_S, x_SbTD, seg_SbT, pos_SbT)
+
   if remat:
     all_stages = jax.checkpoint(all_stages, policy=jax.checkpoint_policies.nothing_saveable,
                                 prevent_cse=False)
@@ -216,16 +223,10 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     # the previous repeat); the others take what the previous stage just passed on.
     first_SbTD = jax.lax.dynamic_index_in_dim(inbox_SMbTD, jnp.mod(t, M), axis=1, keepdims=False)
     x_SbTD = jnp.where((stage_S == 0)[:, None, None, None], first_SbTD, x_SbTD)
-    if R == 1:
-      w_S = [w[0] for w in weights_RS]
-    else:
-      # Each stage's weights for its current repeat, by selects: a gather indexed per stage
-      # would make the partitioner all-gather the weights over fsdp and tensor.
-      repeat_S = jnp.clip(item_S // M, 0, R - 1)
-      w_S = [_select_repeat(w, repeat_S) for w in weights_RS]
+    repeat_S = jnp.clip(item_S // M, 0, R - 1)
     seg_SbT = None if seg_MbT is None else shard_act(seg_MbT[micro_S], STAGE_ACT[:3])
     pos_SbT = shard_act(pos_MbT[micro_S], STAGE_ACT[:3])
-    y_SbTD = all_stages(w_S, x_SbTD, seg_SbT, pos_SbT)
+    y_SbTD = all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT)
     # Pass every stage's output to the next stage (collective-permute over 'stage').
     x_SbTD = shard_act(shift_to_next_stage(y_SbTD), STAGE_ACT)
     # Row 0 now holds the last stage's output for item t - S + 1: keep it for the next repeat.
