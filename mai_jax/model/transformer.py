@@ -145,8 +145,12 @@ class Decoder(nnx.Module):
     if cfg.scan_layers:
       if hasattr(self, "dense_blocks"):
         x_BTD, _ = _scan_blocks(self.dense_blocks, cfg.remat, x_BTD, segment_ids_BT, positions_BT)
+      # Pipelined when the mesh has stages, except when decoding (KV caches) or for a batch that
+      # does not split into the pipeline microbatches (e.g. a short eval batch): there the plain
+      # scan runs over the stage-sharded layers (same values, no schedule).
       stages = pipeline.active_stages()
-      if stages > 1 and not nnx.state(self.blocks, nnx.Cache):
+      if (stages > 1 and not nnx.state(self.blocks, nnx.Cache)
+          and B % (cfg.pipeline_microbatches or stages) == 0):
         x_BTD, aux = _pipeline_blocks(self.blocks, cfg, stages, x_BTD, segment_ids_BT,
                                       positions_BT)
       else:
