@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any, Optional, Tuple
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,7 @@ DEFAULT_RULES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("head_dim", ()),
     ("mlp", ("tensor",)),
     ("experts", ("expert",)),
-    ("layers", ()),
+    ("layers", ("stage",)),
     ("norm", ()),
 )
 
@@ -96,12 +96,21 @@ class ModelConfig:
   # dropped and counted in moe/dropped_fraction. None: the exact worst case (ep x the balanced
   # load). Capacity mode needs no bound: its buffers hold capacity_factor x the balanced load.
   expert_buffer_factor: Optional[float] = None
+  # Pipeline parallelism (model/pipeline.py; active when mesh.stage > 1). Each device holds
+  # pipeline_repeats non-adjacent slices of num_layers / (stage x repeats) layers (circular /
+  # interleaved schedule; 1: GPipe), and each (gradient-accumulation) microbatch is split into
+  # pipeline_microbatches pieces that flow through the stages (0: one per stage). Neither changes
+  # the parameters or the computed function, only how the step is scheduled.
+  pipeline_repeats: int = 1
+  pipeline_microbatches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh sizes (-1: all remaining devices) and the logical-axis rules."""
   data: int = 1
+  # Pipeline stages: the 'layers' axis of the stacked blocks is split over them (model/pipeline.py).
+  stage: int = 1
   fsdp: int = -1
   expert: int = 1
   tensor: int = 1
@@ -454,6 +463,10 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_moe(m)
   _validate_expert_buffer(m)
   _validate_init_from(t)
+  for key in ("pipeline_repeats", "pipeline_microbatches"):
+    if getattr(m, key) < (1 if key == "pipeline_repeats" else 0):
+      raise ConfigError(f"model.{key}={getattr(m, key)} must be "
+                        f"{'>= 1' if key == 'pipeline_repeats' else '>= 0 (0: one per stage)'}")
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -468,6 +481,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     mesh_shape(cfg.mesh, num_devices)
     _validate_expert_mesh(cfg, num_devices)
     _validate_head_split(cfg, num_devices)
+    _validate_pipeline(cfg, num_devices)
     per_step = t.global_batch_size // t.microbatches
     batch_shards = 1
     for axis in dict(cfg.mesh.rules).get("batch", ()):
@@ -485,6 +499,47 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
 def nearest_multiple(value: int, unit: int) -> int:
   """The positive multiple of `unit` closest to `value` (ties: the larger one)."""
   return max(unit, unit * ((value + unit // 2) // unit))
+
+
+def pipeline_microbatches(cfg: Config, num_stages: int) -> int:
+  """Pipeline microbatches per step (per gradient-accumulation microbatch): the configured
+  count, or one per stage when model.pipeline_microbatches is 0."""
+  return cfg.model.pipeline_microbatches or num_stages
+
+
+def _validate_pipeline(cfg: Config, num_devices: int) -> None:
+  """mesh.stage > 1: the schedule's shapes must divide (see model/pipeline.py)."""
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  stages, m, t = sizes["stage"], cfg.model, cfg.train
+  if stages == 1:
+    return
+  rules = dict(cfg.mesh.rules)
+  if "stage" not in rules.get("layers", ()) or any(
+      "stage" in axes for name, axes in cfg.mesh.rules if name != "layers"):
+    raise ConfigError(f"mesh.stage={stages} needs mesh.rules to map 'layers' (and nothing else) to "
+                      f"'stage', as DEFAULT_RULES does")
+  if not m.scan_layers:
+    raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=True (stages split the "
+                      f"stacked layers)")
+  if m.num_experts:
+    raise ConfigError(f"mesh.stage={stages} does not support MoE models yet "
+                      f"(model.num_experts={m.num_experts}); use mesh.stage=1")
+  repeats = m.pipeline_repeats
+  if m.num_layers % (stages * repeats):
+    raise ConfigError(f"model.num_layers={m.num_layers} must be divisible by mesh.stage={stages} x "
+                      f"model.pipeline_repeats={repeats} = {stages * repeats} (layers per "
+                      f"virtual stage)")
+  micro = pipeline_microbatches(cfg, stages)
+  if micro < stages:
+    raise ConfigError(f"model.pipeline_microbatches={micro} must be >= mesh.stage={stages} "
+                      f"(fewer leaves stages idle; 0 means one per stage)")
+  rows = t.global_batch_size // t.microbatches
+  shards = math.prod(sizes[a] for a in rules.get("batch", ()))
+  if rows % (micro * shards):
+    raise ConfigError(f"train.global_batch_size={t.global_batch_size} / train.microbatches="
+                      f"{t.microbatches} = {rows} rows must split into model.pipeline_microbatches="
+                      f"{micro} pipeline microbatches of a multiple of the {shards} devices the "
+                      f"batch is sharded over")
 
 
 def _validate_fault_handling(cfg: Config) -> None:

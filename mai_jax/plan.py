@@ -43,7 +43,7 @@ REMATS = ("none", "dots", "full")
 # way. With 'param' (float32 on the wire) MAI-1 dense drops from ~31% to ~16% MFU.
 WIRE_DTYPE = "compute"
 # Mesh axes from the innermost (fastest links) outwards: the order a hybrid mesh fills a node.
-AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "data")
+AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "stage", "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Layout:
   microbatches: int
 
   def size(self, axis: str) -> int:
-    return dict(self.mesh)[axis]
+    return dict(self.mesh).get(axis, 1)
 
 
 def layout_of(cfg: Config, num_gpus: int) -> Layout:
@@ -501,6 +501,7 @@ def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
   """Plans `cfg` on `num_gpus` GPUs of type `gpu` with `layout` (default: the config's own)."""
   spec = gpu_spec(gpu)
   layout = layout or layout_of(cfg, num_gpus)
+  _refuse_pipeline_stages(layout)
   total, active = param_counts(cfg.model)
   model_flops = flops_per_token(cfg)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -517,6 +518,14 @@ def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
               compute_time_s=compute_s, step_time_s=step_s,
               step_time_no_overlap_s=compute_s + overlapped + exposed,
               tokens_per_step=tokens_per_step, mfu=mfu, token_budget=config_lib.token_budget(cfg))
+
+
+def _refuse_pipeline_stages(layout: Layout) -> None:
+  """The cost model has no pipeline terms yet (bubble, stage-to-stage sends, per-stage memory):
+  a plan for mesh.stage > 1 would be silently wrong, so it is refused."""
+  if layout.size("stage") > 1:
+    raise config_lib.ConfigError(f"mesh.stage={layout.size('stage')}: the planner does not model "
+                                 f"pipeline stages yet; plan with mesh.stage=1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,7 +546,8 @@ def candidate_meshes(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
       continue
     rest = num_gpus // (tensor * expert)
     for fsdp in _divisors(rest):
-      yield {"data": rest // fsdp, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+      yield {"data": rest // fsdp, "stage": 1, "fsdp": fsdp, "expert": expert,
+             "tensor": tensor}
 
 
 def batch_shards(cfg: Config, sizes: dict[str, int]) -> int:

@@ -1,8 +1,8 @@
 """Device mesh and logical-axis sharding.
 
 The model names logical axes only ('batch', 'embed', 'mlp', ...); the rules in `MeshConfig` map them
-to the mesh axes ('data', 'fsdp', 'expert', 'tensor'). The same functions serve 1 device, 8 fake CPU
-devices and a multi-host pod: only the device list differs.
+to the mesh axes ('data', 'stage', 'fsdp', 'expert', 'tensor'). The same functions serve 1 device,
+8 fake CPU devices and a multi-host pod: only the device list differs.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ LogicalAxes = Sequence[Optional[str]]
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """Builds the ('data','fsdp','expert','tensor') mesh with Auto axis types over all devices.
+  """Builds the ('data','stage','fsdp','expert','tensor') mesh with Auto axis types on all devices.
 
   Multi-host, this is the hybrid layout: jax orders devices by process, and the mesh axes run outer
   to inner, so `tensor` (then `expert`, then the part of `fsdp` that fits) stays inside one node on
-  NVLink while the rest spans nodes. A `tensor` axis larger than a node would put its per-layer
-  all-reduces on the slow links, so it is refused.
+  NVLink while the rest spans nodes (pipeline `stage`s and `data` outermost). A `tensor` axis
+  larger than a node would put its per-layer all-reduces on the slow links, so it is refused.
   """
   devices = list(devices) if devices is not None else jax.devices()
   sizes = mesh_shape(mesh_cfg, len(devices))

@@ -82,7 +82,7 @@ def test_validation_errors(overrides, devices, message):
 
 def test_mesh_minus_one_takes_the_rest():
   sizes = C.mesh_shape(C.MeshConfig(data=2, fsdp=-1, tensor=2), 8)
-  assert dict(sizes) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+  assert dict(sizes) == {"data": 2, "stage": 1, "fsdp": 2, "expert": 1, "tensor": 2}
 
 
 def test_json_round_trip(tmp_path):

@@ -78,13 +78,13 @@ def test_ci_variant_keeps_the_pattern_on_8_devices(name):
 def test_scaled_mesh_doubles_from_the_inside_out():
   mesh = C.MeshConfig(data=-1, fsdp=64, tensor=8)
   full = C.mesh_shape(mesh, 15360)
-  assert C.mesh_shape(C.scaled_mesh(mesh, full, 8), 8) == {"data": 2, "fsdp": 2, "expert": 1,
-                                                           "tensor": 2}
+  assert C.mesh_shape(C.scaled_mesh(mesh, full, 8), 8) == {"data": 2, "stage": 1, "fsdp": 2,
+                                                           "expert": 1, "tensor": 2}
   only_fsdp = C.MeshConfig(data=1, fsdp=-1)
   assert C.mesh_shape(C.scaled_mesh(only_fsdp, C.mesh_shape(only_fsdp, 512), 8), 8)["fsdp"] == 8
   tp2 = C.MeshConfig(data=1, fsdp=-1, tensor=2)
   assert C.mesh_shape(C.scaled_mesh(tp2, C.mesh_shape(tp2, 64), 8), 8) == {
-      "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+      "data": 1, "stage": 1, "fsdp": 4, "expert": 1, "tensor": 2}
 
 
 def test_ci_variant_builds_its_sharded_state_abstractly():

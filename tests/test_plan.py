@@ -96,7 +96,7 @@ def test_compile_scales_a_big_layout_down_to_8_devices():
       "model.d_ff": "512", "model.vocab_size": "1024", "data.seq_len": "128",
       "model.compute_dtype": "float32"})
   check = aot.compile_check(cfg, 2, 15360)
-  assert check["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+  assert check["mesh"] == {"data": 2, "stage": 1, "fsdp": 2, "expert": 1, "tensor": 2}
   assert check["global_batch_size"] == 4  # one row per tensor group, as on 15,360 GPUs
   assert check["compiled"]["flops"] == pytest.approx(check["planned"]["flops_as_xla_counts"],
                                                      rel=0.1)
@@ -141,7 +141,7 @@ def test_mai1_dense_fits_15360_h100_with_its_predicted_mfu(capsys):
   assert cli.main(["plan", "--config", MAI1, "--json"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["gpu"] == "h100" and out["num_gpus"] == 15360
-  assert out["mesh"] == {"data": 30, "fsdp": 64, "expert": 1, "tensor": 8}
+  assert out["mesh"] == {"data": 30, "stage": 1, "fsdp": 64, "expert": 1, "tensor": 8}
   assert out["params_total"] == out["params_active"] == 498_589_747_200
   assert out["fits"] and out["memory_per_device_bytes"]["total"] < 80e9 * P.USABLE_HBM_FRACTION
   assert 0.2 < out["mfu"] < 0.6

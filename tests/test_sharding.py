@@ -26,7 +26,8 @@ def _specs(tree):
 
 def test_pure_fsdp_shards_the_embed_dimension_over_all_devices():
   mesh, _, state = _init(C.MeshConfig(fsdp=-1))
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 1, "stage": 1, "fsdp": 8, "expert": 1,
+                               "tensor": 1}
   p = _specs(state.params)
   assert p["blocks"]["attn"]["q_proj"] == P(None, "fsdp", None, None)  # [L, D, H, K]
   assert p["blocks"]["attn"]["o_proj"] == P(None, None, None, "fsdp")  # [L, H, K, D]

@@ -17,6 +17,7 @@ from flax import nnx
 from mai_jax.config import ModelConfig
 from mai_jax.model.layers import (MLP, Attention, Embed, KVCache, RMSNorm, compute_dtype,
                                   create_param, float32_logits)
+from mai_jax.model import pipeline
 from mai_jax.model.moe import MoE, expert_d_ff, is_moe_layer, num_moe_layers
 from mai_jax.sharding import shard_act
 
@@ -144,7 +145,16 @@ class Decoder(nnx.Module):
     if cfg.scan_layers:
       if hasattr(self, "dense_blocks"):
         x_BTD, _ = _scan_blocks(self.dense_blocks, cfg.remat, x_BTD, segment_ids_BT, positions_BT)
-      x_BTD, aux = _scan_blocks(self.blocks, cfg.remat, x_BTD, segment_ids_BT, positions_BT)
+      # Pipelined when the mesh has stages, except when decoding (KV caches) or for a batch that
+      # does not split into the pipeline microbatches (e.g. a short eval batch): there the plain
+      # scan runs over the stage-sharded layers (same values, no schedule).
+      stages = pipeline.active_stages()
+      if (stages > 1 and not nnx.state(self.blocks, nnx.Cache)
+          and B % (cfg.pipeline_microbatches or stages) == 0):
+        x_BTD, aux = _pipeline_blocks(self.blocks, cfg, stages, x_BTD, segment_ids_BT,
+                                      positions_BT)
+      else:
+        x_BTD, aux = _scan_blocks(self.blocks, cfg.remat, x_BTD, segment_ids_BT, positions_BT)
     else:
       layer_aux = []
       for block in self.blocks:
@@ -208,6 +218,22 @@ def _scan_blocks(stacked_blocks: nnx.Module, remat: str, x_BTD, segment_ids_BT, 
   x_BTD, (aux, caches) = jax.lax.scan(body, x_BTD, stacked)
   nnx.update(stacked_blocks, caches)
   return x_BTD, aux
+
+
+def _pipeline_blocks(stacked_blocks: nnx.Module, cfg: ModelConfig, stages: int, x_BTD,
+                     segment_ids_BT, positions_BT):
+  """The dense block stack as an S-stage pipeline (model/pipeline.py); -> (x_BTD, {})."""
+  if cfg.num_experts:
+    raise ValueError("pipeline stages (mesh.stage > 1) do not support MoE models yet")
+  graphdef, stacked = nnx.split(stacked_blocks)
+  block_fn = _block_fn(graphdef, cfg.remat, in_scan=True)
+  layer_fn = lambda x, state, seg, pos: block_fn(x, state, seg, pos)[0]  # noqa: E731
+  num_micro = cfg.pipeline_microbatches or stages
+  x_BTD = pipeline.run(layer_fn, stacked, nnx.get_partition_spec(stacked), x_BTD,
+                       segment_ids_BT, positions_BT, stages=stages,
+                       repeats=cfg.pipeline_repeats, num_micro=num_micro,
+                       remat=cfg.remat != "none")
+  return x_BTD, {}
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: Optional[int] = None,
