@@ -149,6 +149,9 @@ class DataConfig:
   sources: Tuple[Any, ...] = ()
   # Split regex of a tiktoken rank file given as tokenizer_path (empty: cl100k's pattern).
   tokenizer_pattern: str = ""
+  # Chat template of train.objective='sft' (data/chat_template.py): 'chatml', or the path of a
+  # chat_template.jinja, a tokenizer_config.json, or a folder holding one (an imported HF workdir).
+  chat_template: str = "chatml"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +192,9 @@ class TrainConfig:
   # `checkpoints --export-params`, or a training run: its latest good step) whose params start
   # this run, with a fresh optimizer state at step 0. Ignored once the run has its own checkpoints.
   init_from: str = ""
+  # What the step optimizes: 'pretrain' (every token of data.sources) or 'sft' (data.sources of
+  # kind 'chat': conversations, loss on assistant tokens only; see data/chat.py).
+  objective: str = "pretrain"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +220,7 @@ CHOICES = {
     ("model", "router"): ("softmax_topk", "sigmoid_bias"),
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
     ("data", "source"): ("stdlib",),
+    ("train", "objective"): ("pretrain", "sft"),
 }
 
 
@@ -405,6 +412,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_moe(m)
   _validate_expert_buffer(m)
   _validate_init_from(t)
+  _validate_objective(cfg)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -453,11 +461,28 @@ def _validate_data_sources(data: DataConfig) -> None:
     data_sources(data)
 
 
+def _validate_objective(cfg: Config) -> None:
+  """SFT reads conversations (kind 'chat') and nothing else; pretraining reads no conversations.
+  An SFT run needs the tokenizer of its weights: there is no text to train one on."""
+  chat = [s.kind == "chat" for s in data_sources(cfg.data)]
+  example = "{'name': 'chat', 'kind': 'chat', 'path': 'conversations.jsonl'}"
+  if cfg.train.objective == "sft" and not all(chat):
+    raise ConfigError(f"train.objective='sft' reads conversations: every data.sources entry must "
+                      f"have kind 'chat', e.g. --config.data.sources=\"[{example}]\"")
+  if cfg.train.objective != "sft" and any(chat):
+    raise ConfigError(f"data.sources of kind 'chat' hold conversations; train on them with "
+                      f"--config.train.objective=sft (train.objective={cfg.train.objective!r})")
+  if cfg.train.objective == "sft" and not (cfg.train.init_from or cfg.data.tokenizer_path):
+    raise ConfigError("train.objective='sft' fine-tunes existing weights: set "
+                      "--config.train.init_from=WORKDIR (their tokenizer comes along) or at least "
+                      "--config.data.tokenizer_path")
+
+
 # ----------------------------------------------------------------------------------------------
 # Data sources (data.sources entries are dicts so the CLI can override them as literals)
 
 
-SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "cache")
+SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "cache", "chat")
 _SOURCE_KEYS = ("name", "kind", "path", "weight", "field")
 
 

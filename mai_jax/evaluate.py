@@ -172,7 +172,8 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
   spec = ModelSpec(graphdef, state)
   batch_sharding = step_lib.batch_sharding(mesh, cfg)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(cfg, spec),
-                                     jax.tree.map(lambda x: x.sharding, params), batch_sharding)
+                                     jax.tree.map(lambda x: x.sharding, params), batch_sharding,
+                                     step_lib.batch_keys(cfg))
   host = make_eval_batches(cfg, tokenizer, num_batches=num_batches,
                            process_index=jax.process_index(), process_count=jax.process_count())
   if not host:

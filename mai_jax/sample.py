@@ -148,3 +148,19 @@ def sample_text(cfg: Config, model: nnx.Module, tokenizer, prompts: Sequence[str
   outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                   mesh=mesh, rules=cfg.mesh.rules)
   return [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
+
+
+def chat_replies(cfg: Config, model: nnx.Module, tokenizer, conversations: Sequence[Sequence[dict]],
+                 sampling: SamplingConfig, mesh: Optional[jax.sharding.Mesh] = None) -> list[str]:
+  """The assistant's next reply to each conversation ({'role', 'content'} messages), rendered
+  with data.chat_template and tokenized as in SFT (data/chat.py). The reply ends at the
+  template's end of turn (ChatML's <|im_end|>, else its eos_token) or the tokenizer's eos; a
+  multi-token end of turn is cut from the text, decoding runs on to max_new_tokens then."""
+  from mai_jax.data import chat, chat_template  # pylint: disable=import-outside-toplevel
+  template = chat_template.load_template(cfg.data.chat_template)
+  ids = [chat.prompt_tokens(c, template, tokenizer) for c in conversations]
+  outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                  mesh=mesh, rules=cfg.mesh.rules)
+  end = chat_template.end_of_turn(template)
+  texts = [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
+  return [t.split(end)[0] if end else t for t in texts]

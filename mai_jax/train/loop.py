@@ -62,10 +62,10 @@ def write_config(cfg: Config, workdir: str) -> None:
 
 
 def global_batch(local: dict, sharding, global_rows: int) -> dict:
-  """Builds global jax arrays from this host's rows of the batch."""
+  """Builds global jax arrays from this host's rows of the batch (loss_weights when it has them)."""
   out = {}
-  for key in step_lib.BATCH_KEYS:
-    x = np.asarray(local[key], np.int32)
+  for key in step_lib.BATCH_KEYS + (step_lib.WEIGHT_KEY,) * (step_lib.WEIGHT_KEY in local):
+    x = np.asarray(local[key], np.float32 if key == step_lib.WEIGHT_KEY else np.int32)
     out[key] = jax.make_array_from_process_local_data(sharding, x, (global_rows, x.shape[1]))
   return out
 

@@ -1,10 +1,12 @@
 """Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
 
 Batches are dicts of int32 [B, T] arrays: `inputs`, `targets`, `segment_ids` (0 = padding, which
-carries no loss) and `positions`. The loss is the mean token cross-entropy over non-padding targets,
-plus an optional z-loss (PaLM) that keeps the softmax normalizer near 1. With microbatches the
-gradient of the *sum* is accumulated inside the jitted step and divided by the total token count
-once, so the result equals a single big batch regardless of how it is split.
+carries no loss) and `positions`, plus, for objectives that train on some tokens only (SFT:
+assistant replies), float32 `loss_weights` [B, T]. The loss is the weighted mean token
+cross-entropy over non-padding targets (weight 1 without loss_weights, so the mean is over the
+trained tokens), plus an optional z-loss (PaLM) that keeps the softmax normalizer near 1. With
+microbatches the gradient of the *sum* is accumulated inside the jitted step and divided by the
+total weight once, so the result equals a single big batch regardless of how it is split.
 
 A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged
 (only the step counter advances, so the data stream and the schedule stay aligned with the step) and
@@ -26,6 +28,12 @@ from mai_jax.train import moe_aux
 from mai_jax.train.state import ModelSpec, TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+WEIGHT_KEY = "loss_weights"  # float32 per-target weights of objectives that train on some tokens
+
+
+def batch_keys(cfg: Config) -> tuple[str, ...]:
+  """The keys of the run's batches: SFT batches carry loss_weights (data/chat_pipeline.py)."""
+  return BATCH_KEYS + ((WEIGHT_KEY,) if cfg.train.objective == "sft" else ())
 
 
 def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss_weight: float):
@@ -39,7 +47,8 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss_weight: fl
 
 
 def summed_loss(params, batch, model_spec: ModelSpec, z_loss_weight: float):
-  """Sum over non-padding tokens of the loss; aux = (ce sum, token count, MoE router statistics).
+  """Sum over non-padding tokens of the loss, times `loss_weights` when the batch has them;
+  aux = (ce sum, token count = sum of the weights, MoE router statistics).
 
   MoE models add their per-token aux objective (router z-loss, load balancing) times the token
   count, so dividing by the total token count gives loss + aux as for one big batch."""
@@ -48,6 +57,8 @@ def summed_loss(params, batch, model_spec: ModelSpec, z_loss_weight: float):
                                            batch["positions"])
   loss_BT, ce_BT = token_losses(logits_BTV, batch["targets"], z_loss_weight)
   weights_BT = (batch["segment_ids"] != 0).astype(jnp.float32)
+  if WEIGHT_KEY in batch:
+    weights_BT = weights_BT * batch[WEIGHT_KEY].astype(jnp.float32)
   tokens = jnp.sum(weights_BT)
   loss_sum = jnp.sum(loss_BT * weights_BT)
   if moe:
@@ -132,12 +143,14 @@ def batch_sharding(mesh, cfg: Config) -> NamedSharding:
   return NamedSharding(mesh, sharding_lib.logical_to_spec(("batch", None), cfg.mesh.rules, mesh))
 
 
-def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding):
-  batch_shardings = {k: batch_sharding_ for k in BATCH_KEYS}
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding,
+                   keys: tuple[str, ...] = BATCH_KEYS):
+  batch_shardings = {k: batch_sharding_ for k in keys}
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding):
-  batch_shardings = {k: batch_sharding_ for k in BATCH_KEYS}
+def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding,
+                  keys: tuple[str, ...] = BATCH_KEYS):
+  batch_shardings = {k: batch_sharding_ for k in keys}
   return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings))
