@@ -275,6 +275,9 @@ def _add_sample_parser(sub) -> None:
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
   p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--chat", action="store_true",
+                 help="each --prompt is a user message, rendered with the workdir's "
+                      "data.chat_template; prints the assistant's reply up to its end of turn")
 
 
 def _run_sample(args, overrides) -> None:
@@ -287,6 +290,12 @@ def _run_sample(args, overrides) -> None:
   sample.check(settings)
   cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
   tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
+  if args.chat:
+    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+    replies = sample.chat_replies(cfg, model, tokenizer, conversations, settings, mesh)
+    for prompt, reply in zip(args.prompt, replies):
+      print(f"=== {prompt!r}\n{reply}")
+    return
   texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh)
   for prompt, text in zip(args.prompt, texts):
     print(f"=== {prompt!r}\n{prompt}{text}")

@@ -162,7 +162,7 @@ def score_task(model: nnx.Module, tokenizer, examples: Sequence[Example], *, bat
 
 def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches: int) -> dict:
   """Mean validation cross-entropy over up to `num_batches` batches of the held-out split."""
-  from mai_jax.data.pipeline import make_eval_batches
+  from mai_jax.data.batches import make_eval_batches
   from mai_jax.train import step as step_lib
   from mai_jax.train.loop import global_batch
   from mai_jax.train.state import ModelSpec

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mai_jax import config as C
-from mai_jax.data import chat, chat_pipeline, pipeline
+from mai_jax.data import batches, chat, chat_pipeline
 from mai_jax.data import chat_template as T
 from mai_jax.data import tokenizer as tok_lib
 
@@ -215,7 +215,7 @@ def test_the_sft_pipeline_packs_conversations_with_weights_on_replies(tmp_path, 
   path = _write(tmp_path / "c.jsonl", [{"prompt": f"how are you {i}?", "completion": r}
                                        for i, r in enumerate(replies)])
   cfg = _sft_config(path)
-  batch = next(pipeline.make_train_iterator(cfg, sp_tokenizer))
+  batch = next(batches.make_train_iterator(cfg, sp_tokenizer))
   assert batch["loss_weights"].dtype == np.float32 and batch["loss_weights"].shape == (4, 160)
   seg, w = batch["segment_ids"], batch["loss_weights"]
   assert (w[seg == 0] == 0).all() and w.sum() > 0
@@ -230,7 +230,7 @@ def test_the_sft_pipeline_packs_conversations_with_weights_on_replies(tmp_path, 
   val = chat_pipeline.split_conversations(cfg, C.data_sources(cfg.data)[0], "validation")
   want = sum(chat.encode(c, T.load_template("chatml"), sp_tokenizer).weights[1:].sum()
              for c in val)
-  evals = pipeline.make_eval_batches(cfg, sp_tokenizer, num_batches=8)
+  evals = batches.make_eval_batches(cfg, sp_tokenizer, num_batches=8)
   assert sum(b["loss_weights"].sum() for b in evals) == want
 
 

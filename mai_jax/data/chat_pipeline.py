@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from mai_jax.config import Config
-from mai_jax.data import chat, readers, sources
+from mai_jax.data import chat, pipeline, readers, sources
 from mai_jax.data.chat_template import ChatError, load_template
 from mai_jax.data.sources import SourceError, SourceSpec
 from mai_jax.data.tokenizer import Tokenizer
@@ -78,7 +78,6 @@ def encoded_split(cfg: Config, tokenizer: Tokenizer, spec: SourceSpec, split: st
 
 def _rows(cfg: Config, tokenizer: Tokenizer, examples: list[dict], k: int, num_sources: int,
           seed: int) -> grain.IterDataset:
-  from mai_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
   ds = ds.map(ShiftConversation(cfg.data.seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
   return pipeline._pack(ds, cfg, tokenizer, seed=seed, shuffle_bins=True,  # pylint: disable=protected-access
@@ -88,7 +87,6 @@ def _rows(cfg: Config, tokenizer: Tokenizer, examples: list[dict], k: int, num_s
 def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSpec, ...],
                         start: int, stop: int) -> grain.DatasetIterator:
   """This host's rows [start, stop) of every global batch of the SFT stream."""
-  from mai_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   seed = pipeline.shuffle_seed(cfg)
   rows = [_rows(cfg, tokenizer, encoded_split(cfg, tokenizer, spec, "train"), k,
                 len(specs), seed if k == 0 else pipeline.source_seed(seed, k))
@@ -103,7 +101,6 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSpec
                       start: int, stop: int, num_batches: int) -> list[dict[str, np.ndarray]]:
   """Held-out conversations of every source, in order, each scored once (trained tokens only);
   the last batch is filled with padding rows."""
-  from mai_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   examples = [e for spec in specs
               for e in encoded_split(cfg, tokenizer, spec, "validation")]
   ds = grain.MapDataset.source(examples).map(ShiftConversation(cfg.data.seq_len))

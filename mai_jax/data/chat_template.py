@@ -109,8 +109,11 @@ class ChatTemplate:
 def _environment():
   """HF's chat-template environment (transformers' `_compile_jinja_template`), with our
   generation-tag extension."""
-  import jinja2  # pylint: disable=import-outside-toplevel
-  from jinja2 import ext, nodes, sandbox  # pylint: disable=import-outside-toplevel
+  try:
+    import jinja2  # pylint: disable=import-outside-toplevel
+    from jinja2 import ext, nodes, sandbox  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ChatError("chat templates need jinja2: pip install 'mai_jax[chat]'") from None
 
   class GenerationTags(ext.Extension):
     """`{% generation %}body{% endgeneration %}` renders body between two sentinels."""

@@ -193,9 +193,6 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, *, process_index: int
   if specs[0].kind == "cache":
     from mai_jax.data import cache_pipeline  # pylint: disable=import-outside-toplevel
     return cache_pipeline.make_train_iterator(cfg, tokenizer, specs, start, stop)
-  if specs[0].kind == "chat":
-    from mai_jax.data import chat_pipeline  # pylint: disable=import-outside-toplevel
-    return chat_pipeline.make_train_iterator(cfg, tokenizer, specs, start, stop)
   seed = shuffle_seed(cfg)
   splits = sources.load_splits(cfg.data, "train", root=source_root)
   rows = [_source_rows(cfg, tokenizer, docs, k, len(splits), seed if k == 0 else
@@ -249,9 +246,6 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, *, num_batches: int,
   if specs[0].kind == "cache":
     from mai_jax.data import cache_pipeline  # pylint: disable=import-outside-toplevel
     return cache_pipeline.make_eval_batches(cfg, tokenizer, specs, start, stop, num_batches)
-  if specs[0].kind == "chat":
-    from mai_jax.data import chat_pipeline  # pylint: disable=import-outside-toplevel
-    return chat_pipeline.make_eval_batches(cfg, tokenizer, specs, start, stop, num_batches)
   docs = [text for split in sources.load_splits(cfg.data, "validation", root=source_root)
           for text in split.texts]  # every source, in data.sources order
   ds = grain.MapDataset.source(docs).map(Tokenize(tokenizer)).to_iter_dataset(READ_OPTIONS)

@@ -22,7 +22,8 @@ from mai_jax import metrics as metrics_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
-from mai_jax.data.pipeline import DataMetrics, make_eval_batches, make_train_iterator
+from mai_jax.data.batches import make_eval_batches, make_train_iterator
+from mai_jax.data.pipeline import DataMetrics
 from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
 from mai_jax.evaluate import evaluate
 from mai_jax.model import count_active_params, count_params
