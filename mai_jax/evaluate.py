@@ -180,7 +180,8 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
     raise ConfigError("the validation split is empty; raise data.val_fraction")
   batches = [global_batch(b, batch_sharding, cfg.train.global_batch_size) for b in host]
   loss = evaluate(eval_step, params, batches)
-  tokens = int(sum(int(np.sum(b["segment_ids"] != 0)) for b in host))
+  tokens = int(sum(np.sum((b["segment_ids"] != 0) * b.get("loss_weights", 1.0))  # SFT: trained
+                   for b in host))
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
           "batches": len(host)}
 
