@@ -246,3 +246,45 @@ def test_sft_config_errors_name_the_key():
   for kwargs, message in cases:
     with pytest.raises(C.ConfigError, match=message):
       C.validate(C.Config(**kwargs))
+
+
+def test_the_sft_stream_resumes_exactly_from_its_state(tmp_path, sp_tokenizer):
+  path = _write(tmp_path / "c.jsonl", [{"prompt": f"q{i}", "completion": "a" * (i % 7 + 1)}
+                                       for i in range(40)])
+  cfg = _sft_config(path)
+  it = batches.make_train_iterator(cfg, sp_tokenizer)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(2)]
+  resumed = batches.make_train_iterator(cfg, sp_tokenizer)
+  resumed.set_state(state)
+  for a, b in zip(want, (next(resumed) for _ in range(2))):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_preference_pairs_split_off_the_shared_prefix_and_weight_the_completions(sp_tokenizer):
+  user, extra = {"role": "user", "content": "Hi there"}, {"role": "user", "content": "Bye"}
+  good, bad = {"role": "assistant", "content": "Hello!"}, {"role": "assistant", "content": "No."}
+  as_strings = chat.parse_preference({"prompt": "Hi there", "chosen": "Hello!",
+                                      "rejected": "No."}, "p:1")
+  as_conversations = chat.parse_preference({"chosen": [user, good], "rejected": [user, bad]}, "p:2")
+  for pair in (as_strings, as_conversations):
+    assert (pair.prompt, pair.chosen, pair.rejected) == ((user,), (good,), (bad,))
+  template = T.load_template("chatml")
+  chosen, rejected = chat.encode_preference(as_strings, template, sp_tokenizer)
+  prompt = chat.prompt_tokens([user], template, sp_tokenizer)
+  for e, reply in ((chosen, "Hello!"), (rejected, "No.")):
+    assert e.tokens[:len(prompt)].tolist() == prompt and not e.weights[:len(prompt)].any()
+    assert sp_tokenizer.decode(e.tokens[e.weights == 1].tolist()) == reply + "<|im_end|>"
+  # A multi-turn prompt's own assistant reply is context, not a completion.
+  history = chat.parse_preference({"prompt": [user, good, extra], "chosen": "Ciao.",
+                                   "rejected": "No."}, "p:3")
+  chosen, _ = chat.encode_preference(history, template, sp_tokenizer)
+  assert sp_tokenizer.decode(chosen.tokens[chosen.weights == 1].tolist()) == "Ciao.<|im_end|>"
+  for raw, why in (({"prompt": "q", "chosen": "a", "rejected": "a"}, "the same"),
+                   ({"chosen": "a", "rejected": "b"}, "no prompt"), ({"prompt": "q"}, "'chosen'")):
+    with pytest.raises(T.ChatError, match=f"p:9: .*{why}"):
+      chat.parse_preference(raw, "p:9")

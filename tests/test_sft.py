@@ -1,11 +1,11 @@
 """SFT through the one train step and the CLI: loss_weights vs a NumPy loss, and a tiny model
 fine-tuned on a synthetic instruction task answering held-out prompts it could not before."""
 
-import dataclasses
 import json
 import os
 import random
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +14,6 @@ import pytest
 from mai_jax import config as C, sample, sharding as S, workdir as workdir_lib
 from mai_jax.data import tokenizer as tok_lib
 from mai_jax.data.chat_template import CHATML, ChatTemplate
-from mai_jax.train import loop as loop_lib
 from mai_jax.train.trainer import build_trainer
 from tests import cli_runs
 
@@ -77,7 +76,7 @@ def _task(seed=0):
 
 
 def _exact_match(cfg, workdir, tokenizer, held):
-  cfg_w, model, _, mesh = workdir_lib.load_model(str(workdir))
+  _, model, _, mesh = workdir_lib.load_model(str(workdir))
   conversations = [[{"role": "user", "content": "reverse: " + " ".join(t)}] for t in held]
   replies = sample.chat_replies(cfg, model, tokenizer, conversations,
                                 sample.SamplingConfig(max_new_tokens=12, temperature=0), mesh)
@@ -95,23 +94,22 @@ def test_sft_through_the_cli_teaches_a_held_out_instruction_task(tmp_path):
       [{"role": "user", "content": "reverse: " + " ".join(t)},
        {"role": "assistant", "content": " ".join(t)}]) for t in train]
   tok_path = tok_lib.train_sentencepiece(rendered, 512, str(tmp_path / "tok"), 200_000)
-  base_cfg = C.load_experiment(cli_runs.SMOKE)
-  base_cfg = dataclasses.replace(
-      base_cfg, data=dataclasses.replace(base_cfg.data, tokenizer_path=tok_path, max_files=10),
-      train=dataclasses.replace(base_cfg.train, num_steps=2, eval_every=0, eval_batches=1),
-      checkpoint=dataclasses.replace(base_cfg.checkpoint, every_steps=0))
-  loop_lib.train(base_cfg, str(tmp_path / "base"))
+  one_device = cli_runs.cli_env(devices=1)  # compiles faster than 8 fake devices
+  cli_runs.run_train(tmp_path / "base", "--config.train.num_steps=2", "--config.train.eval_batches=1",
+                     "--config.checkpoint.every_steps=0", "--config.data.max_files=10",
+                     "--config.data.tokenizer_path=" + tok_path, env=one_device)
   sft = tmp_path / "sft"
   out = cli_runs.run_train(
-      sft, "--config.train.init_from=" + str(tmp_path / "base"), "--config.train.num_steps=250",
+      sft, "--config.train.init_from=" + str(tmp_path / "base"), "--config.train.num_steps=150",
       "--config.train.log_every=50", "--config.checkpoint.every_steps=0",
-      "--config.data.tokenizer_path=" + tok_path, "--config.data.seq_len=64",
+      "--config.optim.learning_rate=3e-3", "--config.data.seq_len=64",
+      "--config.data.tokenizer_path=" + tok_path,
       f"--config.data.sources=[{{'name': 'rev', 'kind': 'chat', 'path': '{data}'}}]",
-      config=os.path.join(cli_runs.REPO, "experiments", "sft_tiny.py") + ":smoke")
+      config=os.path.join(cli_runs.REPO, "experiments", "sft_tiny.py") + ":smoke", env=one_device)
   assert "initialized the parameters from" in out
   rows = cli_runs.metrics(sft)
   losses = cli_runs.losses(rows)
-  assert losses[250] < 0.5 * losses[50]
+  assert losses[150] < 0.5 * losses[50]
   assert [r["eval_loss"] for r in rows if "eval_loss" in r][-1] < 1.0
   cfg = C.load_json(str(sft / "config.json"))
   tokenizer = tok_lib.load_tokenizer(tok_path)
@@ -120,3 +118,10 @@ def test_sft_through_the_cli_teaches_a_held_out_instruction_task(tmp_path):
   print(f"held-out exact match: base {base_em:.2f}, after SFT {sft_em:.2f}")
   assert base_em == 0.0
   assert sft_em >= 0.5, replies
+  prompt = "reverse: " + " ".join(held[0])
+  proc = subprocess.run([sys.executable, "-m", "mai_jax", "sample", "--workdir", str(sft), "--chat",
+                         "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"],
+                        capture_output=True, text=True, env=one_device, cwd=cli_runs.REPO,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines()[-2:] == [f"=== {prompt!r}", replies[0]]

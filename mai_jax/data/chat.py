@@ -7,6 +7,9 @@ A data.sources entry of kind 'chat' names JSONL files, one conversation per line
   {"prompt": "...", "completion": "..."}      a user turn and the assistant's reply (each may also
                                                be a list of messages, TRL's conversational form)
   {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}   ShareGPT
+Preference pairs (DPO and friends) are {"prompt", "chosen", "rejected"}, each a string (a user
+turn / an assistant reply) or a message list; when chosen and rejected are whole conversations
+that start alike, the shared messages are split off into the prompt.
 Unlike pretraining text, where a crawl always holds bad documents that are counted and skipped, a
 fine-tuning set is curated: a malformed record, or one with nothing to learn (an empty loss mask,
 e.g. no assistant turn), is an error naming file:line, never a silent zero loss.
@@ -48,6 +51,15 @@ class Encoded:
   record: str
   tokens: np.ndarray
   weights: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+  """A prompt and two completions of it (message tuples); `record` is 'path:line'."""
+  record: str
+  prompt: tuple[dict, ...]
+  chosen: tuple[dict, ...]
+  rejected: tuple[dict, ...]
 
 
 # -------------------------------------------------------------------------------------- reading
@@ -100,6 +112,26 @@ def _turns(value, role: str, record: str, key: str) -> list[dict]:
   raise ChatError(f"{record}: '{key}' must be a string or a list of messages")
 
 
+def parse_preference(raw, record: str) -> PreferencePair:
+  """{"prompt"?, "chosen", "rejected"} -> a PreferencePair with the shared prefix in the prompt."""
+  if not isinstance(raw, dict) or "chosen" not in raw or "rejected" not in raw:
+    raise ChatError(f"{record}: a preference record is {{'prompt', 'chosen', 'rejected'}} "
+                    f"(strings or message lists; 'prompt' may be left out when both start alike)")
+  prompt = _turns(raw["prompt"], "user", record, "prompt") if "prompt" in raw else []
+  chosen = _turns(raw["chosen"], "assistant", record, "chosen")
+  rejected = _turns(raw["rejected"], "assistant", record, "rejected")
+  shared = 0
+  while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+    shared += 1
+  prompt, chosen, rejected = prompt + chosen[:shared], chosen[shared:], rejected[shared:]
+  if chosen == rejected:
+    raise ChatError(f"{record}: 'chosen' and 'rejected' are the same; nothing to prefer")
+  if not prompt:
+    raise ChatError(f"{record}: the pair has no prompt: give a 'prompt', or chosen and rejected "
+                    f"conversations that start with the same messages")
+  return PreferencePair(record, tuple(prompt), tuple(chosen), tuple(rejected))
+
+
 def read_conversations(base: str, rel: str) -> Iterator[Conversation]:
   """The conversations of one JSONL file; records are named 'rel:line' (rel: path under base)."""
   path = os.path.join(base, rel)
@@ -133,6 +165,15 @@ def encode(conversation: Conversation, template: ChatTemplate, tokenizer: Tokeni
   if not weights.any():
     raise ChatError(f"{conversation.record}: the trained characters encode to no tokens")
   return Encoded(conversation.record, tokens, weights)
+
+
+def encode_preference(pair: PreferencePair, template: ChatTemplate, tokenizer: Tokenizer
+                      ) -> tuple[Encoded, Encoded]:
+  """(chosen, rejected) tokens, each weighted on its completion's assistant tokens only (the
+  prompt's own assistant turns, if any, are context)."""
+  prompt = tuple({**m, "loss": False} for m in pair.prompt)
+  return tuple(encode(Conversation(pair.record, prompt + completion), template, tokenizer)
+               for completion in (pair.chosen, pair.rejected))
 
 
 def encode_runs(text: str, mask: np.ndarray, tokenizer: Tokenizer, prepend_bos: bool
