@@ -192,9 +192,14 @@ class TrainConfig:
   # `checkpoints --export-params`, or a training run: its latest good step) whose params start
   # this run, with a fresh optimizer state at step 0. Ignored once the run has its own checkpoints.
   init_from: str = ""
-  # What the step optimizes: 'pretrain' (every token of data.sources) or 'sft' (data.sources of
-  # kind 'chat': conversations, loss on assistant tokens only; see data/chat.py).
+  # What the step optimizes: 'pretrain' (every token of data.sources), 'sft' (data.sources of
+  # kind 'chat': conversations, loss on assistant tokens only; see data/chat.py), or a preference
+  # objective on kind 'preference' pairs: 'dpo' (against the init_from weights' log-probs,
+  # precomputed once), 'simpo' or 'orpo' (reference-free); see train/preference_losses.py.
   objective: str = "pretrain"
+  preference_beta: float = 0.1  # DPO/SimPO beta; ORPO's lambda
+  simpo_gamma: float = 0.5  # SimPO's target reward margin
+  dpo_label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +225,7 @@ CHOICES = {
     ("model", "router"): ("softmax_topk", "sigmoid_bias"),
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
     ("data", "source"): ("stdlib",),
-    ("train", "objective"): ("pretrain", "sft"),
+    ("train", "objective"): ("pretrain", "sft", "dpo", "simpo", "orpo"),
 }
 
 
@@ -462,27 +467,40 @@ def _validate_data_sources(data: DataConfig) -> None:
 
 
 def _validate_objective(cfg: Config) -> None:
-  """SFT reads conversations (kind 'chat') and nothing else; pretraining reads no conversations.
-  An SFT run needs the tokenizer of its weights: there is no text to train one on."""
-  chat = [s.kind == "chat" for s in data_sources(cfg.data)]
-  example = "{'name': 'chat', 'kind': 'chat', 'path': 'conversations.jsonl'}"
-  if cfg.train.objective == "sft" and not all(chat):
-    raise ConfigError(f"train.objective='sft' reads conversations: every data.sources entry must "
-                      f"have kind 'chat', e.g. --config.data.sources=\"[{example}]\"")
-  if cfg.train.objective != "sft" and any(chat):
-    raise ConfigError(f"data.sources of kind 'chat' hold conversations; train on them with "
-                      f"--config.train.objective=sft (train.objective={cfg.train.objective!r})")
-  if cfg.train.objective == "sft" and not (cfg.train.init_from or cfg.data.tokenizer_path):
-    raise ConfigError("train.objective='sft' fine-tunes existing weights: set "
-                      "--config.train.init_from=WORKDIR (their tokenizer comes along) or at least "
-                      "--config.data.tokenizer_path")
+  """SFT reads conversations (kind 'chat') and nothing else, preference objectives read pairs
+  (kind 'preference'), pretraining reads neither. Post-training needs the tokenizer of its
+  weights (there is no text to train one on); DPO needs the weights themselves (its reference)."""
+  t = cfg.train
+  want = {"sft": "chat", **{o: "preference" for o in PREFERENCE_OBJECTIVES}}.get(t.objective)
+  kinds = [s.kind for s in data_sources(cfg.data)]
+  if want and any(k != want for k in kinds):
+    example = f"{{'name': 'ft', 'kind': '{want}', 'path': 'data.jsonl'}}"
+    raise ConfigError(f"train.objective={t.objective!r} reads kind {want!r}: every data.sources "
+                      f"entry must have that kind, e.g. --config.data.sources=\"[{example}]\"")
+  for kind, objectives in (("chat", "sft"), ("preference", "/".join(PREFERENCE_OBJECTIVES))):
+    if kind in kinds and want != kind:
+      raise ConfigError(f"data.sources of kind {kind!r} are read by train.objective={objectives} "
+                        f"only (train.objective={t.objective!r}); set --config.train.objective")
+  if want and not (t.init_from or cfg.data.tokenizer_path):
+    raise ConfigError(f"train.objective={t.objective!r} fine-tunes existing weights: set "
+                      f"--config.train.init_from=WORKDIR (their tokenizer comes along) or at least "
+                      f"--config.data.tokenizer_path")
+  if t.objective == "dpo" and not t.init_from:
+    raise ConfigError("train.objective='dpo' scores against the starting weights: set "
+                      "--config.train.init_from=WORKDIR (e.g. an SFT run)")
+  if want == "preference" and t.preference_beta <= 0:
+    raise ConfigError(f"train.preference_beta={t.preference_beta} must be positive")
+  if not 0 <= t.dpo_label_smoothing < 0.5:
+    raise ConfigError(f"train.dpo_label_smoothing={t.dpo_label_smoothing} must be in [0, 0.5)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Data sources (data.sources entries are dicts so the CLI can override them as literals)
 
 
-SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "cache", "chat")
+SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "cache", "chat",
+                "preference")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
 _SOURCE_KEYS = ("name", "kind", "path", "weight", "field")
 
 

@@ -234,14 +234,22 @@ def test_the_sft_pipeline_packs_conversations_with_weights_on_replies(tmp_path, 
   assert sum(b["loss_weights"].sum() for b in evals) == want
 
 
-def test_sft_config_errors_name_the_key():
+def test_post_training_config_errors_name_the_key():
   chat_source = ({"name": "c", "kind": "chat", "path": "c.jsonl"},)
+  pairs = ({"name": "p", "kind": "preference", "path": "p.jsonl"},)
   cases = [
       (dict(train=C.TrainConfig(objective="sft", init_from="w")), "every data.sources entry"),
-      (dict(data=C.DataConfig(sources=chat_source)), "--config.train.objective=sft"),
+      (dict(data=C.DataConfig(sources=chat_source)), "read by train.objective=sft only"),
       (dict(data=C.DataConfig(sources=chat_source), train=C.TrainConfig(objective="sft")),
        "train.init_from"),
-      (dict(train=C.TrainConfig(objective="dpo")), "train.objective='dpo' is not one of"),
+      (dict(data=C.DataConfig(sources=chat_source), train=C.TrainConfig(objective="dpo",
+                                                                        init_from="w")),
+       "reads kind 'preference'"),
+      (dict(data=C.DataConfig(sources=pairs, tokenizer_path="t.model"),
+            train=C.TrainConfig(objective="dpo")), "scores against the starting weights"),
+      (dict(data=C.DataConfig(sources=pairs), train=C.TrainConfig(
+          objective="simpo", init_from="w", preference_beta=0.0)), "preference_beta=0.0"),
+      (dict(train=C.TrainConfig(objective="ipo")), "train.objective='ipo' is not one of"),
   ]
   for kwargs, message in cases:
     with pytest.raises(C.ConfigError, match=message):

@@ -100,16 +100,16 @@ def test_sft_through_the_cli_teaches_a_held_out_instruction_task(tmp_path):
                      "--config.data.tokenizer_path=" + tok_path, env=one_device)
   sft = tmp_path / "sft"
   out = cli_runs.run_train(
-      sft, "--config.train.init_from=" + str(tmp_path / "base"), "--config.train.num_steps=150",
+      sft, "--config.train.init_from=" + str(tmp_path / "base"), "--config.train.num_steps=250",
       "--config.train.log_every=50", "--config.checkpoint.every_steps=0",
-      "--config.optim.learning_rate=3e-3", "--config.data.seq_len=64",
+      "--config.data.seq_len=64",
       "--config.data.tokenizer_path=" + tok_path,
       f"--config.data.sources=[{{'name': 'rev', 'kind': 'chat', 'path': '{data}'}}]",
       config=os.path.join(cli_runs.REPO, "experiments", "sft_tiny.py") + ":smoke", env=one_device)
   assert "initialized the parameters from" in out
   rows = cli_runs.metrics(sft)
   losses = cli_runs.losses(rows)
-  assert losses[150] < 0.5 * losses[50]
+  assert losses[250] < 0.2 * losses[50]
   assert [r["eval_loss"] for r in rows if "eval_loss" in r][-1] < 1.0
   cfg = C.load_json(str(sft / "config.json"))
   tokenizer = tok_lib.load_tokenizer(tok_path)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from mai_jax.data.chat_template import ChatError, ChatTemplate, render_with_mask
 from mai_jax.data.tokenizer import Tokenizer
 
+T = TypeVar("T")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system", "tool": "tool"}
 _FORMATS = ("{'messages': [{'role', 'content', 'loss'?}]}, {'prompt', 'completion'} or "
@@ -134,6 +135,16 @@ def parse_preference(raw, record: str) -> PreferencePair:
 
 def read_conversations(base: str, rel: str) -> Iterator[Conversation]:
   """The conversations of one JSONL file; records are named 'rel:line' (rel: path under base)."""
+  return read_records(base, rel, parse_record)
+
+
+def read_pairs(base: str, rel: str) -> Iterator[PreferencePair]:
+  """The preference pairs of one JSONL file, named 'rel:line'."""
+  return read_records(base, rel, parse_preference)
+
+
+def read_records(base: str, rel: str, parse: Callable[[object, str], T]) -> Iterator[T]:
+  """parse(json value, 'rel:line') for every non-blank line of base/rel."""
   path = os.path.join(base, rel)
   try:
     f = open(path, encoding="utf-8")
@@ -143,12 +154,11 @@ def read_conversations(base: str, rel: str) -> Iterator[Conversation]:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
-      record = f"{rel}:{number}"
       try:
         raw = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ChatError(f"{path}:{number}: not JSON ({e.msg}); one conversation per line") from None
-      yield parse_record(raw, record)
+        raise ChatError(f"{path}:{number}: not JSON ({e.msg}); one record per line") from None
+      yield parse(raw, f"{rel}:{number}")
 
 
 # ------------------------------------------------------------------------------------- encoding

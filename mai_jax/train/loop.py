@@ -28,7 +28,7 @@ from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokeniz
 from mai_jax.evaluate import evaluate
 from mai_jax.model import count_active_params, count_params
 from mai_jax.train import init_from as init_from_lib
-from mai_jax.train import preemption
+from mai_jax.train import preemption, reference
 from mai_jax.train import step as step_lib
 from mai_jax.train.faults import FaultMonitor
 from mai_jax.train.trainer import build_trainer
@@ -62,13 +62,7 @@ def write_config(cfg: Config, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def global_batch(local: dict, sharding, global_rows: int) -> dict:
-  """Builds global jax arrays from this host's rows of the batch (loss_weights when it has them)."""
-  out = {}
-  for key in step_lib.BATCH_KEYS + (step_lib.WEIGHT_KEY,) * (step_lib.WEIGHT_KEY in local):
-    x = np.asarray(local[key], np.float32 if key == step_lib.WEIGHT_KEY else np.int32)
-    out[key] = jax.make_array_from_process_local_data(sharding, x, (global_rows, x.shape[1]))
-  return out
+global_batch = step_lib.global_batch  # builds global arrays from this host's rows
 
 
 def _tokenizer(cfg: Config, workdir: str, init_source=None):
@@ -100,6 +94,8 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   init_source = init_from_lib.source_for_run(cfg, workdir, _log)  # None when resuming
   write_config(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir, init_source)
+  if cfg.train.objective == "dpo":  # the reference model's pass over the pairs, once
+    reference.ensure_reference(cfg, tokenizer, mesh, _log)
   run = _Run(cfg, mesh, workdir, tokenizer, init_source)
   try:
     with preemption.StopRequest() as stop:

@@ -16,8 +16,8 @@ together. Formulas, with s = summed log-prob, a = s / length, sigma the logistic
                                  loss = -a_c - beta * log sigma(log odds(y_c) - log odds(y_r))
                                  (the chosen completion's NLL per token, plus beta times the odds
                                  ratio term; TRL's `beta` is the paper's lambda); rewards = beta * a
-Metrics (means over pairs): rewards/chosen, rewards/rejected, rewards/accuracies (chosen reward >
-rejected), rewards/margins, logps/chosen, logps/rejected.
+Metrics, per pair (the step averages them over its real pairs): rewards/chosen, rewards/rejected,
+rewards/accuracies (chosen reward > rejected), rewards/margins, logps/chosen, logps/rejected.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def preference_loss(cfg: PreferenceLossConfig, chosen_logps_P, rejected_logps_P,
                     ref_chosen_logps_P: Optional[jax.Array] = None,
                     ref_rejected_logps_P: Optional[jax.Array] = None
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss per pair [P], metrics) for cfg.kind; see the module docstring for the formulas."""
+  """(loss per pair [P], metrics per pair [P]) for cfg.kind; see the module docstring."""
   if cfg.kind not in KINDS:
     raise ValueError(f"preference loss kind={cfg.kind!r} is not one of {KINDS}")
   beta = cfg.beta
@@ -78,12 +78,12 @@ def preference_loss(cfg: PreferenceLossConfig, chosen_logps_P, rejected_logps_P,
                     - (_log1m_exp(avg_chosen_P) - _log1m_exp(avg_rejected_P)))
       loss_P = -avg_chosen_P - beta * jax.nn.log_sigmoid(log_odds_P)
   metrics = {
-      "rewards/chosen": jnp.mean(chosen_P),
-      "rewards/rejected": jnp.mean(rejected_P),
-      "rewards/accuracies": jnp.mean((chosen_P > rejected_P).astype(jnp.float32)),
-      "rewards/margins": jnp.mean(chosen_P - rejected_P),
-      "logps/chosen": jnp.mean(chosen_logps_P),
-      "logps/rejected": jnp.mean(rejected_logps_P),
+      "rewards/chosen": chosen_P,
+      "rewards/rejected": rejected_P,
+      "rewards/accuracies": (chosen_P > rejected_P).astype(jnp.float32),
+      "rewards/margins": chosen_P - rejected_P,
+      "logps/chosen": chosen_logps_P,
+      "logps/rejected": rejected_logps_P,
   }
   return loss_P, metrics
 
