@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of the tiny model (experiments/tiny.py) into a chat model.
+"""Post-training (SFT, then DPO) of the tiny model (experiments/tiny.py) into a chat model.
 
 Starts from the weights and tokenizer of a `make train` run (train.init_from=runs/tiny) and trains
 on conversations (data.sources of kind 'chat', JSONL in the formats of mai_jax/data/chat.py),
@@ -7,6 +7,12 @@ data with an override, e.g.
 
   mai-jax train --config experiments/sft_tiny.py --workdir runs/sft \
     --config.data.sources="[{'name': 'chat', 'kind': 'chat', 'path': 'data/chat.jsonl'}]"
+
+The same file runs preference optimization from the SFT run, on pairs of kind 'preference':
+
+  mai-jax train --config experiments/sft_tiny.py --workdir runs/dpo --config.train.init_from=runs/sft \
+    --config.train.objective=dpo \
+    --config.data.sources="[{'name': 'prefs', 'kind': 'preference', 'path': 'data/prefs.jsonl'}]"
 
 Why a constant, lower learning rate than pretraining and a short warmup: fine-tuning starts from
 trained weights, where a pretraining-sized step forgets more than it teaches; the run is short,

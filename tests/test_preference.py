@@ -1,11 +1,16 @@
-"""Preference objectives through the one train step: the concatenated forward and the real-pair
-average vs NumPy on separate forwards; DPO end to end through the CLI (slow)."""
+"""Preference objectives: batches with both rows and the reference log-probs, and the one train
+step (concatenated forward, real-pair averages) vs NumPy on separate forwards. DPO end to end
+through the CLI is in test_sft.py (slow)."""
+
+import json
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from mai_jax import config as C, sharding as S
+from mai_jax.data import batches, preference_pipeline as pp, tokenizer as tok_lib
 from mai_jax.train import step as step_lib
 from mai_jax.train.trainer import build_trainer
 
@@ -75,3 +80,43 @@ def test_the_preference_step_matches_numpy_on_separate_forwards(objective):
   assert float(metrics["rewards/margins"]) == pytest.approx((chosen - rejected)[real].mean(),
                                                             rel=1e-4, abs=1e-6)
   assert float(metrics["rewards/accuracies"]) == pytest.approx((chosen > rejected)[real].mean())
+
+
+def test_preference_batches_hold_both_rows_and_the_reference_log_probs(tmp_path):
+  text = " ".join(["reverse: red blue green -> green blue red; copy"] * 40)
+  tok = tok_lib.SentencePieceTokenizer(tok_lib.train_sentencepiece(
+      [text], 300, str(tmp_path / "t"), 100_000))
+  words = ["red", "blue", "green", "cat"]
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"reverse: {a} {b}", "chosen": f"{b} {a}",
+                                      "rejected": f"{a} {b}"}) + "\n"
+                          for a in words for b in words if a != b))
+  cfg = C.Config(model=C.ModelConfig(vocab_size=300), data=C.DataConfig(
+      seq_len=80, val_fraction=0.25, sources=({"name": "p", "kind": "preference",
+                                               "path": str(path)},)),
+      train=C.TrainConfig(global_batch_size=4, objective="dpo", init_from=str(tmp_path / "w")))
+  C.validate(cfg)
+  spec = C.data_sources(cfg.data)[0]
+  with pytest.raises(C.ConfigError, match="no reference log-probs"):
+    batches.make_train_iterator(cfg, tok)
+  records = [p.record for split in ("train", "validation") for p in pp.split_pairs(cfg, spec, split)]
+  table = {r: [-float(i), -float(i) - 0.5] for i, r in enumerate(records)}
+  ref = pp.reference_file(cfg, tok, spec)
+  os.makedirs(os.path.dirname(ref))
+  with open(ref, "w") as f:
+    json.dump({"step": 1, "logps": table}, f)
+  batch = next(batches.make_train_iterator(cfg, tok))
+  assert set(batch) == set(step_lib.batch_keys(cfg)) | {"source_tokens"}
+  assert batch["ref_chosen_logps"].shape == (4,) and batch["inputs"].shape == (4, 80)
+  for i in range(4):
+    chosen = tok.decode(batch["targets"][i][batch["loss_weights"][i] == 1].tolist())
+    rejected = tok.decode(batch["rejected_targets"][i][batch["rejected_loss_weights"][i] == 1]
+                          .tolist())
+    a, b = rejected[:-len("<|im_end|>")].split()
+    assert chosen == f"{b} {a}<|im_end|>" and rejected.endswith("<|im_end|>")
+    assert batch["ref_rejected_logps"][i] == batch["ref_chosen_logps"][i] - 0.5
+    assert batch["source_tokens"][i, 0] == ((batch["segment_ids"][i] > 0).sum()
+                                            + (batch["rejected_segment_ids"][i] > 0).sum())
+  evals = batches.make_eval_batches(cfg, tok, num_batches=10)
+  real = sum(int((b["loss_weights"].sum(-1) > 0).sum()) for b in evals)
+  assert real == len(pp.split_pairs(cfg, spec, "validation"))  # filler pairs have no weight

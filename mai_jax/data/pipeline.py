@@ -300,7 +300,7 @@ class DataMetrics:
 def _skipped_counts(cfg: Config, specs, source_root: Optional[str]) -> dict[str, int]:
   counts: dict[str, int] = {}
   for spec in specs:
-    if spec.kind == "chat":  # a bad conversation is an error, never skipped (data/chat.py)
+    if spec.kind in ("chat", "preference"):  # bad records are errors, never skipped (chat.py)
       continue
     if spec.kind == "cache":
       from mai_jax.data import cache  # pylint: disable=import-outside-toplevel

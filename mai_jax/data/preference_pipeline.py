@@ -104,7 +104,9 @@ def load_reference(path: str) -> dict:
     return json.load(f)
 
 
-def _examples(cfg, tokenizer, spec, split):
+def _examples(cfg, tokenizer, spec, split, source_index=0, num_sources=1):
+  """The pairs of a split as features, with `source_tokens` (their real tokens, credited to the
+  source) for the loop's data/tokens metrics."""
   reference = None
   if cfg.train.objective == "dpo":
     reference = load_reference(reference_file(cfg, tokenizer, spec))["logps"]
@@ -113,8 +115,12 @@ def _examples(cfg, tokenizer, spec, split):
     if reference is not None and record not in reference:
       raise ConfigError(f"{record}: missing from the reference log-probs; delete "
                         f"{reference_file(cfg, tokenizer, spec)} to recompute them")
-    out.append(pair_example(chosen, rejected, cfg.data.seq_len, tokenizer.pad_id,
-                            None if reference is None else reference[record]))
+    example = pair_example(chosen, rejected, cfg.data.seq_len, tokenizer.pad_id,
+                           None if reference is None else reference[record])
+    example["source_tokens"] = np.zeros(num_sources, np.int32)
+    example["source_tokens"][source_index] = (np.count_nonzero(example["segment_ids"])
+                                              + np.count_nonzero(example[REJECTED + "segment_ids"]))
+    out.append(example)
   return out
 
 
@@ -124,7 +130,7 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSp
                         start: int, stop: int) -> grain.DatasetIterator:
   """This host's pairs [start, stop) of every global batch."""
   seed = pipeline.shuffle_seed(cfg)
-  streams = [grain.MapDataset.source(_examples(cfg, tokenizer, spec, "train"))
+  streams = [grain.MapDataset.source(_examples(cfg, tokenizer, spec, "train", k, len(specs)))
              .shuffle(seed=seed if k == 0 else pipeline.source_seed(seed, k)).repeat(None)
              for k, spec in enumerate(specs)]
   ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams,

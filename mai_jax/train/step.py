@@ -8,6 +8,11 @@ trained tokens), plus an optional z-loss (PaLM) that keeps the softmax normalize
 microbatches the gradient of the *sum* is accumulated inside the jitted step and divided by the
 total weight once, so the result equals a single big batch regardless of how it is split.
 
+One step builder for every objective: `summed_objective_loss` picks the loss of train.objective,
+token cross-entropy (pretrain, sft) or a preference loss (dpo, simpo, orpo: train/preference.py,
+whose batches hold a chosen and a rejected row per pair); each returns a sum, a count (tokens or
+pairs) and sums of its own metrics, which the step divides by the count.
+
 A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged
 (only the step counter advances, so the data stream and the schedule stay aligned with the step) and
 reports `update_skipped` = 1; the loop counts such steps and restores a checkpoint if they persist.
@@ -52,6 +57,17 @@ def key_sharding(batch_sharding_: NamedSharding, ndim: int) -> NamedSharding:
   if ndim == 2:
     return batch_sharding_
   return NamedSharding(batch_sharding_.mesh, PartitionSpec(batch_sharding_.spec[0]))
+
+
+def abstract_batch(cfg: Config, sharding: NamedSharding) -> dict:
+  """ShapeDtypeStructs of a global batch of the run's objective (for lowering without data)."""
+  rows, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
+  out = {}
+  for key in batch_keys(cfg):
+    shape = (rows,) if key in pp.REFERENCE_KEYS else (rows, seq_len)
+    out[key] = jax.ShapeDtypeStruct(shape, jnp.float32 if key in _FLOAT_KEYS else jnp.int32,
+                                    sharding=key_sharding(sharding, len(shape)))
+  return out
 
 
 def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
