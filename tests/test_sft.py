@@ -1,5 +1,6 @@
-"""SFT through the one train step and the CLI: loss_weights vs a NumPy loss, and a tiny model
-fine-tuned on a synthetic instruction task answering held-out prompts it could not before."""
+"""Post-training through the one train step and the CLI: loss_weights vs a NumPy loss; a tiny
+model fine-tuned (SFT) on a synthetic instruction task answering held-out prompts it could not
+before, and DPO on synthetic preference pairs ranking held-out pairs it could not before."""
 
 import json
 import os
@@ -12,8 +13,12 @@ import numpy as np
 import pytest
 
 from mai_jax import config as C, sample, sharding as S, workdir as workdir_lib
-from mai_jax.data import tokenizer as tok_lib
+from flax import nnx
+
+from mai_jax.data import batches, tokenizer as tok_lib
 from mai_jax.data.chat_template import CHATML, ChatTemplate
+from mai_jax.train import preference, step as step_lib
+from mai_jax.train.state import ModelSpec
 from mai_jax.train.trainer import build_trainer
 from tests import cli_runs
 
@@ -83,37 +88,55 @@ def _exact_match(cfg, workdir, tokenizer, held):
   return np.mean([r == " ".join(t[::-1]) for r, t in zip(replies, held)]), replies
 
 
-@pytest.mark.slow
-def test_sft_through_the_cli_teaches_a_held_out_instruction_task(tmp_path):
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  """A 2-step 'pretrained' smoke model whose tokenizer knows the task's words and the ChatML
+  markers, plus the task's training data as conversations and as preference pairs (answering
+  preferred over refusing)."""
+  root = tmp_path_factory.mktemp("post")
   train, held = _task()
-  data = tmp_path / "reverse.jsonl"
-  data.write_text("".join(json.dumps({"prompt": "reverse: " + " ".join(t),
-                                      "completion": " ".join(t[::-1])}) + "\n" for t in train))
-  # The base model's tokenizer knows the task's words and the ChatML markers.
+  (root / "reverse.jsonl").write_text("".join(json.dumps(
+      {"prompt": "reverse: " + " ".join(t), "completion": " ".join(t[::-1])}) + "\n"
+      for t in train))
+  (root / "pairs.jsonl").write_text("".join(json.dumps(
+      {"prompt": "reverse: " + " ".join(t), "chosen": " ".join(t[::-1]),
+       "rejected": "I cannot do that."}) + "\n" for t in train))
   rendered = [ChatTemplate(CHATML, "chatml").render(
       [{"role": "user", "content": "reverse: " + " ".join(t)},
        {"role": "assistant", "content": " ".join(t)}]) for t in train]
-  tok_path = tok_lib.train_sentencepiece(rendered, 512, str(tmp_path / "tok"), 200_000)
-  one_device = cli_runs.cli_env(devices=1)  # compiles faster than 8 fake devices
-  cli_runs.run_train(tmp_path / "base", "--config.train.num_steps=2", "--config.train.eval_batches=1",
+  tok_path = tok_lib.train_sentencepiece(rendered, 512, str(root / "tok"), 200_000)
+  cli_runs.run_train(root / "base", "--config.train.num_steps=2", "--config.train.eval_batches=1",
                      "--config.checkpoint.every_steps=0", "--config.data.max_files=10",
-                     "--config.data.tokenizer_path=" + tok_path, env=one_device)
-  sft = tmp_path / "sft"
-  out = cli_runs.run_train(
-      sft, "--config.train.init_from=" + str(tmp_path / "base"), "--config.train.num_steps=250",
-      "--config.train.log_every=50", "--config.checkpoint.every_steps=0",
-      "--config.data.seq_len=64",
-      "--config.data.tokenizer_path=" + tok_path,
-      f"--config.data.sources=[{{'name': 'rev', 'kind': 'chat', 'path': '{data}'}}]",
-      config=os.path.join(cli_runs.REPO, "experiments", "sft_tiny.py") + ":smoke", env=one_device)
+                     "--config.data.tokenizer_path=" + tok_path, env=ONE_DEVICE)
+  return {"root": root, "tok": tok_path, "held": held}
+
+
+ONE_DEVICE = cli_runs.cli_env(devices=1)  # compiles faster than 8 fake devices
+SFT_CONFIG = os.path.join(cli_runs.REPO, "experiments", "sft_tiny.py") + ":smoke"
+
+
+def _post_train(base, workdir, kind, data, *extra):
+  return cli_runs.run_train(
+      workdir, "--config.train.init_from=" + str(base["root"] / "base"),
+      "--config.checkpoint.every_steps=0", "--config.data.seq_len=64",
+      "--config.data.tokenizer_path=" + base["tok"],
+      f"--config.data.sources=[{{'name': 'rev', 'kind': '{kind}', 'path': '{data}'}}]",
+      *extra, config=SFT_CONFIG, env=ONE_DEVICE)
+
+
+@pytest.mark.slow
+def test_sft_through_the_cli_teaches_a_held_out_instruction_task(base):
+  sft, held = base["root"] / "sft", base["held"]
+  out = _post_train(base, sft, "chat", base["root"] / "reverse.jsonl",
+                    "--config.train.num_steps=250", "--config.train.log_every=50")
   assert "initialized the parameters from" in out
   rows = cli_runs.metrics(sft)
   losses = cli_runs.losses(rows)
   assert losses[250] < 0.2 * losses[50]
   assert [r["eval_loss"] for r in rows if "eval_loss" in r][-1] < 1.0
   cfg = C.load_json(str(sft / "config.json"))
-  tokenizer = tok_lib.load_tokenizer(tok_path)
-  base_em, _ = _exact_match(cfg, tmp_path / "base", tokenizer, held)
+  tokenizer = tok_lib.load_tokenizer(base["tok"])
+  base_em, _ = _exact_match(cfg, base["root"] / "base", tokenizer, held)
   sft_em, replies = _exact_match(cfg, sft, tokenizer, held)
   print(f"held-out exact match: base {base_em:.2f}, after SFT {sft_em:.2f}")
   assert base_em == 0.0
@@ -121,7 +144,43 @@ def test_sft_through_the_cli_teaches_a_held_out_instruction_task(tmp_path):
   prompt = "reverse: " + " ".join(held[0])
   proc = subprocess.run([sys.executable, "-m", "mai_jax", "sample", "--workdir", str(sft), "--chat",
                          "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"],
-                        capture_output=True, text=True, env=one_device, cwd=cli_runs.REPO,
+                        capture_output=True, text=True, env=ONE_DEVICE, cwd=cli_runs.REPO,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.splitlines()[-2:] == [f"=== {prompt!r}", replies[0]]
+
+
+def _held_out_reward_accuracy(workdir):
+  """rewards/accuracies of the held-out pairs under the workdir's latest weights."""
+  cfg, model, _, mesh = workdir_lib.load_model(str(workdir))
+  tokenizer = workdir_lib.load_tokenizer(cfg, str(workdir))
+  graphdef, state = nnx.split(model)
+  spec, params = ModelSpec(graphdef, state), nnx.to_pure_dict(state)
+  fn = jax.jit(lambda p, batch: preference.summed_preference_loss(
+      p, batch, spec, preference.loss_config(cfg))[1])
+  sharding = step_lib.batch_sharding(mesh, cfg)
+  correct = pairs = 0.0
+  for host in batches.make_eval_batches(cfg, tokenizer, num_batches=100):
+    _, count, _, sums = fn(params, step_lib.global_batch(host, sharding,
+                                                         cfg.train.global_batch_size))
+    correct, pairs = correct + float(sums["rewards/accuracies"]), pairs + float(count)
+  return correct / pairs, pairs
+
+
+@pytest.mark.slow
+def test_dpo_through_the_cli_raises_held_out_reward_accuracy(base):
+  dpo, data = base["root"] / "dpo", base["root"] / "pairs.jsonl"
+  out = _post_train(base, dpo, "preference", data, "--config.train.objective=dpo",
+                    "--config.train.num_steps=20", "--config.train.log_every=10",
+                    "--config.train.preference_beta=0.5")
+  assert "reference log-probs of" in out  # computed once, before the first step
+  rows = cli_runs.metrics(dpo)
+  logged = [r for r in rows if "rewards/accuracies" in r]
+  assert logged and {"rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(logged[0])
+  eval_loss = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+  accuracy, pairs = _held_out_reward_accuracy(dpo)
+  print(f"DPO: held-out loss {eval_loss:.3f} (log 2 = 0.693 at the start), reward accuracy "
+        f"{accuracy:.2f} on {pairs:.0f} pairs (0 at the start: policy = reference)")
+  assert pairs >= 10
+  assert eval_loss < 0.6
+  assert accuracy >= 0.8
