@@ -10,8 +10,8 @@ data with an override, e.g.
 
 The same file runs preference optimization from the SFT run, on pairs of kind 'preference':
 
-  mai-jax train --config experiments/sft_tiny.py --workdir runs/dpo --config.train.init_from=runs/sft \
-    --config.train.objective=dpo \
+  mai-jax train --config experiments/sft_tiny.py --workdir runs/dpo \
+    --config.train.init_from=runs/sft --config.train.objective=dpo \
     --config.data.sources="[{'name': 'prefs', 'kind': 'preference', 'path': 'data/prefs.jsonl'}]"
 
 Why a constant, lower learning rate than pretraining and a short warmup: fine-tuning starts from

@@ -29,6 +29,8 @@ from mai_jax.data.sources import SourceError, SourceSpec
 from mai_jax.data.tokenizer import Tokenizer
 
 WEIGHTS = "loss_weights"
+# The packing of pretraining rows, with loss_weights packed along (same first-fit, same padding).
+_pack, _pad_rows = pipeline._pack, pipeline._pad_rows  # pylint: disable=protected-access
 
 
 class ShiftConversation(grain.transforms.Map):
@@ -80,8 +82,8 @@ def _rows(cfg: Config, tokenizer: Tokenizer, examples: list[dict], k: int, num_s
           seed: int) -> grain.IterDataset:
   ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
   ds = ds.map(ShiftConversation(cfg.data.seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
-  return pipeline._pack(ds, cfg, tokenizer, seed=seed, shuffle_bins=True,  # pylint: disable=protected-access
-                        source_index=k, num_sources=num_sources, extra=(WEIGHTS,))
+  return _pack(ds, cfg, tokenizer, seed=seed, shuffle_bins=True, source_index=k,
+               num_sources=num_sources, extra=(WEIGHTS,))
 
 
 def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSpec, ...],
@@ -104,14 +106,14 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSpec
   examples = [e for spec in specs
               for e in encoded_split(cfg, tokenizer, spec, "validation")]
   ds = grain.MapDataset.source(examples).map(ShiftConversation(cfg.data.seq_len))
-  ds = pipeline._pack(ds.to_iter_dataset(pipeline.READ_OPTIONS), cfg, tokenizer, seed=0,  # pylint: disable=protected-access
-                      shuffle_bins=False, extra=(WEIGHTS,))
+  ds = _pack(ds.to_iter_dataset(pipeline.READ_OPTIONS), cfg, tokenizer, seed=0,
+             shuffle_bins=False, extra=(WEIGHTS,))
   ds = ds.batch(cfg.train.global_batch_size, drop_remainder=False)
   batches = []
   for batch in ds:
     batch = {k: batch[k] for k in (*pipeline.FEATURES, WEIGHTS)}
-    batches.append(pipeline.HostRows(start, stop).map(pipeline._pad_rows(  # pylint: disable=protected-access
-        batch, cfg.train.global_batch_size, tokenizer.pad_id)))
+    batches.append(pipeline.HostRows(start, stop).map(
+        _pad_rows(batch, cfg.train.global_batch_size, tokenizer.pad_id)))
     if len(batches) == num_batches:
       break
   return batches
