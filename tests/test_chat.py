@@ -296,3 +296,27 @@ def test_preference_pairs_split_off_the_shared_prefix_and_weight_the_completions
                    ({"chosen": "a", "rejected": "b"}, "no prompt"), ({"prompt": "q"}, "'chosen'")):
     with pytest.raises(T.ChatError, match=f"p:9: .*{why}"):
       chat.parse_preference(raw, "p:9")
+
+
+def test_an_hf_tokenizer_gives_the_ids_and_assistant_mask_transformers_gives(tmp_path):
+  import tokenizers
+  from transformers import PreTrainedTokenizerFast
+  from mai_jax.data import tokenizer_files
+  path = str(tmp_path / "tokenizer.json")
+  tokenizer_files.train_hf_bpe([" ".join(m["content"] for m in CONVERSATION) * 20], 300, path,
+                               10_000)
+  tok = tokenizers.Tokenizer.from_file(path)
+  tok.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|eot_id|>"])
+  tok.save(path)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "chat_template": LLAMA3, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+  ours = chat.encode(chat.Conversation("x:1", tuple(CONVERSATION)),
+                     T.load_template(str(tmp_path)), tok_lib.load_tokenizer(path))
+  hf = PreTrainedTokenizerFast(tokenizer_file=path, chat_template=LLAMA3,
+                               bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+  want = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                return_assistant_tokens_mask=True)
+  assert ours.tokens.tolist() == list(want["input_ids"])
+  assert ours.weights.astype(int).tolist() == list(want["assistant_masks"])
+  assert ours.tokens[ours.weights == 1][-1] == tok.token_to_id("<|eot_id|>")  # one token
