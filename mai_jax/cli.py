@@ -5,7 +5,8 @@
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
-  mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
+  mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [--chat] [...]
+  mai-jax chat --workdir DIR [--system TEXT] [...]   (multi-turn chat on stdin/stdout)
   mai-jax convert from-hf --hf-dir DIR --workdir OUT
   mai-jax convert to-hf --workdir DIR --out OUT
 
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_plan_parser(sub)
   _add_eval_parser(sub)
   _add_sample_parser(sub)
+  _add_chat_parser(sub)
   _add_convert_parser(sub)
   return parser
 
@@ -270,14 +272,53 @@ def _add_sample_parser(sub) -> None:
                      "(KV cache; several --prompt run as one batch)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  _add_sampling_flags(p)
+  p.add_argument("--chat", action="store_true",
+                 help="each --prompt is a user message, rendered with the workdir's "
+                      "data.chat_template; prints the assistant's reply up to its end of turn")
+
+
+def _add_sampling_flags(p) -> None:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
   p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--chat", action="store_true",
-                 help="each --prompt is a user message, rendered with the workdir's "
-                      "data.chat_template; prints the assistant's reply up to its end of turn")
+
+
+def _add_chat_parser(sub) -> None:
+  p = sub.add_parser("chat", help="chat with a workdir's latest checkpoint: one user turn per "
+                     "line on stdin, the assistant's replies on stdout (empty line or EOF ends)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--system", default="", help="a system message to start the conversation")
+  _add_sampling_flags(p)
+
+
+def _run_chat(args, overrides) -> None:
+  cfg = resolve_config(None, args.workdir, overrides)
+  from mai_jax import sample  # heavy imports only once the config is valid
+  from mai_jax import workdir as workdir_lib
+  from mai_jax.data import chat_template
+  settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed)
+  sample.check(settings)
+  chat_template.load_template(cfg.data.chat_template)  # a bad template fails before loading
+  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg)
+  tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
+  interactive = sys.stdin.isatty()
+  if interactive:
+    print(f"mai-jax: chatting with {args.workdir}; an empty line ends", flush=True)
+  def read_line() -> str:
+    if not interactive:
+      return sys.stdin.readline()
+    try:
+      return input("user> ")
+    except EOFError:
+      return ""
+  lines = iter(read_line, "")
+  for reply in sample.chat_session(cfg, model, tokenizer, lines, settings, mesh, args.system):
+    print(f"assistant> {reply}", flush=True)
 
 
 def _run_sample(args, overrides) -> None:
@@ -348,6 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _run_eval(args, overrides)
     elif args.command == "sample":
       _run_sample(args, overrides)
+    elif args.command == "chat":
+      _run_chat(args, overrides)
     elif args.command == "convert":
       _run_convert(args, overrides)
     return 0

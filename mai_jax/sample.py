@@ -164,3 +164,19 @@ def chat_replies(cfg: Config, model: nnx.Module, tokenizer, conversations: Seque
   end = chat_template.end_of_turn(template)
   texts = [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
   return [t.split(end)[0] if end else t for t in texts]
+
+
+def chat_session(cfg: Config, model: nnx.Module, tokenizer, lines, sampling: SamplingConfig,
+                 mesh: Optional[jax.sharding.Mesh] = None, system: str = ""):
+  """Yields the assistant's reply to each user line of `lines` (an iterable of strings; a blank
+  line ends the session), keeping the whole conversation as context. Each turn renders and
+  prefills the conversation again (the KV cache is not carried across turns)."""
+  messages = [{"role": "system", "content": system}] if system else []
+  for line in lines:
+    text = line.rstrip("\n")
+    if not text.strip():
+      return
+    messages.append({"role": "user", "content": text})
+    reply = chat_replies(cfg, model, tokenizer, [messages], sampling, mesh)[0]
+    messages.append({"role": "assistant", "content": reply})
+    yield reply

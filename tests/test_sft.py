@@ -148,6 +148,19 @@ def test_sft_through_the_cli_teaches_a_held_out_instruction_task(base):
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.splitlines()[-2:] == [f"=== {prompt!r}", replies[0]]
+  # `mai-jax chat`: two turns on stdin; the second sees the first as context.
+  second = "reverse: " + " ".join(held[1])
+  proc = subprocess.run([sys.executable, "-m", "mai_jax", "chat", "--workdir", str(sft),
+                         "--temperature", "0", "--max-new-tokens", "12"],
+                        input=f"{prompt}\n{second}\n", capture_output=True, text=True,
+                        env=ONE_DEVICE, cwd=cli_runs.REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  _, model, _, mesh = workdir_lib.load_model(str(sft))
+  context = [{"role": "user", "content": prompt}, {"role": "assistant", "content": replies[0]},
+             {"role": "user", "content": second}]
+  want = sample.chat_replies(cfg, model, tokenizer, [context],
+                             sample.SamplingConfig(max_new_tokens=12, temperature=0), mesh)[0]
+  assert proc.stdout.splitlines() == [f"assistant> {replies[0]}", f"assistant> {want}"]
 
 
 def _held_out_reward_accuracy(workdir):
