@@ -14,7 +14,6 @@ import dataclasses
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from mai_jax import config as config_lib
 from mai_jax import plan as plan_lib
@@ -53,9 +52,7 @@ def compile_train_step(cfg: Config, devices=None):
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   trainer = build_trainer(cfg, mesh)
   state = trainer.abstract_state()
-  shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding)
-           for k in step_lib.BATCH_KEYS}
+  batch = step_lib.abstract_batch(cfg, trainer.batch_sharding)
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     lowered = trainer.jit_train_step().lower(state, batch)
   return lowered.compile()

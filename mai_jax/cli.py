@@ -7,7 +7,8 @@
   mai-jax data synthesize --workdir W --prompts P.jsonl --out DIR [--batch-size B] [sampling flags]
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
-  mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [...]
+  mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [--chat] [...]
+  mai-jax chat --workdir DIR [--system TEXT] [...]   (multi-turn chat on stdin/stdout)
   mai-jax convert from-hf --hf-dir DIR --workdir OUT
   mai-jax convert to-hf --workdir DIR --out OUT
 
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_plan_parser(sub)
   _add_eval_parser(sub)
   _add_sample_parser(sub)
+  _add_chat_parser(sub)
   _add_convert_parser(sub)
   _add_config_parser(sub)
   cli_help.with_defaults_in_help(parser)
@@ -384,6 +386,9 @@ def _add_sample_parser(sub) -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
   _add_sampling_flags(p)
+  p.add_argument("--chat", action="store_true",
+                 help="each --prompt is a user message, rendered with the workdir's "
+                      "data.chat_template; prints the assistant's reply up to its end of turn")
 
 
 def _add_sampling_flags(p) -> None:
@@ -395,6 +400,38 @@ def _add_sampling_flags(p) -> None:
   _add_step_flag(p)
 
 
+def _add_chat_parser(sub) -> None:
+  p = sub.add_parser("chat", help="chat with a workdir's latest checkpoint: one user turn per "
+                     "line on stdin, the assistant's replies on stdout (empty line or EOF ends)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--system", default="", help="a system message to start the conversation")
+  _add_sampling_flags(p)
+
+
+def _run_chat(args, overrides) -> None:
+  from mai_jax import sample  # heavy imports
+  from mai_jax import workdir as workdir_lib
+  from mai_jax.data import chat_template
+  settings = _sampling_from_args(args)
+  cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
+  chat_template.load_template(cfg.data.chat_template)  # a bad template fails before loading
+  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg, step=step)
+  tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
+  interactive = sys.stdin.isatty()
+  if interactive:
+    print(f"mai-jax: chatting with {args.workdir}; an empty line ends", flush=True)
+  def read_line() -> str:
+    if not interactive:
+      return sys.stdin.readline()
+    try:
+      return input("user> ")
+    except EOFError:
+      return ""
+  lines = iter(read_line, "")
+  for reply in sample.chat_session(cfg, model, tokenizer, lines, settings, mesh, args.system):
+    print(f"assistant> {reply}", flush=True)
+
+
 def _run_sample(args, overrides) -> None:
   from mai_jax import sample  # heavy imports
   from mai_jax import workdir as workdir_lib
@@ -402,6 +439,12 @@ def _run_sample(args, overrides) -> None:
   cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
   cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg, step=step)
   tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
+  if args.chat:
+    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+    replies = sample.chat_replies(cfg, model, tokenizer, conversations, settings, mesh)
+    for prompt, reply in zip(args.prompt, replies):
+      print(f"=== {prompt!r}\n{reply}")
+    return
   # A run trained here (step > 0) saw data.seq_len tokens; imported weights (step 0) carry their
   # source's context, which the import does not record: no warning for them.
   texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh,
@@ -509,6 +552,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _run_eval(args, overrides)
     elif args.command == "sample":
       _run_sample(args, overrides)
+    elif args.command == "chat":
+      _run_chat(args, overrides)
     elif args.command == "convert":
       _run_convert(args, overrides)
     elif args.command == "config":

@@ -33,6 +33,7 @@ CHECKS: dict[str, dict[str, str]] = {
              "--compile-devices": "positive"},
     "eval": {"--workdir": "run", "--tasks": "in_files"},
     "sample": {"--workdir": "run", "--max-new-tokens": "positive"},
+    "chat": {"--workdir": "run", "--max-new-tokens": "positive"},
     "convert from-hf": {"--hf-dir": "in_dir", "--workdir": "out_dir"},
     "convert to-hf": {"--workdir": "run", "--out": "out_dir"},
 }

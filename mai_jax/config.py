@@ -159,6 +159,9 @@ class DataConfig:
   sources: Tuple[Any, ...] = ()
   # Split regex of a tiktoken rank file given as tokenizer_path (empty: cl100k's pattern).
   tokenizer_pattern: str = ""
+  # Chat template of train.objective='sft' (data/chat_template.py): 'chatml', or the path of a
+  # chat_template.jinja, a tokenizer_config.json, or a folder holding one (an imported HF workdir).
+  chat_template: str = "chatml"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,14 @@ class TrainConfig:
   wandb_entity: str = ""
   wandb_run_name: str = ""
   wandb_mode: str = ""
+  # What the step optimizes: 'pretrain' (every token of data.sources), 'sft' (data.sources of
+  # kind 'chat': conversations, loss on assistant tokens only; see data/chat.py), or a preference
+  # objective on kind 'preference' pairs: 'dpo' (against the init_from weights' log-probs,
+  # precomputed once), 'simpo' or 'orpo' (reference-free); see train/preference_losses.py.
+  objective: str = "pretrain"
+  preference_beta: float = 0.1  # DPO/SimPO beta; ORPO's lambda
+  simpo_gamma: float = 0.5  # SimPO's target reward margin
+  dpo_label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +243,7 @@ CHOICES = {
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
     ("data", "source"): ("stdlib",),
     ("train", "wandb_mode"): ("", "online", "offline", "disabled"),
+    ("train", "objective"): ("pretrain", "sft", "dpo", "simpo", "orpo"),
 }
 
 
@@ -467,6 +479,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     if getattr(m, key) < (1 if key == "pipeline_repeats" else 0):
       raise ConfigError(f"model.{key}={getattr(m, key)} must be "
                         f"{'>= 1' if key == 'pipeline_repeats' else '>= 0 (0: one per stage)'}")
+  _validate_objective(cfg)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
     for axis in axes:
@@ -566,11 +579,41 @@ def _validate_data_sources(data: DataConfig) -> None:
     data_sources(data)
 
 
+def _validate_objective(cfg: Config) -> None:
+  """SFT reads conversations (kind 'chat') and nothing else, preference objectives read pairs
+  (kind 'preference'), pretraining reads neither. Post-training needs the tokenizer of its
+  weights (there is no text to train one on); DPO needs the weights themselves (its reference)."""
+  t = cfg.train
+  want = {"sft": "chat", **{o: "preference" for o in PREFERENCE_OBJECTIVES}}.get(t.objective)
+  kinds = [s.kind for s in data_sources(cfg.data)]
+  if want and any(k != want for k in kinds):
+    example = f"{{'name': 'ft', 'kind': '{want}', 'path': 'data.jsonl'}}"
+    raise ConfigError(f"train.objective={t.objective!r} reads kind {want!r}: every data.sources "
+                      f"entry must have that kind, e.g. --config.data.sources=\"[{example}]\"")
+  for kind, objectives in (("chat", "sft"), ("preference", "/".join(PREFERENCE_OBJECTIVES))):
+    if kind in kinds and want != kind:
+      raise ConfigError(f"data.sources of kind {kind!r} are read by train.objective={objectives} "
+                        f"only (train.objective={t.objective!r}); set --config.train.objective")
+  if want and not (t.init_from or cfg.data.tokenizer_path):
+    raise ConfigError(f"train.objective={t.objective!r} fine-tunes existing weights: set "
+                      f"--config.train.init_from=WORKDIR (their tokenizer comes along) or at least "
+                      f"--config.data.tokenizer_path")
+  if t.objective == "dpo" and not t.init_from:
+    raise ConfigError("train.objective='dpo' scores against the starting weights: set "
+                      "--config.train.init_from=WORKDIR (e.g. an SFT run)")
+  if want == "preference" and t.preference_beta <= 0:
+    raise ConfigError(f"train.preference_beta={t.preference_beta} must be positive")
+  if not 0 <= t.dpo_label_smoothing < 0.5:
+    raise ConfigError(f"train.dpo_label_smoothing={t.dpo_label_smoothing} must be in [0, 0.5)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Data sources (data.sources entries are dicts so the CLI can override them as literals)
 
 
-SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "cache")
+SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "cache", "chat",
+                "preference")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
 _SOURCE_KEYS = ("name", "kind", "path", "weight", "field")
 
 

@@ -162,7 +162,7 @@ def score_task(model: nnx.Module, tokenizer, examples: Sequence[Example], *, bat
 
 def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches: int) -> dict:
   """Mean validation cross-entropy over up to `num_batches` batches of the held-out split."""
-  from mai_jax.data.pipeline import make_eval_batches
+  from mai_jax.data.batches import make_eval_batches
   from mai_jax.train import step as step_lib
   from mai_jax.train.state import ModelSpec
 
@@ -171,14 +171,16 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
   spec = ModelSpec(graphdef, state)
   batch_sharding = step_lib.batch_sharding(mesh, cfg)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(cfg, spec),
-                                     jax.tree.map(lambda x: x.sharding, params), batch_sharding)
+                                     jax.tree.map(lambda x: x.sharding, params), batch_sharding,
+                                     step_lib.batch_keys(cfg))
   host = make_eval_batches(cfg, tokenizer, num_batches=num_batches,
                            process_index=jax.process_index(), process_count=jax.process_count())
   if not host:
     raise ConfigError("the validation split is empty; raise data.val_fraction")
   batches = [step_lib.global_batch(b, batch_sharding, cfg.train.global_batch_size) for b in host]
   loss = evaluate(eval_step, params, batches)
-  tokens = int(sum(int(np.sum(b["segment_ids"] != 0)) for b in host))
+  tokens = int(sum(np.sum((b["segment_ids"] != 0) * b.get("loss_weights", 1.0))  # SFT: trained
+                   for b in host))
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
           "batches": len(host)}
 

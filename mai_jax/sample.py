@@ -167,3 +167,35 @@ def context_warning(lengths: Sequence[int], trained_context: Optional[int]) -> O
   return (f"mai-jax: warning: {over} of {len(lengths)} generation(s) ran to {longest} tokens, past "
           f"the {trained_context} the model was trained at (data.seq_len); text beyond that "
           f"is unreliable: lower --max-new-tokens or shorten the prompt")
+
+
+def chat_replies(cfg: Config, model: nnx.Module, tokenizer, conversations: Sequence[Sequence[dict]],
+                 sampling: SamplingConfig, mesh: Optional[jax.sharding.Mesh] = None) -> list[str]:
+  """The assistant's next reply to each conversation ({'role', 'content'} messages), rendered
+  with data.chat_template and tokenized as in SFT (data/chat.py). The reply ends at the
+  template's end of turn (ChatML's <|im_end|>, else its eos_token) or the tokenizer's eos; a
+  multi-token end of turn is cut from the text, decoding runs on to max_new_tokens then."""
+  from mai_jax.data import chat, chat_template  # pylint: disable=import-outside-toplevel
+  template = chat_template.load_template(cfg.data.chat_template)
+  ids = [chat.prompt_tokens(c, template, tokenizer) for c in conversations]
+  outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                  mesh=mesh, rules=cfg.mesh.rules)
+  end = chat_template.end_of_turn(template)
+  texts = [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
+  return [t.split(end)[0] if end else t for t in texts]
+
+
+def chat_session(cfg: Config, model: nnx.Module, tokenizer, lines, sampling: SamplingConfig,
+                 mesh: Optional[jax.sharding.Mesh] = None, system: str = ""):
+  """Yields the assistant's reply to each user line of `lines` (an iterable of strings; a blank
+  line ends the session), keeping the whole conversation as context. Each turn renders and
+  prefills the conversation again (the KV cache is not carried across turns)."""
+  messages = [{"role": "system", "content": system}] if system else []
+  for line in lines:
+    text = line.rstrip("\n")
+    if not text.strip():
+      return
+    messages.append({"role": "user", "content": text})
+    reply = chat_replies(cfg, model, tokenizer, [messages], sampling, mesh)[0]
+    messages.append({"role": "assistant", "content": reply})
+    yield reply

@@ -14,7 +14,8 @@ Sources come from data.sources (readers.py: text, JSONL, Parquet, ArrayRecord; d
 This package imports nothing from mai_jax.model or mai_jax.train (imports run one way).
 """
 
-from mai_jax.data.pipeline import FEATURES, DataMetrics, make_eval_batches, make_train_iterator
+from mai_jax.data.batches import make_eval_batches, make_train_iterator
+from mai_jax.data.pipeline import FEATURES, DataMetrics
 from mai_jax.data.sources import DocumentSource, SourceError, SourceSpec, load_split, load_splits
 from mai_jax.data.tokenizer import (SentencePieceTokenizer, Tokenizer, TokenizerError,
                                     load_or_train_tokenizer, load_tokenizer, train_sentencepiece)

@@ -105,8 +105,9 @@ class PackedToBatchFeatures(grain.transforms.Map):
   `source_tokens` int32 [num_sources]: the row's real tokens, all credited to the row's source
   (rows are packed per source), which the loop sums into `data/tokens/<name>` metrics."""
 
-  def __init__(self, source_index: int = 0, num_sources: int = 1):
+  def __init__(self, source_index: int = 0, num_sources: int = 1, extra: tuple[str, ...] = ()):
     self._source_index, self._num_sources = source_index, num_sources
+    self._extra = extra  # further per-token features packed alongside (SFT: loss_weights)
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     segment_ids = row["inputs_segment_ids"]
@@ -114,7 +115,7 @@ class PackedToBatchFeatures(grain.transforms.Map):
     counts[self._source_index] = np.count_nonzero(segment_ids)
     return {"inputs": row["inputs"], "targets": row["targets"],
             "segment_ids": segment_ids, "positions": row["inputs_positions"],
-            "source_tokens": counts}
+            "source_tokens": counts, **{k: row[k] for k in self._extra}}
 
 
 class HostRows(grain.transforms.Map):
@@ -128,14 +129,17 @@ class HostRows(grain.transforms.Map):
 
 
 def _pack(ds: grain.IterDataset, cfg: Config, tokenizer: Tokenizer, *, seed: int,
-          shuffle_bins: bool, source_index: int = 0, num_sources: int = 1) -> grain.IterDataset:
-  """chunks -> packed rows of seq_len."""
+          shuffle_bins: bool, source_index: int = 0, num_sources: int = 1,
+          extra: tuple[str, ...] = ()) -> grain.IterDataset:
+  """chunks -> packed rows of seq_len; `extra` per-token features are packed along, padded
+  with 0."""
   seq_len, batch = cfg.data.seq_len, cfg.train.global_batch_size
   ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"inputs": seq_len, "targets": seq_len},
+      ds, length_struct={"inputs": seq_len, "targets": seq_len, **{k: seq_len for k in extra}},
       num_packing_bins=max(batch, _MIN_PACKING_BINS), seed=seed, shuffle_bins=shuffle_bins,
-      padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id})
-  return ds.map(PackedToBatchFeatures(source_index, num_sources))
+      padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id,
+                      **{k: 0 for k in extra}})
+  return ds.map(PackedToBatchFeatures(source_index, num_sources, extra))
 
 
 def _pack_and_batch(ds: grain.IterDataset, cfg: Config, tokenizer: Tokenizer, *, seed: int,
@@ -234,7 +238,8 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str,
   have = len(batch["inputs"])
   if have == rows:
     return batch
-  fill = {"inputs": pad_id, "targets": pad_id, "segment_ids": 0, "positions": 0}
+  fill = {"inputs": pad_id, "targets": pad_id, "segment_ids": 0, "positions": 0,
+          "loss_weights": 0}
   return {k: np.concatenate([v, np.full((rows - have,) + v.shape[1:], fill[k], v.dtype)])
           for k, v in batch.items()}
 
@@ -267,6 +272,8 @@ class DataMetrics:
 def _skipped_counts(cfg: Config, specs, source_root: Optional[str]) -> dict[str, int]:
   counts: dict[str, int] = {}
   for spec in specs:
+    if spec.kind in ("chat", "preference"):  # bad records are errors, never skipped (chat.py)
+      continue
     if spec.kind == "cache":
       from mai_jax.data import cache  # pylint: disable=import-outside-toplevel
       found = cache.open_cache(spec.path)[0]["skipped"]

@@ -22,13 +22,13 @@ from mai_jax import metrics as metrics_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
-from mai_jax.data.pipeline import DataMetrics, make_eval_batches, make_train_iterator
+from mai_jax.data.batches import make_eval_batches, make_train_iterator
+from mai_jax.data.pipeline import DataMetrics
 from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
 from mai_jax.evaluate import evaluate
 from mai_jax.model import count_active_params, count_params
 from mai_jax.train import init_from as init_from_lib
-from mai_jax.train import preemption
-from mai_jax.train import prepare
+from mai_jax.train import preemption, prepare, reference
 from mai_jax.train import step as step_lib
 from mai_jax.train.faults import FaultMonitor
 from mai_jax.train.trainer import build_trainer
@@ -80,6 +80,8 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   resume = prepare.check_resume(cfg, workdir, trainer.abstract_state())
   init_source = init_from_lib.source_for_run(cfg, workdir, _log)  # None when resuming
   choice = prepare.choose_tokenizer(cfg, workdir, init_source, _log)
+  if cfg.train.objective == "dpo" and choice.tokenizer is not None:
+    reference.ensure_reference(cfg, choice.tokenizer, mesh, _log)  # the reference pass, once
   try:  # the data pipeline and eval batches are built (and checked) before the commit too
     run = (_Run(cfg, mesh, workdir, trainer, choice.tokenizer, init_source)
            if choice.tokenizer is not None else None)

@@ -1,10 +1,17 @@
 """Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
 
 Batches are dicts of int32 [B, T] arrays: `inputs`, `targets`, `segment_ids` (0 = padding, which
-carries no loss) and `positions`. The loss is the mean token cross-entropy over non-padding targets,
-plus an optional z-loss (PaLM) that keeps the softmax normalizer near 1. With microbatches the
-gradient of the *sum* is accumulated inside the jitted step and divided by the total token count
-once, so the result equals a single big batch regardless of how it is split.
+carries no loss) and `positions`, plus, for objectives that train on some tokens only (SFT:
+assistant replies), float32 `loss_weights` [B, T]. The loss is the weighted mean token
+cross-entropy over non-padding targets (weight 1 without loss_weights, so the mean is over the
+trained tokens), plus an optional z-loss (PaLM) that keeps the softmax normalizer near 1. With
+microbatches the gradient of the *sum* is accumulated inside the jitted step and divided by the
+total weight once, so the result equals a single big batch regardless of how it is split.
+
+One step builder for every objective: `summed_objective_loss` picks the loss of train.objective,
+token cross-entropy (pretrain, sft) or a preference loss (dpo, simpo, orpo: train/preference.py,
+whose batches hold a chosen and a rejected row per pair); each returns a sum, a count (tokens or
+pairs) and sums of its own metrics, which the step divides by the count.
 
 A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged
 (only the step counter advances, so the data stream and the schedule stay aligned with the step) and
@@ -13,20 +20,78 @@ reports `update_skipped` = 1; the loop counts such steps and restores a checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mai_jax import sharding as sharding_lib
-from mai_jax.config import Config
-from mai_jax.train import moe_aux
+from mai_jax.config import PREFERENCE_OBJECTIVES, Config
+from mai_jax.data import preference_pipeline as pp
+from mai_jax.train import moe_aux, preference
 from mai_jax.train.state import ModelSpec, TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+WEIGHT_KEY = "loss_weights"  # float32 per-target weights of objectives that train on some tokens
+_FLOAT_KEYS = (WEIGHT_KEY, pp.REJECTED + WEIGHT_KEY, *pp.REFERENCE_KEYS)
+
+
+def batch_keys(cfg: Config) -> tuple[str, ...]:
+  """The keys of the run's batches: SFT batches carry loss_weights (data/chat_pipeline.py),
+  preference batches a rejected row per pair and, for DPO, reference log-probs [P]
+  (data/preference_pipeline.py)."""
+  if cfg.train.objective == "sft":
+    return BATCH_KEYS + (WEIGHT_KEY,)
+  if cfg.train.objective in PREFERENCE_OBJECTIVES:
+    rows = pp.ROW_KEYS + tuple(pp.REJECTED + k for k in pp.ROW_KEYS)
+    return rows + (pp.REFERENCE_KEYS if cfg.train.objective == "dpo" else ())
+  return BATCH_KEYS
+
+
+def key_sharding(batch_sharding_: NamedSharding, ndim: int) -> NamedSharding:
+  """The [B, T] batch sharding, or its row part for per-row keys [B] (reference log-probs)."""
+  if ndim == 2:
+    return batch_sharding_
+  return NamedSharding(batch_sharding_.mesh, PartitionSpec(batch_sharding_.spec[0]))
+
+
+def abstract_batch(cfg: Config, sharding: NamedSharding) -> dict:
+  """ShapeDtypeStructs of a global batch of the run's objective (for lowering without data)."""
+  rows, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
+  out = {}
+  for key in batch_keys(cfg):
+    shape = (rows,) if key in pp.REFERENCE_KEYS else (rows, seq_len)
+    out[key] = jax.ShapeDtypeStruct(shape, jnp.float32 if key in _FLOAT_KEYS else jnp.int32,
+                                    sharding=key_sharding(sharding, len(shape)))
+  return out
+
+
+def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
+  """Global jax arrays from this host's rows of every batch key it holds (int32 tokens, float32
+  weights and reference log-probs)."""
+  out = {}
+  for key in BATCH_KEYS + _FLOAT_KEYS + tuple(pp.REJECTED + k for k in BATCH_KEYS):
+    if key in local:
+      x = np.asarray(local[key], np.float32 if key in _FLOAT_KEYS else np.int32)
+      out[key] = jax.make_array_from_process_local_data(key_sharding(sharding, x.ndim), x,
+                                                        (global_rows,) + x.shape[1:])
+  return out
+
+
+def summed_objective_loss(cfg: Config) -> Callable:
+  """loss(params, batch, model_spec) -> (loss sum, (metric loss sum, count, MoE statistics,
+  sums of objective metrics)) for train.objective: token cross-entropy (pretraining, SFT) or a
+  preference loss (one loss per objective; the step divides everything by the count)."""
+  if cfg.train.objective in PREFERENCE_OBJECTIVES:
+    loss_cfg = preference.loss_config(cfg)
+    return lambda params, batch, spec: preference.summed_preference_loss(params, batch, spec,
+                                                                         loss_cfg)
+  z_loss_weight = cfg.train.z_loss_weight
+  return lambda params, batch, spec: summed_loss(params, batch, spec, z_loss_weight)
 
 
 def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss_weight: float):
@@ -40,7 +105,8 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss_weight: fl
 
 
 def summed_loss(params, batch, model_spec: ModelSpec, z_loss_weight: float):
-  """Sum over non-padding tokens of the loss; aux = (ce sum, token count, MoE router statistics).
+  """Sum over non-padding tokens of the loss, times `loss_weights` when the batch has them;
+  aux = (ce sum, token count = sum of the weights, MoE router statistics).
 
   MoE models add their per-token aux objective (router z-loss, load balancing) times the token
   count, so dividing by the total token count gives loss + aux as for one big batch."""
@@ -49,11 +115,13 @@ def summed_loss(params, batch, model_spec: ModelSpec, z_loss_weight: float):
                                            batch["positions"])
   loss_BT, ce_BT = token_losses(logits_BTV, batch["targets"], z_loss_weight)
   weights_BT = (batch["segment_ids"] != 0).astype(jnp.float32)
+  if WEIGHT_KEY in batch:
+    weights_BT = weights_BT * batch[WEIGHT_KEY].astype(jnp.float32)
   tokens = jnp.sum(weights_BT)
   loss_sum = jnp.sum(loss_BT * weights_BT)
   if moe:
     loss_sum = loss_sum + tokens * moe_aux.aux_loss(model.cfg, moe)
-  return loss_sum, (jnp.sum(ce_BT * weights_BT), tokens, moe)
+  return loss_sum, (jnp.sum(ce_BT * weights_BT), tokens, moe, {})
 
 
 def _split_microbatches(batch, num_micro: int):
@@ -70,24 +138,26 @@ def _split_microbatches(batch, num_micro: int):
 def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> Callable:
   """Builds the pure step function (not jitted: see `jit_train_step`)."""
-  z_loss_weight = cfg.train.z_loss_weight
   num_micro = cfg.train.microbatches
-  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(summed_objective_loss(cfg), has_aux=True)
 
   def train_step(state: TrainState, batch):
     if num_micro == 1:
-      (loss_sum, (ce_sum, tokens, moe)), grads = grad_fn(state.params, batch, model_spec,
-                                                         z_loss_weight)
+      (loss_sum, (ce_sum, tokens, moe, extra)), grads = grad_fn(state.params, batch, model_spec)
     else:
       def accumulate(carry, micro):
-        (loss_i, (ce_i, tokens_i, moe_i)), grads_i = grad_fn(state.params, micro, model_spec,
-                                                             z_loss_weight)
-        grads_acc, loss_acc, ce_acc, tokens_acc = carry
+        (loss_i, (ce_i, tokens_i, moe_i, extra_i)), grads_i = grad_fn(state.params, micro,
+                                                                      model_spec)
+        grads_acc, loss_acc, ce_acc, tokens_acc, extra_acc = carry
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads_i)
-        return (grads_acc, loss_acc + loss_i, ce_acc + ce_i, tokens_acc + tokens_i), moe_i
+        return (grads_acc, loss_acc + loss_i, ce_acc + ce_i, tokens_acc + tokens_i,
+                jax.tree.map(jnp.add, extra_acc, extra_i)), moe_i
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-      (grads, loss_sum, ce_sum, tokens), moe_M = jax.lax.scan(
+      extra_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                                 jax.eval_shape(lambda p, b: grad_fn(p, b, model_spec),
+                                                state.params, batch)[0][1][3])
+      init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0), extra_zeros)
+      (grads, loss_sum, ce_sum, tokens, extra), moe_M = jax.lax.scan(
           accumulate, init, _split_microbatches(batch, num_micro))
       moe = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_M)  # equal-size microbatches
     denom = jnp.maximum(tokens, 1.0)
@@ -108,6 +178,7 @@ def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransf
         "tokens": tokens,
         "update_skipped": 1.0 - finite.astype(jnp.float32),
         **moe_aux.moe_metrics(cfg.model, moe, params),
+        **{k: v / denom for k, v in extra.items()},
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -121,9 +192,12 @@ def _select_tree(ok: jax.Array, new, old):
 
 
 def make_eval_step(cfg: Config, model_spec: ModelSpec) -> Callable:
-  """eval_step(params, batch) -> (ce sum, token count); the caller sums over batches."""
+  """eval_step(params, batch) -> (loss sum, count); the caller sums over batches. The loss is
+  the objective's without z-loss: token cross-entropy, or the preference loss per pair."""
+  loss_fn = summed_objective_loss(dataclasses.replace(
+      cfg, train=dataclasses.replace(cfg.train, z_loss_weight=0.0)))
   def eval_step(params, batch):
-    _, (ce_sum, tokens, _) = summed_loss(params, batch, model_spec, 0.0)
+    _, (ce_sum, tokens, _, _) = loss_fn(params, batch, model_spec)
     return ce_sum, tokens
   return eval_step
 
@@ -133,21 +207,18 @@ def batch_sharding(mesh, cfg: Config) -> NamedSharding:
   return NamedSharding(mesh, sharding_lib.logical_to_spec(("batch", None), cfg.mesh.rules, mesh))
 
 
-def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
-  """Global jax arrays [global_rows, T] from this host's rows of the batch (BATCH_KEYS)."""
-  out = {}
-  for key in BATCH_KEYS:
-    x = np.asarray(local[key], np.int32)
-    out[key] = jax.make_array_from_process_local_data(sharding, x, (global_rows, x.shape[1]))
-  return out
+def _key_shardings(batch_sharding_: NamedSharding, keys: tuple[str, ...]) -> dict:
+  return {k: key_sharding(batch_sharding_, 1 if k in pp.REFERENCE_KEYS else 2) for k in keys}
 
 
-def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding):
-  batch_shardings = {k: batch_sharding_ for k in BATCH_KEYS}
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding,
+                   keys: tuple[str, ...] = BATCH_KEYS):
+  batch_shardings = _key_shardings(batch_sharding_, keys)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding):
-  batch_shardings = {k: batch_sharding_ for k in BATCH_KEYS}
+def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding,
+                  keys: tuple[str, ...] = BATCH_KEYS):
+  batch_shardings = _key_shardings(batch_sharding_, keys)
   return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings))

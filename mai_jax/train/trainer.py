@@ -49,11 +49,12 @@ class Trainer:
   def jit_train_step(self) -> Callable:
     return step_lib.jit_train_step(
         step_lib.make_train_step(self.cfg, self.layout.model_spec, self.tx, self.schedule),
-        self.layout.shardings, self.batch_sharding)
+        self.layout.shardings, self.batch_sharding, step_lib.batch_keys(self.cfg))
 
   def jit_eval_step(self) -> Callable:
     return step_lib.jit_eval_step(step_lib.make_eval_step(self.cfg, self.layout.model_spec),
-                                  self.layout.shardings.params, self.batch_sharding)
+                                  self.layout.shardings.params, self.batch_sharding,
+                                  step_lib.batch_keys(self.cfg))
 
 
 def build_trainer(cfg: Config, mesh: Mesh, num_steps: Optional[int] = None) -> Trainer:
