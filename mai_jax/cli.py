@@ -24,49 +24,11 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from mai_jax import cli_checks, cli_help
+from mai_jax import cli_checks, cli_data, cli_generate, cli_help
 from mai_jax import config as config_lib
+from mai_jax.cli_args import add_step_flag, resolve_config, split_overrides  # noqa: F401 (public)
 
 USAGE_EXIT = 2
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-  """Separates `--config.SECTION.KEY=VALUE` (or `--config.SECTION.KEY VALUE`) from other args."""
-  rest, overrides = [], {}
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if arg.startswith("--config."):
-      key, eq, value = arg[len("--config."):].partition("=")
-      if not eq:
-        if i + 1 >= len(args):
-          raise config_lib.ConfigError(f"--config.{key} needs a value: --config.{key}=VALUE")
-        i += 1
-        value = args[i]
-      if key.count(".") != 1:
-        raise config_lib.ConfigError(f"--config.{key}: expected --config.SECTION.KEY=VALUE with "
-                                     f"SECTION one of {', '.join(config_lib.SECTIONS)}")
-      overrides[key] = value
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, overrides
-
-
-def resolve_config(config_spec: Optional[str], workdir: Optional[str],
-                   overrides: dict[str, str]) -> config_lib.Config:
-  """--config wins; without it a workdir's config.json (resuming a run) is the base."""
-  if config_spec:
-    cfg = config_lib.load_experiment(config_spec)
-  elif workdir and os.path.isfile(os.path.join(workdir, "config.json")):
-    cfg = config_lib.load_json(os.path.join(workdir, "config.json"))
-  else:
-    raise config_lib.ConfigError("no config: pass --config experiments/NAME.py[:VARIANT] (or a "
-                                 "--workdir that already holds config.json)")
-  cfg = config_lib.apply_overrides(cfg, overrides)
-  config_lib.validate(cfg)
-  return cfg
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,11 +46,11 @@ def _parser() -> argparse.ArgumentParser:
                      "checkpoints)")
   _add_distributed_flags(train)
   _add_checkpoints_parser(sub)
-  _add_data_parser(sub)
+  cli_data.add_data_parser(sub)
   _add_plan_parser(sub)
   _add_eval_parser(sub)
-  _add_sample_parser(sub)
-  _add_chat_parser(sub)
+  cli_generate.add_sample_parser(sub)
+  cli_generate.add_chat_parser(sub)
   _add_convert_parser(sub)
   _add_config_parser(sub)
   cli_help.with_defaults_in_help(parser)
@@ -179,97 +141,6 @@ def checkpoints_verdict(entries) -> tuple[int, str]:
     return 1, (f"the newest step {finalized[-1].step} is corrupt: a resume falls back to step "
                f"{good[-1]} and recomputes the steps after it")
   return 0, f"resumes from step {good[-1]}{noted}"
-
-
-def _add_data_parser(sub) -> None:
-  data = sub.add_parser("data", help="tokenizers and token caches for the configured data.sources")
-  tasks = data.add_subparsers(dest="data_command", required=True)
-  tok = tasks.add_parser("train-tokenizer", help="train a BPE tokenizer on the configured sources")
-  tok.add_argument("--config", dest="config_spec", required=True,
-                   help="experiments/NAME.py[:VARIANT]")
-  tok.add_argument("--out", required=True,
-                   help="output file: NAME.model (SentencePiece) or NAME.json (Hugging Face)")
-  tokenize = tasks.add_parser("tokenize", help="pre-tokenize every configured source into a "
-                              "token cache (resumes an interrupted run)")
-  tokenize.add_argument("--config", dest="config_spec", required=True,
-                        help="experiments/NAME.py[:VARIANT] (data.tokenizer_path must be set)")
-  tokenize.add_argument("--out", required=True, help="folder; each source goes to OUT/NAME")
-  tokenize.add_argument("--workers", type=int, default=2, help="tokenizer threads")
-  inspect = tasks.add_parser("inspect", help="print a token cache's manifest")
-  inspect.add_argument("path", help="a token cache folder (OUT/NAME of `data tokenize`)")
-  _add_curate_parser(tasks)
-  _add_synthesize_parser(tasks)
-
-
-def _add_curate_parser(tasks) -> None:
-  curate = tasks.add_parser("curate", help="filter, deduplicate and decontaminate raw text into "
-                            "shards `data tokenize` reads (README: Data curation)")
-  curate.add_argument("--config", dest="curate_config", required=True,
-                      help="a curation config, NAME.toml or NAME.json")
-  curate.add_argument("--out", required=True, help="new folder for data/, report.json, "
-                      "summary.txt and signatures.npz (refused if it exists)")
-  curate.add_argument("--engine", choices=("local", "ray"), default="local",
-                      help="local: a process pool on this machine; ray: Ray Data on RAY_ADDRESS "
-                      "or a local Ray instance (same output bytes)")
-  curate.add_argument("--workers", type=int, default=0, help="processes (0: the config's workers)")
-
-
-def _run_curate(args) -> None:
-  from mai_jax import curate_perplexity  # pylint: disable=import-outside-toplevel
-  from mai_jax.data.curate import pipeline, settings  # pylint: disable=import-outside-toplevel
-  settings.register_rule(curate_perplexity.Perplexity)
-  cfg = settings.load(args.curate_config)
-  pipeline.curate(cfg, args.out, engine=args.engine, workers=args.workers or None,
-                  log=lambda msg: print(f"mai-jax: {msg}", flush=True))
-  out = os.path.abspath(args.out)
-  pattern = os.path.join(out, "data", f"*.{cfg.output.format}")
-  print(f"mai-jax: wrote {out} (summary.txt, report.json); tokenize it with --config.data.sources="
-        f"\"({{'name': 'curated', 'kind': '{cfg.output.format}', 'path': '{pattern}'}},)\"")
-
-
-def _run_data(args, overrides: dict[str, str]) -> None:
-  import json  # pylint: disable=import-outside-toplevel
-  from mai_jax.data import (cache, sources, tokenizer,  # pylint: disable=import-outside-toplevel
-                            tokenizer_files)
-  if args.data_command == "curate":
-    _run_curate(args)
-    return
-  if args.data_command == "synthesize":
-    _run_synthesize(args, overrides)
-    return
-  if args.data_command == "inspect":
-    manifest, _ = cache.open_cache(args.path)
-    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
-    print(f"{len(manifest['files'])} input files")
-    return
-  cfg = resolve_config(args.config_spec, None, overrides)
-  if args.data_command == "train-tokenizer":
-    if not args.out.endswith((".model", ".json")):
-      raise config_lib.ConfigError(f"--out {args.out!r}: name it NAME.model (SentencePiece) or "
-                                   f"NAME.json (Hugging Face tokenizers)")
-    texts = tokenizer.training_texts(cfg)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if args.out.endswith(".model"):
-      tokenizer.train_sentencepiece(texts, cfg.model.vocab_size, args.out[:-len(".model")],
-                                    cfg.data.tokenizer_train_chars)
-    else:
-      tokenizer_files.train_hf_bpe(texts, cfg.model.vocab_size, args.out,
-                                   cfg.data.tokenizer_train_chars)
-    print(f"mai-jax: wrote {args.out}; use it with --config.data.tokenizer_path={args.out}")
-    return
-  if not cfg.data.tokenizer_path:
-    raise config_lib.ConfigError("data tokenize needs a fixed tokenizer: set "
-                                 "--config.data.tokenizer_path (train one with `mai-jax data "
-                                 "train-tokenizer`)")
-  tok = tokenizer.load_tokenizer(cfg.data.tokenizer_path, cfg.data.tokenizer_pattern)
-  entries = []
-  for spec in sources.source_specs(cfg.data):
-    out = os.path.join(args.out, spec.name)
-    cache.tokenize_source(spec, cfg.data, tok, out, workers=args.workers,
-                          log=lambda msg: print(f"mai-jax: {msg}", flush=True))
-    entries.append({"name": spec.name, "kind": "cache", "path": os.path.abspath(out),
-                    "weight": spec.weight})
-  print(f"mai-jax: train from the caches with --config.data.sources=\"{tuple(entries)!r}\"")
 
 
 def _add_plan_parser(sub) -> None:
@@ -364,12 +235,7 @@ def _add_eval_parser(sub) -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--tasks", nargs="*", default=None, metavar="TASK.jsonl",
                  help="task files (default: the built-in mai_jax/tasks/*.jsonl; none: no tasks)")
-  _add_step_flag(p)
-
-
-def _add_step_flag(parser) -> None:
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step to read (default: the latest good one)")
+  add_step_flag(p)
 
 
 def _run_eval(args, overrides) -> None:
@@ -378,114 +244,6 @@ def _run_eval(args, overrides) -> None:
   cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
   results = evaluate.evaluate_workdir(args.workdir, cfg=cfg, task_paths=args.tasks, step=step)
   print(evaluate.format_table(results))
-
-
-def _add_sample_parser(sub) -> None:
-  p = sub.add_parser("sample", help="continue prompts with a workdir's latest checkpoint "
-                     "(KV cache; several --prompt run as one batch)")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-  _add_sampling_flags(p)
-  p.add_argument("--chat", action="store_true",
-                 help="each --prompt is a user message, rendered with the workdir's "
-                      "data.chat_template; prints the assistant's reply up to its end of turn")
-
-
-def _add_sampling_flags(p) -> None:
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-  p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
-  p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
-  p.add_argument("--seed", type=int, default=0)
-  _add_step_flag(p)
-
-
-def _add_chat_parser(sub) -> None:
-  p = sub.add_parser("chat", help="chat with a workdir's latest checkpoint: one user turn per "
-                     "line on stdin, the assistant's replies on stdout (empty line or EOF ends)")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--system", default="", help="a system message to start the conversation")
-  _add_sampling_flags(p)
-
-
-def _run_chat(args, overrides) -> None:
-  from mai_jax import sample  # heavy imports
-  from mai_jax import workdir as workdir_lib
-  from mai_jax.data import chat_template
-  settings = _sampling_from_args(args)
-  cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
-  chat_template.load_template(cfg.data.chat_template)  # a bad template fails before loading
-  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg, step=step)
-  tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
-  interactive = sys.stdin.isatty()
-  if interactive:
-    print(f"mai-jax: chatting with {args.workdir}; an empty line ends", flush=True)
-  def read_line() -> str:
-    if not interactive:
-      return sys.stdin.readline()
-    try:
-      return input("user> ")
-    except EOFError:
-      return ""
-  lines = iter(read_line, "")
-  for reply in sample.chat_session(cfg, model, tokenizer, lines, settings, mesh, args.system):
-    print(f"assistant> {reply}", flush=True)
-
-
-def _run_sample(args, overrides) -> None:
-  from mai_jax import sample  # heavy imports
-  from mai_jax import workdir as workdir_lib
-  settings = _sampling_from_args(args)
-  cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
-  cfg, model, _, mesh = workdir_lib.load_model(args.workdir, cfg=cfg, step=step)
-  tokenizer = workdir_lib.load_tokenizer(cfg, args.workdir)
-  if args.chat:
-    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
-    replies = sample.chat_replies(cfg, model, tokenizer, conversations, settings, mesh)
-    for prompt, reply in zip(args.prompt, replies):
-      print(f"=== {prompt!r}\n{reply}")
-    return
-  # A run trained here (step > 0) saw data.seq_len tokens; imported weights (step 0) carry their
-  # source's context, which the import does not record: no warning for them.
-  texts = sample.sample_text(cfg, model, tokenizer, args.prompt, settings, mesh,
-                             trained_context=cfg.data.seq_len if step > 0 else None)
-  for prompt, text in zip(args.prompt, texts):
-    print(f"=== {prompt!r}\n{prompt}{text}")
-
-
-def _sampling_from_args(args):
-  from mai_jax import sample  # pylint: disable=import-outside-toplevel
-  settings = sample.SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, seed=args.seed)
-  sample.check(settings)
-  return settings
-
-
-def _add_synthesize_parser(tasks) -> None:
-  p = tasks.add_parser("synthesize", help="generate synthetic text from a workdir's model into "
-                       "JSONL shards with provenance (sharded over processes, resumable)")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--prompts", required=True, help='JSONL: {"prompt": str, "id": optional}')
-  p.add_argument("--out", required=True, help="folder for part-NNNNN.jsonl (resumes there)")
-  p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-  p.add_argument("--shard-prompts", type=int, default=256, help="prompts per shard file")
-  _add_sampling_flags(p)
-
-
-def _run_synthesize(args, overrides) -> None:
-  if not os.path.isfile(os.path.join(args.workdir, "config.json")):
-    raise config_lib.ConfigError(f"--workdir {args.workdir!r} holds no config.json: train or "
-                                 f"convert a model there first")
-  cfg = resolve_config(None, args.workdir, overrides)
-  settings = _sampling_from_args(args)
-  from mai_jax import synthesize  # pylint: disable=import-outside-toplevel
-  synthesize.read_prompts(args.prompts)  # a bad prompts file fails before the model loads
-  written = synthesize.synthesize_workdir(
-      args.workdir, args.prompts, args.out, settings, shard_prompts=args.shard_prompts,
-      batch_size=args.batch_size, cfg=cfg, log=lambda msg: print(f"mai-jax: {msg}", flush=True))
-  print(f"mai-jax: {len(written)} new shards in {args.out}; curate them as a source "
-        f"{{name = \"synthetic\", path = \"{os.path.join(args.out, 'part-*.jsonl')}\"}}")
 
 
 def _add_convert_parser(sub) -> None:
@@ -499,7 +257,7 @@ def _add_convert_parser(sub) -> None:
   to_hf = direction.add_parser("to-hf", help="a workdir's latest params -> HF safetensors")
   to_hf.add_argument("--workdir", required=True)
   to_hf.add_argument("--out", required=True)
-  _add_step_flag(to_hf)
+  add_step_flag(to_hf)
 
 
 def _run_convert(args, overrides) -> None:
@@ -545,15 +303,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "checkpoints":
       return _run_checkpoints(args)
     elif args.command == "data":
-      _run_data(args, overrides)
+      cli_data.run_data(args, overrides)
     elif args.command == "plan":
       return _run_plan(args, overrides)
     elif args.command == "eval":
       _run_eval(args, overrides)
     elif args.command == "sample":
-      _run_sample(args, overrides)
+      cli_generate.run_sample(args, overrides)
     elif args.command == "chat":
-      _run_chat(args, overrides)
+      cli_generate.run_chat(args, overrides)
     elif args.command == "convert":
       _run_convert(args, overrides)
     elif args.command == "config":
