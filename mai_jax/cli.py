@@ -287,6 +287,33 @@ def _reader_went_away() -> int:
   return 128 + signal.SIGPIPE
 
 
+def _dispatch(args, overrides: dict[str, str]) -> int:
+  """Runs the parsed command; its exit code."""
+  if args.command == "train":
+    cfg = resolve_config(args.config_spec, args.workdir, overrides)
+    from mai_jax.launch import distributed  # heavy imports only once the config is valid
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from mai_jax.train.loop import train
+    train(cfg, args.workdir)
+  elif args.command == "checkpoints":
+    return _run_checkpoints(args)
+  elif args.command == "data":
+    cli_data.run_data(args, overrides)
+  elif args.command == "plan":
+    return _run_plan(args, overrides)
+  elif args.command == "eval":
+    _run_eval(args, overrides)
+  elif args.command == "sample":
+    cli_generate.run_sample(args, overrides)
+  elif args.command == "chat":
+    cli_generate.run_chat(args, overrides)
+  elif args.command == "convert":
+    _run_convert(args, overrides)
+  elif args.command == "config":
+    _run_config(args, overrides)
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
@@ -294,29 +321,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rest, overrides = split_overrides(argv)
     args = parser.parse_args(rest)
     cli_checks.check_args(args)
-    if args.command == "train":
-      cfg = resolve_config(args.config_spec, args.workdir, overrides)
-      from mai_jax.launch import distributed  # heavy imports only once the config is valid
-      distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-      from mai_jax.train.loop import train
-      train(cfg, args.workdir)
-    elif args.command == "checkpoints":
-      return _run_checkpoints(args)
-    elif args.command == "data":
-      cli_data.run_data(args, overrides)
-    elif args.command == "plan":
-      return _run_plan(args, overrides)
-    elif args.command == "eval":
-      _run_eval(args, overrides)
-    elif args.command == "sample":
-      cli_generate.run_sample(args, overrides)
-    elif args.command == "chat":
-      cli_generate.run_chat(args, overrides)
-    elif args.command == "convert":
-      _run_convert(args, overrides)
-    elif args.command == "config":
-      _run_config(args, overrides)
-    return 0
+    code = _dispatch(args, overrides)
+    # Flushed here, inside the handlers: a block-buffered stdout (a pipe) whose reader went away
+    # raises BrokenPipeError now rather than in the interpreter's exit flush (exit 120).
+    sys.stdout.flush()
+    return code
   except config_lib.ConfigError as e:
     print(f"mai-jax: error: {e}", file=sys.stderr)
     return USAGE_EXIT

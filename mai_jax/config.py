@@ -261,7 +261,11 @@ def _import_experiment(path: str, spec: str):
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
   try:
-    module_spec.loader.exec_module(module)
+    # Compiled here, not by the import system, which would write __pycache__/NAME.*.pyc beside
+    # the user's file: loading a config (even for a refused command) changes nothing on disk.
+    with open(path, "rb") as f:
+      code = compile(f.read(), path, "exec")
+    exec(code, module.__dict__)  # noqa: S102 - the user's own experiment file, as an import would
   except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported, not raised
     raise experiment_error(path, e) from None
   if not hasattr(module, "get_config"):

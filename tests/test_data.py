@@ -272,13 +272,15 @@ def test_packing_of_short_documents_matches_numpy_reference(tok, short_docs_root
           == sorted(as_key(c) for c in reference_chunks(tok, val.texts, SEQ_LEN)))
 
 
-def test_eval_batches_cover_validation_exactly_once_and_are_deterministic(cfg, tok):
-  val = load_split(cfg.data, "validation")
+def test_eval_batches_cover_validation_exactly_once_and_are_deterministic(cfg, tok,
+                                                                          mixed_docs_root):
+  val = load_split(cfg.data, "validation", root=mixed_docs_root)
   expected = sorted(as_key(c) for c in reference_chunks(tok, val.texts, SEQ_LEN))
-  batches = make_eval_batches(cfg, tok, num_batches=10_000)
+  batches = make_eval_batches(cfg, tok, num_batches=10_000, source_root=mixed_docs_root)
+  assert len(batches) > 2
   got = sorted(as_key(c) for b in batches for c in segments(b))
   assert got == expected  # every validation token is scored once, none twice
-  again = make_eval_batches(cfg, tok, num_batches=2)
+  again = make_eval_batches(cfg, tok, num_batches=2, source_root=mixed_docs_root)
   assert len(again) == 2
   for a, b in zip(again, batches):
     for key in pipeline.FEATURES:
