@@ -25,28 +25,20 @@ import os
 from typing import Callable, Optional
 
 from mai_jax.config import Config, ConfigError
+from mai_jax.data import chat
 
 MANIFEST = "synthesize.json"
 
 
 def read_prompts(path: str) -> list[tuple[str, str]]:
   """(prompt id, prompt) per line; a bad line is an error naming file and line."""
-  prompts = []
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise ConfigError(f"--prompts {path!r}: cannot read ({e.strerror})") from e
-  with f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except ValueError as e:
-        raise ConfigError(f"{path}:{n}: not JSON ({e})") from e
-      if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-        raise ConfigError(f"{path}:{n}: expected an object with a string 'prompt'")
-      prompts.append((str(record.get("id", f"{os.path.basename(path)}:{n}")), record["prompt"]))
+  def parse(record, where: str) -> tuple[str, str]:
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+      raise ConfigError(f"{where}: expected an object with a string 'prompt'")
+    return str(record.get("id", where)), record["prompt"]
+
+  prompts = list(chat.read_records(os.path.dirname(os.path.abspath(path)), os.path.basename(path),
+                                   parse))
   if not prompts:
     raise ConfigError(f"--prompts {path!r}: no prompts")
   return prompts
