@@ -82,7 +82,7 @@ def checkpoint_config(workdir: str, step: int,
 def fit_mesh(cfg: Config, num_devices: Optional[int] = None) -> Config:
   """`cfg` with a mesh that fits `num_devices` (default: the devices present). The run's own mesh
   when it fits; else tensor and expert shrink to the largest sizes that divide the device count
-  (and the experts), data to 1, and fsdp takes the rest. A reader's layout changes no result."""
+  (and the experts), data and stage to 1, and fsdp takes the rest. A reader's layout changes no result."""
   n = jax.device_count() if num_devices is None else num_devices
   try:
     config_lib.mesh_shape(cfg.mesh, n)
@@ -94,7 +94,8 @@ def fit_mesh(cfg: Config, num_devices: Optional[int] = None) -> Config:
   expert = math.gcd(cfg.mesh.expert, n // tensor)
   if cfg.model.num_experts:
     expert = math.gcd(expert, cfg.model.num_experts)
-  mesh = dataclasses.replace(cfg.mesh, data=1, fsdp=-1, expert=expert, tensor=tensor)
+  # No pipeline stages for reading: stage=1 needs no microbatch split of the reader's batches.
+  mesh = dataclasses.replace(cfg.mesh, data=1, stage=1, fsdp=-1, expert=expert, tensor=tensor)
   fitted = dataclasses.replace(cfg, mesh=mesh)
   try:
     config_lib.validate(fitted, n)

@@ -34,11 +34,12 @@ def _cfg(**changes) -> C.Config:
 
 
 @pytest.mark.parametrize("mesh,devices,want", [
-    (dict(tensor=2), 8, dict(data=1, fsdp=-1, expert=1, tensor=2)),  # fits: kept
-    (dict(tensor=2), 1, dict(data=1, fsdp=-1, expert=1, tensor=1)),
-    (dict(data=2, expert=2, tensor=2), 1, dict(data=1, fsdp=-1, expert=1, tensor=1)),
-    (dict(data=2, expert=2, tensor=2), 4, dict(data=1, fsdp=-1, expert=2, tensor=2)),
-    (dict(expert=4, fsdp=2), 2, dict(data=1, fsdp=-1, expert=2, tensor=1)),
+    (dict(tensor=2), 8, dict(data=1, stage=1, fsdp=-1, expert=1, tensor=2)),  # fits: kept
+    (dict(tensor=2), 1, dict(data=1, stage=1, fsdp=-1, expert=1, tensor=1)),
+    (dict(data=2, expert=2, tensor=2), 1, dict(data=1, stage=1, fsdp=-1, expert=1, tensor=1)),
+    (dict(data=2, expert=2, tensor=2), 4, dict(data=1, stage=1, fsdp=-1, expert=2, tensor=2)),
+    (dict(expert=4, fsdp=2), 2, dict(data=1, stage=1, fsdp=-1, expert=2, tensor=1)),
+    (dict(stage=2, fsdp=2), 1, dict(data=1, stage=1, fsdp=-1, expert=1, tensor=1)),
 ])
 def test_fit_mesh_keeps_a_fitting_mesh_and_shrinks_the_others(mesh, devices, want):
   cfg = _cfg(**{"model.num_experts": "4"})
