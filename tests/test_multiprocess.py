@@ -72,7 +72,7 @@ def _assert_same_losses(got_dir, want_dir):
 
 
 def test_two_processes_train_checkpoint_and_resume_like_one(runs):
-  assert "mesh {'data': 1, 'fsdp': 8" in runs["first"]  # one global mesh over both processes
+  assert "mesh {'data': 1, 'stage': 1, 'fsdp': 8" in runs["first"]  # one mesh over both processes
   assert "resumed from step 4" in runs["resumed"]
   _assert_same_losses(runs["root"] / "two", runs["root"] / "single")
 
