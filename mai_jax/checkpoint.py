@@ -354,11 +354,7 @@ class Checkpointer:
       return
     mismatch = first_shape_mismatch(stored, abstract_state)
     if mismatch is not None:
-      key, have, want = mismatch
-      raise ConfigError(
-          f"checkpoint step {step} in {self.directory} does not match the config: state/{key} "
-          f"is {have} in the checkpoint and {want} in the config; resume with the run's own "
-          f"config (its config.json) or use a new --workdir")
+      raise mismatch_error(self.directory, step, mismatch)
 
   def restore_latest(self, abstract_state: Any, log: Callable[[str], None]) -> Optional[Restored]:
     """Restores the newest good step, moving corrupt newer ones aside; None without checkpoints.
@@ -422,6 +418,15 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def mismatch_error(directory: str, step: int, mismatch: tuple, hint: str = "",
+                   advice: str = "the run's own config (its config.json)") -> ConfigError:
+  """The one wording for 'this checkpoint is not this config', wherever the check runs."""
+  key, have, want = mismatch
+  return ConfigError(
+      f"checkpoint step {step} in {directory} does not match the config: state/{key} is {have} in "
+      f"the checkpoint and {want} in the config{hint}; resume with {advice} or use a new --workdir")
 
 
 def first_shape_mismatch(stored: Any, wanted: Any) -> Optional[tuple[str, Any, Any]]:

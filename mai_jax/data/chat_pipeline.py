@@ -23,9 +23,9 @@ import grain
 import numpy as np
 
 from mai_jax.config import Config
-from mai_jax.data import chat, pipeline, readers, sources
+from mai_jax.data import chat, pipeline, sources
 from mai_jax.data.chat_template import ChatError, load_template
-from mai_jax.data.sources import SourceError, SourceSpec
+from mai_jax.data.sources import SourceSpec
 from mai_jax.data.tokenizer import Tokenizer
 
 WEIGHTS = "loss_weights"
@@ -47,20 +47,7 @@ class ShiftConversation(grain.transforms.Map):
 
 def split_conversations(cfg: Config, spec: SourceSpec, split: str) -> list[chat.Conversation]:
   """The conversations of `split` of one source, in file and line order."""
-  base, files = readers.source_files(spec.path)
-  if cfg.data.max_files > 0:
-    files = files[:cfg.data.max_files]
-  if not files:
-    raise SourceError(f"data.sources {spec.name!r}: path {spec.path!r} matches no files; point it "
-                      f"at a JSONL file of conversations, a folder or a glob")
-  conversations = [c for rel in files for c in chat.read_conversations(base, rel)]
-  picked = sources.split_indices([c.record for c in conversations], cfg.data.val_fraction)[split]
-  if not picked:
-    hint = ("raise data.val_fraction" if split == "validation" and conversations
-            else "add conversations")
-    raise SourceError(f"data.sources {spec.name!r}: no {split} conversations among "
-                      f"{len(conversations)} in {len(files)} files; {hint}")
-  return [conversations[i] for i in picked]
+  return sources.split_records(cfg.data, spec, split, chat.read_conversations, "conversations")
 
 
 def encoded_split(cfg: Config, tokenizer: Tokenizer, spec: SourceSpec, split: str) -> list[dict]:

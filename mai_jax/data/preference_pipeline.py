@@ -25,7 +25,7 @@ import numpy as np
 from mai_jax.config import Config, ConfigError
 from mai_jax.data import chat, pipeline, readers, sources
 from mai_jax.data.chat_template import ChatError, load_template
-from mai_jax.data.sources import SourceError, SourceSpec
+from mai_jax.data.sources import SourceSpec
 from mai_jax.data.tokenizer import Tokenizer
 
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
@@ -35,16 +35,7 @@ REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 def split_pairs(cfg: Config, spec: SourceSpec, split: str) -> list[chat.PreferencePair]:
   """The pairs of `split` of one source (split by a hash of 'file:line'), in file order."""
-  base, files = readers.source_files(spec.path)
-  if not files:
-    raise SourceError(f"data.sources {spec.name!r}: path {spec.path!r} matches no files; point it "
-                      f"at a JSONL file of preference pairs, a folder or a glob")
-  pairs = [p for rel in files for p in chat.read_pairs(base, rel)]
-  picked = sources.split_indices([p.record for p in pairs], cfg.data.val_fraction)[split]
-  if not picked:
-    raise SourceError(f"data.sources {spec.name!r}: no {split} pairs among {len(pairs)}; "
-                      f"{'raise data.val_fraction' if pairs else 'add pairs'}")
-  return [pairs[i] for i in picked]
+  return sources.split_records(cfg.data, spec, split, chat.read_pairs, "preference pairs")
 
 
 def encoded_pairs(cfg: Config, tokenizer: Tokenizer, spec: SourceSpec, split: str

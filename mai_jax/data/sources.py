@@ -297,6 +297,27 @@ def split_indices(doc_ids: Sequence[str], val_fraction: float) -> dict[str, list
   return {"train": [i for i in range(len(doc_ids)) if i not in val_set], "validation": val}
 
 
+def split_records(data: DataConfig, spec: SourceSpec, split: str,
+                  read: Callable[[str, str], Iterator], kind: str) -> list:
+  """The records of `split` of one JSONL source (conversations, preference pairs), in file order.
+
+  `read(base, rel)` yields records with a `.record` name ('rel:line') that the split hashes, so a
+  record stays in its split however the files are listed or sharded."""
+  base, files = readers.source_files(spec.path)
+  if data.max_files > 0:
+    files = files[:data.max_files]
+  if not files:
+    raise SourceError(f"data.sources {spec.name!r}: path {spec.path!r} matches no files; point it "
+                      f"at a JSONL file of {kind}, a folder or a glob")
+  records = [r for rel in files for r in read(base, rel)]
+  picked = split_indices([r.record for r in records], data.val_fraction)[split]
+  if not picked:
+    hint = "raise data.val_fraction" if split == "validation" and records else f"add {kind}"
+    raise SourceError(f"data.sources {spec.name!r}: no {split} {kind} among {len(records)} in "
+                      f"{len(files)} files; {hint}")
+  return [records[i] for i in picked]
+
+
 def load_split(data: DataConfig, split: str, *, root: Optional[str] = None) -> DocumentSource:
   """The documents of `split` ('train' or 'validation') of the run's only (or first) source.
 

@@ -106,12 +106,9 @@ def check_resume(cfg: Config, workdir: str, abstract_state: Any) -> Resume:
     return Resume(step, None, previous)
   mismatch = _params_first_mismatch(stored_tree, abstract_state)
   if mismatch is not None:
-    key, have, want = mismatch
-    raise ConfigError(
-        f"checkpoint step {step} in {directory} does not match the config: state/{key} is "
-        f"{have} in the checkpoint and {want} in the config{_model_hint(stored, cfg)}; resume "
-        f"with the config the run was trained with ({_config_advice(workdir, stored, previous)}) "
-        f"or use a new --workdir")
+    raise checkpoint_lib.mismatch_error(
+        directory, step, mismatch, hint=_model_hint(stored, cfg),
+        advice=f"the config the run was trained with ({_config_advice(workdir, stored, previous)})")
   return Resume(step, stored, previous)
 
 
