@@ -1,10 +1,17 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and strict rank promotion."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), a shared compilation cache and
+strict rank promotion."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU compiles are most of the suite's time, and many tests (and the CLI runs they start, which
+# inherit this environment) compile the same tiny programs: a persistent compilation cache in the
+# checkout (gitignored; CI's fresh clone starts it cold) compiles each of them once per suite.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 import pytest  # noqa: E402
