@@ -42,8 +42,20 @@ def reduced_config(cfg: Config, num_layers: int, num_devices: int,
   small = dataclasses.replace(cfg, model=model_at_depth(cfg.model, num_layers))
   if full_num_devices and full_num_devices != num_devices:
     small = config_lib.scaled_to_devices(small, num_devices, full_num_devices)
+  small = _whole_pipeline_schedule(small, num_devices)
   config_lib.validate(small, num_devices)
   return small
+
+
+def _whole_pipeline_schedule(cfg: Config, num_devices: int) -> Config:
+  """With stages, the depth rounded up to a multiple of stages x repeats: the reduced step keeps
+  the full layout's schedule (its repeats, its pipeline microbatches) at the fewest layers."""
+  stages = config_lib.mesh_shape(cfg.mesh, num_devices)["stage"]
+  unit = stages * cfg.model.pipeline_repeats
+  if stages == 1 or cfg.model.num_layers % unit == 0:
+    return cfg
+  layers = -(-cfg.model.num_layers // unit) * unit
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers))
 
 
 def compile_train_step(cfg: Config, devices=None):
