@@ -153,6 +153,7 @@ class ParamShards:
   # the largest repeated unit's (block, or MoE group) gathered elements: the transient during its
   # matmuls (with MoE, the MoE blocks' local experts outweigh a dense block)
   per_layer_gathered: int
+  stacked: int = 0  # elements (per device) of the scanned block stacks
 
 
 def param_shards(cfg: Config, layout: Layout) -> ParamShards:
@@ -167,7 +168,7 @@ def _param_shards(model: ModelConfig, rules, mesh_sizes) -> ParamShards:
   from mai_jax.sharding import logical_to_spec
   layout = Layout(mesh_sizes, "full", 1)
   mesh = AbstractMesh(tuple(s for _, s in mesh_sizes), tuple(a for a, _ in mesh_sizes))
-  per_device = gathered = sharded = 0
+  per_device = gathered = sharded = stacked = 0
   unit_elems: dict[tuple, float] = {}
   for shape, names, unit in _abstract_params(model):
     spec = logical_to_spec(names, rules, mesh, shape)
@@ -183,8 +184,10 @@ def _param_shards(model: ModelConfig, rules, mesh_sizes) -> ParamShards:
       sharded += elems
     if unit is not None:
       units = shape[0] if len(unit) == 1 else 1  # a scanned stack's leading dim
+      stacked += elems if len(unit) == 1 else 0
       unit_elems[unit] = unit_elems.get(unit, 0) + elems * fsdp / units
-  return ParamShards(per_device, gathered, sharded, int(max(unit_elems.values(), default=0)))
+  return ParamShards(per_device, gathered, sharded, int(max(unit_elems.values(), default=0)),
+                     stacked)
 
 
 def flops_per_token(cfg: Config) -> float:
@@ -428,6 +431,17 @@ def _gathered_layers(cfg: Config, layout: Layout) -> int:
       // layout.repeats + 2
 
 
+def _regrouped_weights(layout: Layout, shards: ParamShards, p: int) -> float:
+  """With R > 1 repeats, this codebase's compiled step holds ~(R - 1) extra copies of the
+  device's stacked weights (param dtype): measured, not derived. MAI-1 dense at 30 layers on 8
+  CPU devices compiles to a peak ~14 stacked-weight copies above the plan without this term
+  (R = 15), at d_model 256 ~15 (R = 15) and ~1.6 (R = 3). pipeline._regroup_for_repeats (the
+  [L] -> [R, S, Lc] all_to_all and its one-hot selects) is the suspect; docs/planner.md."""
+  if layout.stages == 1 or layout.repeats == 1 or not layout.impl.stage_checkpointed:
+    return 0.0
+  return (layout.repeats - 1) * shards.stacked * p
+
+
 def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
                       workspace: int = WORKSPACE_BYTES,
                       expert_ffn: str = "ragged_dot") -> dict[str, int]:
@@ -456,7 +470,7 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
       "master_params": 0,
       "activations": int(activation_bytes(cfg, layout, attention, expert_ffn)),
       "temporaries": int(_gathered_layers(cfg, layout) * shards.per_layer_gathered * c
-                         + workspace),
+                         + _regrouped_weights(layout, shards, p) + workspace),
       # inputs, targets, segment_ids, positions: int32 [rows, T] per microbatch
       "batch": 4 * 4 * rows_per_device(cfg, layout) * layout.microbatches * cfg.data.seq_len,
   }

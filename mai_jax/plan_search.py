@@ -29,6 +29,7 @@ from mai_jax.plan import (REMATS, USABLE_HBM_FRACTION, Layout, Plan, gpu_spec, i
 MAX_STAGES = 32
 MAX_REPEATS = 16
 MAX_PIPELINE_MICROBATCH_CHOICES = 4
+MAX_ACCUMULATION = 16
 
 
 def candidate_meshes(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
@@ -62,9 +63,8 @@ def batch_shards(cfg: Config, sizes: dict[str, int]) -> int:
 def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
   """Every candidate mesh x remat x microbatches whose batch split is even; with stages, every
   repeat count that divides the layers per stage (up to MAX_REPEATS) x the smallest pipeline
-  microbatch counts >= S that divide the rows, and no gradient accumulation (a second
-  accumulation microbatch refills the pipeline: its bubble again, where more pipeline
-  microbatches shrink it)."""
+  microbatch counts >= S that divide the rows, under a few gradient-accumulation counts
+  (_accumulation_choices)."""
   batch = cfg.train.global_batch_size
   for sizes in candidate_meshes(cfg, num_gpus, gpu):
     shards, stage = batch_shards(cfg, sizes), sizes["stage"]
@@ -72,18 +72,32 @@ def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
     if stage > 1:
       if batch % shards:
         continue
-      micros = [k for k in _divisors(batch // shards) if k >= stage]
       repeats = [r for r in _divisors(cfg.model.num_layers // stage) if r <= MAX_REPEATS]
-      for pipe in micros[:MAX_PIPELINE_MICROBATCH_CHOICES]:
-        for r in repeats:
-          for remat in REMATS:
-            yield Layout(mesh, remat, 1, r, pipe)
+      for accumulate in _accumulation_choices(batch // shards, stage):
+        rows = batch // shards // accumulate
+        micros = [k for k in _divisors(rows) if k >= stage]
+        for pipe in micros[:MAX_PIPELINE_MICROBATCH_CHOICES]:
+          for r in repeats:
+            for remat in REMATS:
+              yield Layout(mesh, remat, accumulate, r, pipe)
       continue
     for micro in _divisors(batch):
       if (batch // micro) % shards:
         continue
       for remat in REMATS:
         yield Layout(mesh, remat, micro)
+
+
+def _accumulation_choices(rows: int, stages: int) -> list[int]:
+  """Gradient accumulation under stages: 1, and powers of two while each accumulation
+  microbatch keeps >= `stages` rows per device. An accumulation microbatch refills the pipeline
+  (its bubble again), so it only earns its place when one pipeline run of all the rows does not
+  fit; the memory filter in `search` drops the rest before they are timed."""
+  out, k = [1], 2
+  while k <= MAX_ACCUMULATION and rows % k == 0 and rows // k >= stages:
+    out.append(k)
+    k *= 2
+  return out
 
 
 def search_any_batch(cfg: Config, gpu: str, num_gpus: int, top: int = 10,
