@@ -57,8 +57,6 @@ REMATS = ("none", "dots", "full")
 WIRE_DTYPE = "compute"
 # Mesh axes from the innermost (fastest links) outwards: the order a hybrid mesh fills a node.
 AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "stage", "data")
-# Axes whose collectives the step has to wait for (not hidden behind compute).
-EXPOSED_AXES = ("tensor", "expert", "stage")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ plan.py can import it without a circle.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from mai_jax.model.pipeline import bubble_fraction
 
@@ -79,13 +78,12 @@ def p2p_bytes(rows: int, seq_len: int, d_model: int, dtype_bytes: int, tensor: i
   per_send = rows * seq_len * d_model * dtype_bytes
   if impl.p2p_split_over_tensor:
     per_send /= tensor
-  sends = 2 * (iterations(stages, repeats, microbatches) if not impl.one_f_one_b
-               else repeats * microbatches)
-  return sends * per_send
+  return p2p_sends(stages, repeats, microbatches, impl) * per_send
 
 
 def p2p_sends(stages: int, repeats: int, microbatches: int, impl: PipelineImpl) -> int:
-  """Sends per pipeline run (for the per-send latency)."""
+  """Sends per pipeline run, forward and backward: one per iteration each way (1F1B sends only
+  for its R M real items, its warm-up and cool-down overlap the bubble)."""
   if stages == 1:
     return 0
   return 2 * (iterations(stages, repeats, microbatches) if not impl.one_f_one_b
@@ -113,20 +111,3 @@ def in_flight_microbatches(stages: int, repeats: int, microbatches: int,
   if not impl.one_f_one_b:
     return float(iterations(stages, repeats, microbatches))
   return min(stages * (1 + (stages - 1) / (stages * repeats)), repeats * microbatches)
-
-
-def fraction_of_layers_saved(stages: int, repeats: int, microbatches: int,
-                             impl: PipelineImpl) -> float:
-  """With remat none, the fraction of a device's layers' full activations alive at the peak, in
-  units of "all its layers for one microbatch": the in-flight microbatches x layers per virtual
-  stage / layers per device = in_flight / R."""
-  return in_flight_microbatches(stages, repeats, microbatches, impl) / repeats
-
-
-def overlap_fraction(impl: PipelineImpl) -> float:
-  """Share of the p2p time that hides behind compute."""
-  return 1.0 if impl.p2p_overlapped else 0.0
-
-
-def log2_hops(size: int) -> int:
-  return math.ceil(math.log2(size)) if size > 1 else 0

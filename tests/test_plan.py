@@ -13,6 +13,7 @@ from mai_jax import aot, cli, hardware, sharding
 from mai_jax import config as C
 from mai_jax import plan as P
 from mai_jax import plan_calibration, plan_search
+from mai_jax import plan_pipeline as pp
 from mai_jax.model.pipeline import bubble_fraction
 from mai_jax.train.trainer import build_trainer
 
@@ -362,6 +363,19 @@ def with_mesh(layout, **sizes):
   return dataclasses.replace(layout, mesh=tuple((a, sizes.get(a, s)) for a, s in layout.mesh))
 
 
+def test_megatron_pipeline_terms_by_hand():
+  """The implementation the calibration rows use: sends split over tensor, only the R M real
+  items sent, ~S (1 + (S-1)/(S R)) microbatches in flight (Narayanan et al. 2021)."""
+  S, R, M, t = 16, 8, 32, 8
+  assert pp.p2p_bytes(1, 8192, 16384, 2, t, S, R, M, pp.MEGATRON) == (
+      2 * R * M * 8192 * 16384 * 2 / t)
+  assert pp.p2p_bytes(1, 8192, 16384, 2, t, S, R, M, pp.THIS_CODEBASE) == (
+      2 * (R * M + S - 1) * 8192 * 16384 * 2)
+  assert pp.in_flight_microbatches(S, R, M, pp.MEGATRON) == pytest.approx(S + (S - 1) / R)
+  assert pp.in_flight_microbatches(S, R, M, pp.THIS_CODEBASE) == R * M + S - 1
+  assert pp.layers_per_device(126, 16, 8) == 8 and pp.layers_per_device(126, 2, 1) == 63
+
+
 def test_nested_remat_is_costed():
   """A stage checkpointed as a whole recomputes its forward once under any remat policy, and
   full remat inside recomputes every block again (jaxpr dot count: 18 vs 15 for 4 layers)."""
@@ -407,3 +421,22 @@ def test_calibration_against_published_runs(run):
   predicted = plan_calibration.predict(run).mfu
   assert abs(predicted - run.published_mfu) <= plan_calibration.CALIBRATION_TOLERANCE, (
       f"{run.name}: predicted {predicted:.1%}, published {run.published_mfu:.1%}")
+
+
+@pytest.mark.slow
+def test_compile_mai1_dense_pipeline_layout_at_reduced_depth():
+  """The MAI-1 dense PP layout (stage 2 x fsdp x tensor, its pattern scaled to 8 devices) at
+  reduced width, with 1 repeat (the exact 15-repeat schedule compiles too, in ~2 minutes:
+  `mai-jax plan --config experiments/mai1_500b.py --compile`): the pipelined step compiles, its
+  arguments are the planned params + optimizer + batch, and the planned peak (this codebase's
+  schedule: every iteration's stage input saved, one stage recomputed) is within 20%."""
+  cfg = C.apply_overrides(C.load_experiment(MAI1), {
+      "model.d_model": "256", "model.num_heads": "16", "model.head_dim": "16",
+      "model.d_ff": "512", "model.vocab_size": "1024", "data.seq_len": "128",
+      "model.compute_dtype": "float32", "model.pipeline_repeats": "1"})
+  check = aot.compile_check(cfg, 2, 15360)
+  assert check["mesh"] == {"data": 1, "stage": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+  assert (check["num_layers"], check["repeats"], check["pipeline_microbatches"]) == (2, 1, 2)
+  compiled, mem = check["compiled"], check["planned"]["memory_per_device_bytes"]
+  assert 0 <= compiled["argument_bytes"] - (mem["params"] + mem["optimizer"] + mem["batch"]) < 64
+  assert mem["total"] == pytest.approx(compiled["peak_bytes"], rel=0.2)
