@@ -13,15 +13,38 @@
     non-English text than 32K), a power of two so it shards evenly over tensor=8 with no padding.
   context 8,192 for pretraining (long context is a later, cheaper extension phase, as in Llama 3).
   Untied embeddings, RoPE theta 500,000 (Llama 3's choice for 8K and beyond).
-  Layout for 15,360 H100 (1,920 nodes x 8): tensor=8 inside each NVLink node, fsdp=64 across
-  nodes (HSDP: the parameters and moments of one replica span 512 GPUs, 64 nodes), data=30
-  replicas; full remat (the only policy that fits: the residual stream is replicated over tensor).
-  `--search` ranks fsdp=48 a hair faster; 64 leaves ~13 GB of headroom per GPU.
-  Global batch 1,920 x 8,192 = 15.7M tokens, one row per tensor group (the minimum without
-  pipeline parallelism; Llama 3 405B reached 16M). The planner's prediction is in
-  README.md (`mai-jax plan --config experiments/mai1_500b.py`).
+  Layout for 15,360 H100 (1,920 nodes x 8), chosen by `mai-jax plan --search` with the pipeline
+  terms (docs/planner.md): stage=2 x fsdp=384 x data=5 x tensor=4, pipeline_repeats=15 (4 layers
+  per virtual stage), pipeline_microbatches=2, remat 'dots'; 40.5 GB of 72 GB usable per GPU.
+  Why this split, in the planner's physics for this codebase's pipeline (model/pipeline.py):
+  - stage=2: the stages exist to halve what FSDP moves (each GPU gathers only its stage's layers,
+    once per repeat, 377 GB per step over InfiniBand, hidden behind 15 s of compute; with no stages
+    the all-gathers bound the step: 32.6% MFU at this batch). More stages cost more than they save
+    here: every stage repeats the head (embedding, unembedding, loss) on the whole batch, the
+    stage-to-stage sends are exposed and carry the whole [rows, T, D] buffer on every tensor rank,
+    and the bubble grows (S=4: 37.5%, S=8: 33.8%).
+  - repeats=15 with 2 pipeline microbatches: bubble (S-1)/(R M + S - 1) = 1/31 = 3.2%; the rows
+    per GPU (2) bound the microbatches, the repeats buy the small bubble (R=1 would idle 33%).
+  - tensor=4, not 8: the residual stream is replicated over tensor (no sequence parallelism), so
+    its elementwise work and the exposed all-reduces do not shrink with t; at 2 rows per GPU the
+    GEMMs stay large at t=4. fsdp=384 divides d_model 18,432 (1,920 does not: fsdp=1,920 would
+    leave the weights unsharded); data=5 takes the rest. fsdp=64 x data=30 is as fast but
+    needs 99 GB (each GPU holds 6x more of the weights that the repeats regroup).
+  - remat 'dots': pipeline iterations are checkpointed as a whole, so any remat recomputes each
+    stage forward once; 'full' inside that recomputes every block a second time (nested remat),
+    'dots' does not. 'none' keeps every iteration's activations (all forwards run before the
+    backwards): 120 layers x 2 rows x 8K tokens do not fit.
+  Global batch 3,840 x 8,192 = 31.5M tokens: twice Llama 3 405B's 16M, half DeepSeek-V3's 63M;
+    DeepSeek LLM's batch-size law (0.292 C^0.327 tokens) gives ~63M at this run's 3e25 FLOPs, so
+    31.5M is inside the flat optimum, and at 15.7M (one row per GPU group) the bubble and the fixed
+    per-step FSDP traffic cost 5 MFU points (34.8%).
+  Predicted: 39.5% MFU, ~60 days for 10T tokens (`mai-jax plan --config experiments/mai1_500b.py`).
+  Not the issue's 45%: this codebase's schedule recomputes each stage (1.33x the FLOPs of no remat)
+  and runs all forwards before the backwards. The planner puts a 1F1B order without the whole-stage
+  recompute at 52% and a Megatron-style one (sends split over tensor and overlapped, head on the
+  last stage) at 54% on this layout (docs/planner.md, "What the pipeline needs").
   Token budget: 10T tokens, Chinchilla-optimal (Hoffmann et al. 2022: ~20 tokens per parameter);
-  the planner puts it at ~76 days on 15,360 H100, so training longer is a schedule decision.
+  the planner puts it at ~59 days on 15,360 H100, so training longer is a schedule decision.
 
 `:moe`: same vocab and attention family, narrower and fine-grained, pretrained at 4,096 context:
   64 layers, d_model 8,192, 64 heads of 128, 8 KV heads; the first 2 layers dense (d_ff 28,672,
@@ -59,7 +82,7 @@ from mai_jax.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimCo
 
 VARIANTS = ("dense", "moe", "ci")
 TARGET_GPUS = 15360
-GLOBAL_BATCH = 1920
+GLOBAL_BATCH = 3840
 SEQ_LEN = 8192
 TOKEN_BUDGET = 10 * 10**12
 MOE_GLOBAL_BATCH = 15360
@@ -76,8 +99,9 @@ def dense() -> Config:
       model=ModelConfig(num_layers=120, d_model=18432, num_heads=144, num_kv_heads=8,
                         head_dim=128, d_ff=61440, vocab_size=131072, rope_theta=500000.0,
                         tie_embeddings=False, param_dtype="float32", compute_dtype="bfloat16",
-                        remat="full"),
-      mesh=MeshConfig(data=-1, fsdp=64, tensor=8, target_gpu="h100", target_num_gpus=TARGET_GPUS),
+                        remat="dots", pipeline_repeats=15, pipeline_microbatches=2),
+      mesh=MeshConfig(data=-1, stage=2, fsdp=384, tensor=4, target_gpu="h100",
+                      target_num_gpus=TARGET_GPUS),
       optim=OptimConfig(learning_rate=8e-5, warmup_steps=8000, schedule="wsd",
                         min_lr_ratio=0.01, decay_fraction=0.1, weight_decay=0.1, grad_clip=1.0),
       data=DataConfig(seq_len=SEQ_LEN),
@@ -90,11 +114,12 @@ def dense() -> Config:
 def moe() -> Config:
   cfg = dense()
   model = dataclasses.replace(cfg.model, num_layers=64, d_model=8192, num_heads=64,
-                              num_kv_heads=8, head_dim=128, d_ff=28672, **MOE_FIELDS)
+                              num_kv_heads=8, head_dim=128, d_ff=28672, remat="full",
+                              pipeline_repeats=1, pipeline_microbatches=0, **MOE_FIELDS)
   # tensor=1: every GPU needs its own rows, so 15,360 rows of 4,096 (DeepSeek-V3's final batch).
   return dataclasses.replace(
       cfg, model=model,
-      mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=8, expert=64, tensor=1),
+      mesh=dataclasses.replace(cfg.mesh, data=-1, stage=1, fsdp=8, expert=64, tensor=1),
       data=dataclasses.replace(cfg.data, seq_len=MOE_SEQ_LEN),
       train=dataclasses.replace(cfg.train, global_batch_size=MOE_GLOBAL_BATCH,
                                 num_steps=TOKEN_BUDGET // (MOE_GLOBAL_BATCH * MOE_SEQ_LEN)))

@@ -42,8 +42,20 @@ def reduced_config(cfg: Config, num_layers: int, num_devices: int,
   small = dataclasses.replace(cfg, model=model_at_depth(cfg.model, num_layers))
   if full_num_devices and full_num_devices != num_devices:
     small = config_lib.scaled_to_devices(small, num_devices, full_num_devices)
+  small = _whole_pipeline_schedule(small, num_devices)
   config_lib.validate(small, num_devices)
   return small
+
+
+def _whole_pipeline_schedule(cfg: Config, num_devices: int) -> Config:
+  """With stages, the depth rounded up to a multiple of stages x repeats: the reduced step keeps
+  the full layout's schedule (its repeats, its pipeline microbatches) at the fewest layers."""
+  stages = config_lib.mesh_shape(cfg.mesh, num_devices)["stage"]
+  unit = stages * cfg.model.pipeline_repeats
+  if stages == 1 or cfg.model.num_layers % unit == 0:
+    return cfg
+  layers = -(-cfg.model.num_layers // unit) * unit
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers))
 
 
 def compile_train_step(cfg: Config, devices=None):
@@ -86,12 +98,18 @@ def compile_check(cfg: Config, num_layers: int, full_num_devices: Optional[int],
   layout = plan_lib.layout_of(small, len(devices))
   memory = plan_lib.memory_per_device(as_this_backend(small), layout, attention="xla", workspace=0,
                                       expert_ffn=moe_lib.expert_ffn_impl())
-  return {"num_layers": num_layers, "num_devices": len(devices), "mesh": dict(layout.mesh),
+  pipelined = layout.stages > 1
+  return {"num_layers": small.model.num_layers, "num_devices": len(devices),
+          "mesh": dict(layout.mesh), "repeats": layout.repeats,
+          "pipeline_microbatches": layout.pipeline_microbatches,
           "global_batch_size": small.train.global_batch_size, "seq_len": small.data.seq_len,
           "remat": layout.remat, "microbatches": layout.microbatches,
           "compiled": compiled_figures(compiled),
           "planned": {"flops": planned_flops(small, len(devices)),
-                      "flops_as_xla_counts": planned_flops_as_xla_counts(small, len(devices)),
+                      # XLA counts the pipeline's nested loops (iterations, stage layers)
+                      # once each: no comparable figure is modelled for them
+                      "flops_as_xla_counts": None if pipelined
+                      else planned_flops_as_xla_counts(small, len(devices)),
                       "memory_per_device_bytes": memory}}
 
 
@@ -134,10 +152,14 @@ def format_check(check: dict) -> str:
       f"--compile: {check['num_layers']} layers on {check['num_devices']} CPU devices, "
       f"mesh {mesh}, "
       f"batch {check['global_batch_size']} x {check['seq_len']}, remat={check['remat']}, "
-      f"microbatches={check['microbatches']}: shardings consistent, compiled",
+      f"microbatches={check['microbatches']}"
+      + (f", {check['mesh']['stage']} stages x {check['repeats']} repeats, "
+         f"{check['pipeline_microbatches']} pipeline microbatches" if check["mesh"]["stage"] > 1
+         else "") + ": shardings consistent, compiled",
       f"  {'per device':<38} {'compiled':>14} {'planned':>14}",
       f"  {'FLOPs (loop bodies counted once)':<38} {c['flops']:>14.4g} "
-      f"{p['flops_as_xla_counts']:>14.4g}",
+      + (f"{p['flops_as_xla_counts']:>14.4g}" if p["flops_as_xla_counts"] is not None
+         else f"{'n/a (pipeline)':>14}"),
       f"  {'params + optimizer + batch (arguments)':<38} {c['argument_bytes']:>14,} "
       f"{mem['params'] + mem['optimizer'] + mem['batch']:>14,}",
       f"  {'peak bytes (args + temps, donated)':<38} {c['peak_bytes']:>14,} {mem['total']:>14,}",

@@ -198,8 +198,9 @@ def _run_plan(args, overrides: dict[str, str]) -> int:
   if args.compile:
     _use_fake_cpu_devices(args.compile_devices)
   from mai_jax import plan as plan_lib  # imports jax: after the fake-device flags
+  from mai_jax import plan_search
   result = plan_lib.plan(cfg, gpu, gpus) if own_layout_error is None else None
-  ranked, search_note = (plan_lib.search_any_batch(cfg, gpu, gpus, top=args.top) if args.search
+  ranked, search_note = (plan_search.search_any_batch(cfg, gpu, gpus, top=args.top) if args.search
                          else (None, None))
   checked = None
   if args.compile:
@@ -215,14 +216,14 @@ def _run_plan(args, overrides: dict[str, str]) -> int:
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
   if result is not None:
-    print(plan_lib.format_plan(result))
+    print(plan_search.format_plan(result))
   else:
     print(f"the config's own layout does not run on {gpus} GPUs: {own_layout_error}")
   if ranked is not None:
     if search_note:
       print(f"\nnote: {search_note}")
     print("\nlayouts that fit, fastest first:")
-    print(plan_lib.format_search(ranked))
+    print(plan_search.format_search(ranked))
   if checked is not None:
     print()
     print(aot.format_check(checked))

@@ -17,13 +17,26 @@ from typing import Optional
 
 from mai_jax import config as config_lib
 from mai_jax import hardware, metrics
+from mai_jax import plan_pipeline as pp
+from mai_jax.model.pipeline import bubble_fraction
 from mai_jax.config import Config, ConfigError, ModelConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-# Fraction of the dense bf16 peak that the model's large matmuls reach end to end (an assumption:
-# cuBLAS bf16 GEMMs of these sizes run at ~70-80% of peak on H100; elementwise work, norms and
-# kernel gaps take the rest). Calibrate with benchmarks/ on a real GPU.
-MATMUL_EFFICIENCY = 0.7
+# The compute model: one set of constants for every GPU, layout and model, calibrated as a whole
+# against published runs (plan_calibration.py, docs/planner.md "Calibration"); no per-run factor.
+# Fraction of the dense bf16 peak that large bf16 GEMMs sustain in training: the 989 TFLOP/s peak
+# assumes the 1.98 GHz boost clock, which an H100 SXM at its 700 W limit does not hold under dense
+# tensor-core load (~1.4-1.6 GHz); cuBLAS GEMMs of transformer shapes measure ~600-700 TFLOP/s.
+GEMM_EFFICIENCY = 0.65
+# A GEMM whose smallest dimension is m reaches m / (m + GEMM_HALF_DIM) of that (tile and wave
+# quantization, launch overheads: narrow tensor-parallel shards and few tokens run slower).
+GEMM_HALF_DIM = 128
+# The attention core (QK^T, softmax, AV; cuDNN/FlashAttention forward and backward) reaches a lower
+# fraction of peak than a GEMM: FlashAttention-2 measures ~50% forward, ~40% backward on H100.
+ATTENTION_EFFICIENCY = 0.45
+# Elementwise work (norms, residual adds, RoPE, SwiGLU's product, softmax cross-entropy, the
+# optimizer update) is bound by HBM bandwidth, of which streaming kernels reach ~80%.
+HBM_EFFICIENCY = 0.8
 # Fraction of link bandwidth NCCL ring/tree collectives reach as bus bandwidth (nccl-tests on
 # DGX H100 report ~360-400 GB/s of 450 GB/s NVLink and ~40-45 GB/s of 50 GB/s NDR per GPU).
 COLLECTIVE_EFFICIENCY = 0.8
@@ -48,19 +61,30 @@ AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "stage", "data")
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """One way to run a config: mesh sizes (all resolved), remat policy and microbatch count."""
+  """One way to run a config: mesh sizes (all resolved), remat policy, gradient-accumulation
+  microbatches and, with mesh stage > 1, the pipeline schedule (repeats R, pipeline microbatches M
+  per accumulation microbatch) and the implementation whose costs are modelled."""
   mesh: tuple[tuple[str, int], ...]  # ((axis, size), ...) in config.MESH_AXES order
   remat: str
   microbatches: int
+  repeats: int = 1
+  pipeline_microbatches: int = 1
+  impl: pp.PipelineImpl = pp.THIS_CODEBASE
 
   def size(self, axis: str) -> int:
     return dict(self.mesh).get(axis, 1)
 
+  @property
+  def stages(self) -> int:
+    return self.size("stage")
+
 
 def layout_of(cfg: Config, num_gpus: int) -> Layout:
   sizes = config_lib.mesh_shape(cfg.mesh, num_gpus)
+  stages = sizes["stage"]
   return Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), cfg.model.remat,
-                cfg.train.microbatches)
+                cfg.train.microbatches, cfg.model.pipeline_repeats if stages > 1 else 1,
+                config_lib.pipeline_microbatches(cfg, stages) if stages > 1 else 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,19 +151,30 @@ class ParamShards:
   # the largest repeated unit's (block, or MoE group) gathered elements: the transient during its
   # matmuls (with MoE, the MoE blocks' local experts outweigh a dense block)
   per_layer_gathered: int
+  stacked: int = 0  # elements (per device) of the scanned block stacks
 
 
 def param_shards(cfg: Config, layout: Layout) -> ParamShards:
   """Shard sizes exactly as the trainer lays parameters out (sharding.logical_to_spec)."""
+  return _param_shards(cfg.model, cfg.mesh.rules, layout.mesh)
+
+
+@functools.lru_cache(maxsize=4096)
+def _param_shards(model: ModelConfig, rules, mesh_sizes) -> ParamShards:
+  """param_shards, cached per mesh (--search plans many layouts of one mesh)."""
   from jax.sharding import AbstractMesh
   from mai_jax.sharding import logical_to_spec
-  mesh = AbstractMesh(tuple(s for _, s in layout.mesh), tuple(a for a, _ in layout.mesh))
-  per_device = gathered = sharded = 0
+  layout = Layout(mesh_sizes, "full", 1)
+  mesh = AbstractMesh(tuple(s for _, s in mesh_sizes), tuple(a for a, _ in mesh_sizes))
+  per_device = gathered = sharded = stacked = 0
   unit_elems: dict[tuple, float] = {}
-  for shape, names, unit in _abstract_params(cfg.model):
-    spec = logical_to_spec(names, cfg.mesh.rules, mesh, shape)
+  for shape, names, unit in _abstract_params(model):
+    spec = logical_to_spec(names, rules, mesh, shape)
     axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
     elems = math.prod(shape) // math.prod(layout.size(a) for a in axes)
+    if unit is not None and len(unit) == 1 and layout.stages > 1 and "stage" not in axes:
+      # a stack the stages do not divide (126 layers over 16): the fullest stage's share
+      elems = elems * -(-shape[0] // layout.stages) // shape[0]
     per_device += elems
     fsdp = layout.size("fsdp") if "fsdp" in axes else 1
     if fsdp > 1:
@@ -147,8 +182,10 @@ def param_shards(cfg: Config, layout: Layout) -> ParamShards:
       sharded += elems
     if unit is not None:
       units = shape[0] if len(unit) == 1 else 1  # a scanned stack's leading dim
+      stacked += elems if len(unit) == 1 else 0
       unit_elems[unit] = unit_elems.get(unit, 0) + elems * fsdp / units
-  return ParamShards(per_device, gathered, sharded, int(max(unit_elems.values(), default=0)))
+  return ParamShards(per_device, gathered, sharded, int(max(unit_elems.values(), default=0)),
+                     stacked)
 
 
 def flops_per_token(cfg: Config) -> float:
@@ -179,8 +216,19 @@ def recompute_flops_per_token(cfg: Config, remat: str) -> float:
 # Memory
 
 
+def pipeline_rows_per_device(cfg: Config, layout: Layout) -> int:
+  """Sequences per device in one pipeline microbatch (rows_per_device without stages)."""
+  rows = rows_per_device(cfg, layout)
+  if rows % layout.pipeline_microbatches:
+    raise ConfigError(f"{rows} rows per device per microbatch do not split into "
+                      f"model.pipeline_microbatches={layout.pipeline_microbatches}; pick a "
+                      f"divisor of {rows} or a larger train.global_batch_size")
+  return rows // layout.pipeline_microbatches
+
+
 def rows_per_device(cfg: Config, layout: Layout) -> int:
-  """Sequences per device per microbatch (the batch is sharded over the 'batch' rule's axes)."""
+  """Sequences per device per microbatch (the batch is sharded over the 'batch' rule's axes; with
+  stages, every stage sees all of them, one pipeline microbatch at a time)."""
   shards = math.prod(layout.size(a) for a in dict(cfg.mesh.rules).get("batch", ()))
   per_micro = cfg.train.global_batch_size // layout.microbatches
   if cfg.train.global_batch_size % layout.microbatches or per_micro % shards:
@@ -191,7 +239,8 @@ def rows_per_device(cfg: Config, layout: Layout) -> int:
 
 
 def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
-                           d_ff: Optional[float] = None) -> dict[str, float]:
+                           d_ff: Optional[float] = None,
+                           rows: Optional[int] = None) -> dict[str, float]:
   """Bytes one block keeps for its backward pass on one device, per remat policy.
 
   Korthikanti et al. 2022 (34 s b h + 5 a s^2 b for GPT) adapted to this model's ops, with
@@ -203,11 +252,12 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
   attention core: 'flash' keeps a float32 log-sum-exp per head; 'xla' materializes the float32
   logits and probabilities [b, H/t, T, T] and the boolean causal/document masks [b, T, T].
   F is `d_ff` (default: ffn_width, the average over the layers); an MoE block passes the shared
-  experts' width and adds moe_layer_bytes for the routed experts.
+  experts' width and adds moe_layer_bytes for the routed experts. `rows`: sequences per device
+  (default rows_per_device; a pipeline stage works on pipeline_rows_per_device at a time).
   """
   m, c, t = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype], layout.size("tensor")
   T = cfg.data.seq_len
-  rows = rows_per_device(cfg, layout)
+  rows = rows_per_device(cfg, layout) if rows is None else rows
   n = rows * T
   D, H, KV, K = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
   F = ffn_width(m) if d_ff is None else d_ff
@@ -296,6 +346,8 @@ def activation_bytes(cfg: Config, layout: Layout, attention: str,
   larger of one recomputed dense block and one recomputed MoE block."""
   m = cfg.model
   L = m.num_layers
+  if layout.stages > 1:
+    return pipeline_activation_bytes(cfg, layout, attention)
   per = layer_activation_bytes(cfg, layout, attention, None if not is_moe(m) else m.d_ff)
   if not is_moe(m):
     if layout.remat == "none":
@@ -322,10 +374,70 @@ def activation_bytes(cfg: Config, layout: Layout, attention: str,
   return blocks + logits_bytes(cfg, layout)
 
 
-def logits_bytes(cfg: Config, layout: Layout) -> float:
-  """float32 logits and their gradient, vocabulary sharded over 'tensor'."""
+def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> float:
+  """Activations at the peak on one device of a pipeline stage (dense models).
+
+  With b = pipeline_rows_per_device, Lc = layers per virtual stage, F the in-flight stage inputs
+  (plan_pipeline.in_flight_microbatches: every iteration's, R M + S - 1, in this codebase's scan;
+  ~S with 1F1B) and `per` the per-layer formulas at b rows:
+    iterations checkpointed as a whole (this codebase), remat full/dots: F carry (the saved stage
+        inputs) + the backward of one iteration, which recomputes its stage under the model's
+        policy: Lc x saved + live;
+    otherwise (and with remat none): F Lc x saved + live;
+    with saved = none / carry / carry + dots and live = 0 / one layer's none / core for remat
+    none / full / dots; without 1F1B add the inbox, M carry (the microbatches waiting for their
+    next repeat; it ends as the stack's output).
+  plus the head: with the head replicated over stages (this codebase) every stage keeps the
+  float32 logits of all its rows and the embedded input and final hidden state [rows, T, D];
+  with the head on the last stage, one pipeline microbatch's logits.
+  """
+  m, S, R, M = cfg.model, layout.stages, layout.repeats, layout.pipeline_microbatches
+  if is_moe(m):
+    raise ConfigError(f"mesh.stage={S}: pipeline stages do not support MoE models yet "
+                      f"(model.num_experts={m.num_experts}); plan with mesh.stage=1")
+  b = pipeline_rows_per_device(cfg, layout)
+  per = layer_activation_bytes(cfg, layout, attention, rows=b)
+  Lc = pp.layers_per_device(m.num_layers, S, R) // R
+  in_flight = pp.in_flight_microbatches(S, R, M, layout.impl)
+  saved = {"none": per["none"], "full": per["carry"], "dots": per["carry"] + per["dots"]}
+  live = {"none": 0.0, "full": per["none"], "dots": per["core"]}
+  if layout.impl.stage_checkpointed and layout.remat != "none":
+    blocks = in_flight * per["carry"] + Lc * saved[layout.remat] + live[layout.remat]
+  else:
+    blocks = in_flight * Lc * saved[layout.remat] + live[layout.remat]
+  if not layout.impl.one_f_one_b:
+    blocks += M * per["carry"]  # the inbox
+  if layout.impl.head_on_last_stage:
+    return blocks + logits_bytes(cfg, layout, rows=b)
   n = rows_per_device(cfg, layout) * cfg.data.seq_len
+  return blocks + logits_bytes(cfg, layout) + 2 * n * m.d_model * DTYPE_BYTES[m.compute_dtype]
+
+
+def logits_bytes(cfg: Config, layout: Layout, rows: Optional[int] = None) -> float:
+  """float32 logits and their gradient, vocabulary sharded over 'tensor'."""
+  n = (rows_per_device(cfg, layout) if rows is None else rows) * cfg.data.seq_len
   return 2 * n * cfg.model.vocab_size / layout.size("tensor") * 4
+
+
+def _gathered_layers(cfg: Config, layout: Layout) -> int:
+  """Blocks whose gathered weights are alive at once: 3 (in use, prefetched, one unreduced
+  gradient); a pipeline stage that gathers once per repeat keeps its repeat's Lc layers for the
+  M iterations that use them, plus the prefetched and the gradient ones."""
+  if layout.stages == 1 or layout.size("fsdp") == 1:
+    return 3
+  return pp.layers_per_device(cfg.model.num_layers, layout.stages, layout.repeats) \
+      // layout.repeats + 2
+
+
+def _regrouped_weights(layout: Layout, shards: ParamShards, p: int) -> float:
+  """With R > 1 repeats, this codebase's compiled step holds ~(R - 1) extra copies of the
+  device's stacked weights (param dtype): measured, not derived. MAI-1 dense at 30 layers on 8
+  CPU devices compiles to a peak ~14 stacked-weight copies above the plan without this term
+  (R = 15), at d_model 256 ~15 (R = 15) and ~1.6 (R = 3). pipeline._regroup_for_repeats (the
+  [L] -> [R, S, Lc] all_to_all and its one-hot selects) is the suspect; docs/planner.md."""
+  if layout.stages == 1 or layout.repeats == 1 or not layout.impl.stage_checkpointed:
+    return 0.0
+  return (layout.repeats - 1) * shards.stacked * p
 
 
 def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
@@ -355,7 +467,8 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
       "optimizer": 2 * shards.per_device * p,
       "master_params": 0,
       "activations": int(activation_bytes(cfg, layout, attention, expert_ffn)),
-      "temporaries": int(3 * shards.per_layer_gathered * c + workspace),
+      "temporaries": int(_gathered_layers(cfg, layout) * shards.per_layer_gathered * c
+                         + _regrouped_weights(layout, shards, p) + workspace),
       # inputs, targets, segment_ids, positions: int32 [rows, T] per microbatch
       "batch": 4 * 4 * rows_per_device(cfg, layout) * layout.microbatches * cfg.data.seq_len,
   }
@@ -385,29 +498,44 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   """Bytes each device sends per step on each mesh axis, the link it uses and the time it takes.
 
   ring all-gather / reduce-scatter of S bytes over n ranks: S (n-1)/n per device;
-  all-reduce: 2 S (n-1)/n. Per microbatch (the step accumulates inside a scan, so every collective
-  runs once per microbatch):
+  all-reduce: 2 S (n-1)/n. Per accumulation microbatch (the step accumulates inside a scan, so
+  every collective runs once per microbatch); Ld = the layers one device computes
+  (plan_pipeline.layers_per_device: L without stages):
     fsdp:   each block's weights all-gathered for the forward and again for the backward, its
-            gradient reduce-scattered, in WIRE_DTYPE; overlapped.
+            gradient reduce-scattered, in WIRE_DTYPE; overlapped. With stages, once per repeat
+            (each layer belongs to one repeat), not once per pipeline microbatch.
     data:   all-reduce of the gradient shards, in WIRE_DTYPE; overlapped with the backward.
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
             2 more for the full-remat recompute, plus 2 for the vocab-sharded embedding/unembedding;
             on the critical path (not overlapped).
     expert: MoE all-to-all (moe_communication), on the critical path.
+    stage:  the stage-to-stage sends (plan_pipeline.p2p_bytes) and, with the head replicated over
+            stages, the broadcast of the last stage's output; exposed unless the implementation
+            overlaps its sends (plan_pipeline.PipelineImpl).
   """
   m, c = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype]
   w = DTYPE_BYTES[cfg.model.compute_dtype if WIRE_DTYPE == "compute" else cfg.model.param_dtype]
-  M, L = layout.microbatches, m.num_layers
+  M, S, R, Mp = layout.microbatches, layout.stages, layout.repeats, layout.pipeline_microbatches
+  Ld = pp.layers_per_device(m.num_layers, S, R)
   shards = param_shards(cfg, layout)
-  n_tokens = rows_per_device(cfg, layout) * cfg.data.seq_len
+  rows = rows_per_device(cfg, layout)
+  n_tokens = rows * cfg.data.seq_len
   f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
-  tensor_calls = (6 if layout.remat == "full" else 4) * L + 2
+  per_layer = 6 if layout.remat == "full" else 4
+  stage_bytes, stage_calls = 0.0, 0
+  if S > 1:
+    b = pipeline_rows_per_device(cfg, layout)
+    stage_bytes = M * (pp.p2p_bytes(b, cfg.data.seq_len, m.d_model, c, t, S, R, Mp, layout.impl)
+                       + pp.head_broadcast_bytes(rows, cfg.data.seq_len, m.d_model, c, S,
+                                                 layout.impl))
+    stage_calls = M * (pp.p2p_sends(S, R, Mp, layout.impl) + 1)
   plan = {
-      "fsdp": (3 * M * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * L, True),
-      "data": (2 * M * shards.per_device * w * (d - 1) / d, M * L, True),
-      "tensor": (tensor_calls * M * 2 * n_tokens * m.d_model * c * (t - 1) / t, tensor_calls * M,
-                 False),
+      "fsdp": (3 * M * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * Ld, True),
+      "data": (2 * M * shards.per_device * w * (d - 1) / d, M * Ld, True),
+      "tensor": ((per_layer * Ld + 2) * M * 2 * n_tokens * m.d_model * c * (t - 1) / t,
+                 (per_layer * Ld * Mp + 2) * M, False),
       "expert": (0.0, 0, False),
+      "stage": (stage_bytes, stage_calls, layout.impl.p2p_overlapped),
   }
   if is_moe(m):
     plan["expert"] = moe_communication(cfg, layout)
@@ -418,8 +546,9 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
     bandwidth = gpu.nvlink_bandwidth if link == "nvlink" else gpu.internode_bandwidth
     seconds = 0.0
     if size > 1 and nbytes:
+      hops = 1 if axis == "stage" else math.ceil(math.log2(size))  # point-to-point sends
       seconds = (nbytes / (bandwidth * COLLECTIVE_EFFICIENCY)
-                 + calls * COLLECTIVE_LATENCY_S[link] * math.ceil(math.log2(size)))
+                 + calls * COLLECTIVE_LATENCY_S[link] * hops)
     out[axis] = {"size": size, "bytes": int(nbytes), "link": link, "time_s": seconds,
                  "overlapped": overlapped}
   return out
@@ -460,10 +589,17 @@ class Plan:
   tokens_per_step: int
   mfu: float
   token_budget: int
+  compute_times: dict = dataclasses.field(default_factory=dict)
 
   @property
   def fits(self) -> bool:
     return self.memory["total"] <= self.usable_hbm_bytes
+
+  @property
+  def bubble_fraction(self) -> float:
+    S = self.layout.stages
+    return bubble_fraction(S, self.layout.repeats, self.layout.pipeline_microbatches) if S > 1 \
+        else 0.0
 
   @property
   def tokens_per_day(self) -> float:
@@ -486,6 +622,10 @@ class Plan:
         "tokens_per_step": self.tokens_per_step, "mfu": self.mfu,
         "tokens_per_day": self.tokens_per_day, "token_budget": self.token_budget,
         "days_to_train": self.days_to_train,
+        "repeats": self.layout.repeats,
+        "pipeline_microbatches": self.layout.pipeline_microbatches,
+        "bubble_fraction": self.bubble_fraction,
+        "compute_times_s": dict(self.compute_times),
     }
 
 
@@ -498,159 +638,106 @@ def gpu_spec(name: str) -> hardware.GpuSpec:
 
 def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
          attention: str = "flash") -> Plan:
-  """Plans `cfg` on `num_gpus` GPUs of type `gpu` with `layout` (default: the config's own)."""
+  """Plans `cfg` on `num_gpus` GPUs of type `gpu` with `layout` (default: the config's own).
+
+  step = max(compute, overlapped communication) + exposed communication, where compute is
+  compute_times' total and the exposed tensor all-reduces, which run inside the pipeline's
+  iterations, are stretched by the bubble as the blocks are."""
   spec = gpu_spec(gpu)
   layout = layout or layout_of(cfg, num_gpus)
-  _refuse_pipeline_stages(layout)
   total, active = param_counts(cfg.model)
   model_flops = flops_per_token(cfg)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-  hardware_flops = tokens_per_step * (model_flops + recompute_flops_per_token(cfg, layout.remat))
-  compute_s = hardware_flops / num_gpus / (spec.peak_bf16_flops * MATMUL_EFFICIENCY)
+  memory = memory_per_device(cfg, layout, attention)
+  times = compute_times(cfg, layout, spec)
+  compute_s = times["total"]
   comm = communication(cfg, layout, spec)
+  stretch = times["pipeline_stretch"]
   overlapped = sum(v["time_s"] for v in comm.values() if v["overlapped"])
-  exposed = sum(v["time_s"] for v in comm.values() if not v["overlapped"])
+  exposed = sum(v["time_s"] * (stretch if a == "tensor" else 1.0)
+                for a, v in comm.items() if not v["overlapped"])
   step_s = max(compute_s, overlapped) + exposed
   mfu = tokens_per_step * model_flops / (step_s * num_gpus * spec.peak_bf16_flops)
   return Plan(gpu=gpu, num_gpus=num_gpus, layout=layout, params_total=total, params_active=active,
-              flops_per_token=model_flops, memory=memory_per_device(cfg, layout, attention),
+              flops_per_token=model_flops, memory=memory,
               usable_hbm_bytes=int(spec.hbm_bytes * USABLE_HBM_FRACTION), communication=comm,
               compute_time_s=compute_s, step_time_s=step_s,
               step_time_no_overlap_s=compute_s + overlapped + exposed,
-              tokens_per_step=tokens_per_step, mfu=mfu, token_budget=config_lib.token_budget(cfg))
+              tokens_per_step=tokens_per_step, mfu=mfu, token_budget=config_lib.token_budget(cfg),
+              compute_times=times)
 
 
-def _refuse_pipeline_stages(layout: Layout) -> None:
-  """The cost model has no pipeline terms yet (bubble, stage-to-stage sends, per-stage memory):
-  a plan for mesh.stage > 1 would be silently wrong, so it is refused."""
-  if layout.size("stage") > 1:
-    raise config_lib.ConfigError(f"mesh.stage={layout.size('stage')}: the planner does not model "
-                                 f"pipeline stages yet; plan with mesh.stage=1")
+def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[str, float]:
+  """Seconds one device computes per step, by kind (docs/planner.md "Time").
 
-
-# ----------------------------------------------------------------------------------------------
-# Search
-
-
-def candidate_meshes(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
-  """Every {axis: size} mesh for `num_gpus` that the model allows, whatever the batch.
-
-  tensor stays inside a node and divides the query heads; expert keeps the config's size (MoE
-  layouts are chosen with the expert count); fsdp x data take the rest.
+  With tokens = rows_per_device x microbatches x T (what one tensor group of one stage works
+  on), Ld / L the share of the layers it holds and t the tensor size:
+    gemm:        tokens (Ld / L) (6 N_blocks + remat recompute 2 N_blocks) / t
+                 / (peak GEMM_EFFICIENCY m / (m + GEMM_HALF_DIM)), m the smallest GEMM dimension
+                 (pipeline microbatch tokens, D, H K / t, F / t);
+    attention:   tokens (Ld / L) (6 + 2 with remat) L T H K / t / (peak ATTENTION_EFFICIENCY);
+    elementwise: tokens Ld c (10 D + 2 (H + KV) K / t + 3 F / t) x (3 passes: forward and
+                 backward; 4 with remat) / (HBM bandwidth HBM_EFFICIENCY);
+    head:        the unembedding GEMM (6 V D / t per token) and the float32 cross-entropy
+                 (4 passes over V / t logits), on every stage when the head is replicated over
+                 stages, once (1 / S of it per device) when it sits on the last stage;
+    optimizer:   AdamW reads p, g, mu, nu and writes p, mu, nu: 7 p bytes per local parameter.
+  The block terms are stretched by the bubble, 1 / (1 - (S-1)/(R M + S - 1)).
   """
-  expert = cfg.mesh.expert if cfg.mesh.expert > 0 else 1
-  if num_gpus % expert:
-    return
-  for tensor in (1, 2, 4, 8):
-    if tensor > gpu.gpus_per_node or num_gpus % (tensor * expert) or cfg.model.num_heads % tensor:
-      continue
-    rest = num_gpus // (tensor * expert)
-    for fsdp in _divisors(rest):
-      yield {"data": rest // fsdp, "stage": 1, "fsdp": fsdp, "expert": expert,
-             "tensor": tensor}
+  m, S, R = cfg.model, layout.stages, layout.repeats
+  t, c, T = layout.size("tensor"), DTYPE_BYTES[m.compute_dtype], cfg.data.seq_len
+  peak = gpu.peak_bf16_flops
+  rows = rows_per_device(cfg, layout)
+  tokens = rows * layout.microbatches * T
+  Ld = pp.layers_per_device(m.num_layers, S, R)
+  share = Ld / m.num_layers
+  _, active = param_counts(m)
+  head_params = m.vocab_size * m.d_model
+  block_params = metrics.matmul_params(m, active) - head_params
+  gemm_forwards, attention_forwards = recompute_forwards(layout)
+  gemm_flops = (6 + 2 * gemm_forwards) * block_params
+  attention_flops = (6 + 2 * attention_forwards) * m.num_layers * T * m.num_heads * m.head_dim
+  F = ffn_width(m)
+  ffn_gemm = F if not is_moe(m) else _expert_width(m)
+  micro_tokens = (pipeline_rows_per_device(cfg, layout) if S > 1 else rows) * T
+  smallest = min(micro_tokens, m.d_model, m.num_heads * m.head_dim / t, ffn_gemm / t)
+  gemm_rate = peak * GEMM_EFFICIENCY * smallest / (smallest + GEMM_HALF_DIM)
+  hbm = gpu.hbm_bandwidth * HBM_EFFICIENCY
+  passes = 3 + (1 if layout.remat != "none" else 0)
+  elementwise_per_layer = c * (10 * m.d_model + 2 * (m.num_heads + m.num_kv_heads) * m.head_dim / t
+                               + 3 * F / t)
+  out = {
+      "gemm": tokens * share * gemm_flops / t / gemm_rate,
+      "attention": tokens * share * attention_flops / t / (peak * ATTENTION_EFFICIENCY),
+      "elementwise": tokens * Ld * elementwise_per_layer * passes / hbm,
+  }
+  head_share = 1.0 / S if layout.impl.head_on_last_stage else 1.0
+  out["head"] = head_share * tokens * (6 * head_params / t / gemm_rate
+                                       + 4 * 4 * m.vocab_size / t / hbm)
+  out["optimizer"] = 7 * param_shards(cfg, layout).per_device * DTYPE_BYTES[m.param_dtype] / hbm
+  stretch = pp.stretch(S, R, layout.pipeline_microbatches) if S > 1 else 1.0
+  out["bubble"] = (stretch - 1.0) * (out["gemm"] + out["attention"] + out["elementwise"])
+  out["total"] = sum(out.values())
+  out["pipeline_stretch"] = stretch
+  return out
 
 
-def batch_shards(cfg: Config, sizes: dict[str, int]) -> int:
-  """Devices the batch is split over on a mesh of `sizes` (the 'batch' rule's axes)."""
-  return math.prod(sizes[a] for a in dict(cfg.mesh.rules).get("batch", ()))
+def recompute_forwards(layout: Layout) -> tuple[int, int]:
+  """(extra forward passes of the block GEMMs, of the attention core) that remat costs.
+
+  Without stages: full recomputes each block once (1, 1); dots saves the projection outputs and
+  recomputes the attention core (0, 1); none (0, 0). A pipeline whose iterations are
+  checkpointed as a whole (PipelineImpl.stage_checkpointed, this codebase) recomputes its stage
+  once more on top (nested remat: the outer recompute runs the blocks' forward, and full remat
+  inside it recomputes each block again in its backward): full (2, 2), dots (1, 2).
+  """
+  gemm = 1 if layout.remat == "full" else 0
+  attention = 1 if layout.remat != "none" else 0
+  if layout.stages > 1 and layout.remat != "none" and layout.impl.stage_checkpointed:
+    gemm, attention = gemm + 1, attention + 1
+  return gemm, attention
 
 
-def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
-  """Every candidate mesh x remat x microbatches whose batch split is even."""
-  for sizes in candidate_meshes(cfg, num_gpus, gpu):
-    shards = batch_shards(cfg, sizes)
-    for micro in _divisors(cfg.train.global_batch_size):
-      if (cfg.train.global_batch_size // micro) % shards:
-        continue
-      for remat in REMATS:
-        yield Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), remat, micro)
-
-
-def search_any_batch(cfg: Config, gpu: str, num_gpus: int, top: int = 10,
-                     attention: str = "flash") -> tuple[list[Plan], Optional[str]]:
-  """(search(...), note): the search at the config's batch, or, when no layout of `num_gpus`
-  splits it, at the nearest batch that one does (same token budget), with a note saying so."""
-  batch = searchable_batch(cfg, gpu, num_gpus)
-  if batch == cfg.train.global_batch_size:
-    return search(cfg, gpu, num_gpus, top, attention), None
-  train = dataclasses.replace(cfg.train, global_batch_size=batch,
-                              token_budget=config_lib.token_budget(cfg))
-  note = (f"train.global_batch_size={cfg.train.global_batch_size} splits evenly over no layout of "
-          f"{num_gpus} GPUs; ranking layouts at the nearest batch that does: {batch} "
-          f"(--config.train.global_batch_size={batch}, {batch * cfg.data.seq_len:,} tokens/step)")
-  return search(dataclasses.replace(cfg, train=train), gpu, num_gpus, top, attention), note
-
-
-def searchable_batch(cfg: Config, gpu: str, num_gpus: int) -> int:
-  """train.global_batch_size if some candidate layout splits it evenly over `num_gpus`, else the
-  nearest batch that one does (a planner answers "how would this run on N GPUs" even when the
-  config's batch was chosen for another count)."""
-  units = {batch_shards(cfg, sizes) for sizes in candidate_meshes(cfg, num_gpus, gpu_spec(gpu))}
-  batch = cfg.train.global_batch_size
-  if not units or any(batch % unit == 0 for unit in units):
-    return batch
-  return min((config_lib.nearest_multiple(batch, u) for u in units),
-             key=lambda b: (abs(b - batch), -b))
-
-
-def _divisors(n: int) -> list[int]:
-  return [k for k in range(1, n + 1) if n % k == 0]
-
-
-def search(cfg: Config, gpu: str, num_gpus: int, top: int = 10,
-           attention: str = "flash") -> list[Plan]:
-  """The fitting layouts, fastest first (ties: less memory)."""
-  spec = gpu_spec(gpu)
-  plans = [plan(cfg, gpu, num_gpus, layout, attention)
-           for layout in candidate_layouts(cfg, num_gpus, spec)]
-  fitting = [p for p in plans if p.fits]
-  fitting.sort(key=lambda p: (p.step_time_s, p.memory["total"]))
-  return fitting[:top]
-
-
-# ----------------------------------------------------------------------------------------------
-# Human-readable output
-
-
-def _gb(nbytes: float) -> str:
-  return f"{nbytes / 1e9:.2f} GB"
-
-
-def format_plan(p: Plan) -> str:
-  mesh = " ".join(f"{a}={s}" for a, s in p.layout.mesh)
-  lines = [
-      f"{p.num_gpus} x {hardware.GPUS[p.gpu].name}   mesh {mesh}   remat={p.layout.remat}   "
-      f"microbatches={p.layout.microbatches}",
-      f"params total {p.params_total:,}   active {p.params_active:,}   "
-      f"FLOPs/token {p.flops_per_token:.4g}",
-      "memory per device:",
-  ]
-  for key, value in p.memory.items():
-    lines.append(f"  {key:<14} {_gb(value):>12}")
-  lines.append(f"  {'usable HBM':<14} {_gb(p.usable_hbm_bytes):>12}   "
-               f"{'fits' if p.fits else 'DOES NOT FIT'}")
-  lines.append("communication per step:")
-  for axis, v in p.communication.items():
-    lines.append(f"  {axis:<7} size {v['size']:<6} {_gb(v['bytes']):>12} over {v['link']:<9} "
-                 f"{v['time_s']:8.3f} s {'(overlapped)' if v['overlapped'] else '(exposed)'}")
-  lines += [
-      f"compute {p.compute_time_s:.3f} s   step {p.step_time_s:.3f} s "
-      f"(no overlap {p.step_time_no_overlap_s:.3f} s)   MFU {p.mfu:.1%}",
-      f"tokens/step {p.tokens_per_step:,}   tokens/day {p.tokens_per_day:.4g}   "
-      f"budget {p.token_budget:.4g} tokens -> {p.days_to_train:.1f} days",
-  ]
-  return "\n".join(lines)
-
-
-def format_search(plans: list[Plan]) -> str:
-  if not plans:
-    return "no layout fits"
-  header = (f"{'rank':>4} {'data':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} {'remat':>5} {'micro':>5} "
-            f"{'mem/dev':>10} {'step s':>8} {'MFU':>6} {'days':>7}")
-  rows = [header]
-  for i, p in enumerate(plans, 1):
-    s = dict(p.layout.mesh)
-    rows.append(f"{i:>4} {s['data']:>5} {s['fsdp']:>5} {s['expert']:>4} {s['tensor']:>3} "
-                f"{p.layout.remat:>5} {p.layout.microbatches:>5} {_gb(p.memory['total']):>10} "
-                f"{p.step_time_s:>8.3f} {p.mfu:>6.1%} {p.days_to_train:>7.1f}")
-  return "\n".join(rows)
+def _expert_width(model: ModelConfig) -> float:
+  from mai_jax.model.moe import expert_d_ff
+  return float(expert_d_ff(model))

@@ -69,7 +69,10 @@ def test_ci_variant_keeps_the_pattern_on_8_devices(name):
   assert ci.model == full.model
   full_sizes = C.mesh_shape(full.mesh, full.mesh.target_num_gpus)
   ci_sizes = C.mesh_shape(ci.mesh, 8)
-  assert {a for a, s in ci_sizes.items() if s > 1} == {a for a, s in full_sizes.items() if s > 1}
+  active = {a for a, s in full_sizes.items() if s > 1}
+  if len(active) > 3:  # 8 devices hold three axes of 2: the outermost (data, replicas) goes
+    active.discard("data")
+  assert {a for a, s in ci_sizes.items() if s > 1} == active
   # per-device rows per microbatch are those of the full layout
   full_layout, ci_layout = P.layout_of(full, full.mesh.target_num_gpus), P.layout_of(ci, 8)
   assert P.rows_per_device(ci, ci_layout) == P.rows_per_device(full, full_layout)

@@ -1,0 +1,200 @@
+"""`mai-jax plan --search` and the planner's text output: the candidate layouts of a config on N
+GPUs (mesh x remat x microbatches x pipeline schedule), ranked by plan.plan's step time.
+
+Why apart from plan.py: the cost model answers "what does this layout cost"; this module decides
+which layouts are worth asking about (the pruning that keeps a 15,360-GPU search at ~1-3 s) and
+how answers are printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from mai_jax import config as config_lib
+from mai_jax import hardware
+from mai_jax.config import Config
+from mai_jax.plan import (REMATS, USABLE_HBM_FRACTION, Layout, Plan, gpu_spec, is_moe,
+                          memory_per_device, plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Search
+
+
+# --search's pipeline candidates: stages up to MAX_STAGES (each needs a copy of the head's work
+# and adds a bubble), repeats up to MAX_REPEATS, at most MAX_PIPELINE_MICROBATCH_CHOICES
+# pipeline microbatch counts (the smallest divisors >= S: more only adds saved stage inputs).
+MAX_STAGES = 32
+MAX_REPEATS = 16
+MAX_PIPELINE_MICROBATCH_CHOICES = 4
+MAX_ACCUMULATION = 16
+
+
+def candidate_meshes(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
+  """Every {axis: size} mesh for `num_gpus` that the model allows, whatever the batch.
+
+  tensor stays inside a node and divides the query heads; expert keeps the config's size (MoE
+  layouts are chosen with the expert count); stage divides the layers (dense models only, up to
+  MAX_STAGES); fsdp x data take the rest.
+  """
+  expert = cfg.mesh.expert if cfg.mesh.expert > 0 else 1
+  if num_gpus % expert:
+    return
+  for tensor in (1, 2, 4, 8):
+    if tensor > gpu.gpus_per_node or num_gpus % (tensor * expert) or cfg.model.num_heads % tensor:
+      continue
+    rest = num_gpus // (tensor * expert)
+    for stage in _divisors(rest):
+      if stage > 1 and (stage > MAX_STAGES or is_moe(cfg.model) or not cfg.model.scan_layers
+                        or cfg.model.num_layers % stage):
+        continue
+      for fsdp in _divisors(rest // stage):
+        yield {"data": rest // (stage * fsdp), "stage": stage, "fsdp": fsdp, "expert": expert,
+               "tensor": tensor}
+
+
+def batch_shards(cfg: Config, sizes: dict[str, int]) -> int:
+  """Devices the batch is split over on a mesh of `sizes` (the 'batch' rule's axes)."""
+  return math.prod(sizes[a] for a in dict(cfg.mesh.rules).get("batch", ()))
+
+
+def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
+  """Every candidate mesh x remat x microbatches whose batch split is even; with stages, every
+  repeat count that divides the layers per stage (up to MAX_REPEATS) x the smallest pipeline
+  microbatch counts >= S that divide the rows, under a few gradient-accumulation counts
+  (_accumulation_choices)."""
+  batch = cfg.train.global_batch_size
+  for sizes in candidate_meshes(cfg, num_gpus, gpu):
+    shards, stage = batch_shards(cfg, sizes), sizes["stage"]
+    mesh = tuple((a, sizes[a]) for a in config_lib.MESH_AXES)
+    if stage > 1:
+      if batch % shards:
+        continue
+      repeats = [r for r in _divisors(cfg.model.num_layers // stage) if r <= MAX_REPEATS]
+      for accumulate in _accumulation_choices(batch // shards, stage):
+        rows = batch // shards // accumulate
+        micros = [k for k in _divisors(rows) if k >= stage]
+        for pipe in micros[:MAX_PIPELINE_MICROBATCH_CHOICES]:
+          for r in repeats:
+            for remat in REMATS:
+              yield Layout(mesh, remat, accumulate, r, pipe)
+      continue
+    for micro in _divisors(batch):
+      if (batch // micro) % shards:
+        continue
+      for remat in REMATS:
+        yield Layout(mesh, remat, micro)
+
+
+def _accumulation_choices(rows: int, stages: int) -> list[int]:
+  """Gradient accumulation under stages: 1, and powers of two while each accumulation
+  microbatch keeps >= `stages` rows per device. An accumulation microbatch refills the pipeline
+  (its bubble again), so it only earns its place when one pipeline run of all the rows does not
+  fit; the memory filter in `search` drops the rest before they are timed."""
+  out, k = [1], 2
+  while k <= MAX_ACCUMULATION and rows % k == 0 and rows // k >= stages:
+    out.append(k)
+    k *= 2
+  return out
+
+
+def search_any_batch(cfg: Config, gpu: str, num_gpus: int, top: int = 10,
+                     attention: str = "flash") -> tuple[list[Plan], Optional[str]]:
+  """(search(...), note): the search at the config's batch, or, when no layout of `num_gpus`
+  splits it, at the nearest batch that one does (same token budget), with a note saying so."""
+  batch = searchable_batch(cfg, gpu, num_gpus)
+  if batch == cfg.train.global_batch_size:
+    return search(cfg, gpu, num_gpus, top, attention), None
+  train = dataclasses.replace(cfg.train, global_batch_size=batch,
+                              token_budget=config_lib.token_budget(cfg))
+  note = (f"train.global_batch_size={cfg.train.global_batch_size} splits evenly over no layout of "
+          f"{num_gpus} GPUs; ranking layouts at the nearest batch that does: {batch} "
+          f"(--config.train.global_batch_size={batch}, {batch * cfg.data.seq_len:,} tokens/step)")
+  return search(dataclasses.replace(cfg, train=train), gpu, num_gpus, top, attention), note
+
+
+def searchable_batch(cfg: Config, gpu: str, num_gpus: int) -> int:
+  """train.global_batch_size if some candidate layout splits it evenly over `num_gpus`, else the
+  nearest batch that one does (a planner answers "how would this run on N GPUs" even when the
+  config's batch was chosen for another count)."""
+  units = {batch_shards(cfg, sizes) for sizes in candidate_meshes(cfg, num_gpus, gpu_spec(gpu))}
+  batch = cfg.train.global_batch_size
+  if not units or any(batch % unit == 0 for unit in units):
+    return batch
+  return min((config_lib.nearest_multiple(batch, u) for u in units),
+             key=lambda b: (abs(b - batch), -b))
+
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def search(cfg: Config, gpu: str, num_gpus: int, top: int = 10,
+           attention: str = "flash") -> list[Plan]:
+  """The fitting layouts, fastest first (ties: less memory)."""
+  spec = gpu_spec(gpu)
+  usable = spec.hbm_bytes * USABLE_HBM_FRACTION
+  fitting = [plan(cfg, gpu, num_gpus, layout, attention)
+             for layout in candidate_layouts(cfg, num_gpus, spec)
+             if memory_per_device(cfg, layout, attention)["total"] <= usable]
+  fitting.sort(key=lambda p: (p.step_time_s, p.memory["total"]))
+  return fitting[:top]
+
+
+# ----------------------------------------------------------------------------------------------
+# Human-readable output
+
+
+def _gb(nbytes: float) -> str:
+  return f"{nbytes / 1e9:.2f} GB"
+
+
+def format_plan(p: Plan) -> str:
+  mesh = " ".join(f"{a}={s}" for a, s in p.layout.mesh)
+  lines = [
+      f"{p.num_gpus} x {hardware.GPUS[p.gpu].name}   mesh {mesh}   remat={p.layout.remat}   "
+      f"microbatches={p.layout.microbatches}",
+      *([f"pipeline: {p.layout.stages} stages x {p.layout.repeats} repeats, "
+         f"{p.layout.pipeline_microbatches} pipeline microbatches, bubble "
+         f"{p.bubble_fraction:.1%}"] if p.layout.stages > 1 else []),
+      f"params total {p.params_total:,}   active {p.params_active:,}   "
+      f"FLOPs/token {p.flops_per_token:.4g}",
+      "memory per device:",
+  ]
+  for key, value in p.memory.items():
+    lines.append(f"  {key:<14} {_gb(value):>12}")
+  lines.append(f"  {'usable HBM':<14} {_gb(p.usable_hbm_bytes):>12}   "
+               f"{'fits' if p.fits else 'DOES NOT FIT'}")
+  lines.append("communication per step:")
+  for axis, v in p.communication.items():
+    lines.append(f"  {axis:<7} size {v['size']:<6} {_gb(v['bytes']):>12} over {v['link']:<9} "
+                 f"{v['time_s']:8.3f} s {'(overlapped)' if v['overlapped'] else '(exposed)'}")
+  parts = "  ".join(f"{k} {v:.3f}" for k, v in p.compute_times.items()
+                    if k not in ("total", "pipeline_stretch"))
+  lines += [
+      f"compute per device (s): {parts}",
+      f"compute {p.compute_time_s:.3f} s   step {p.step_time_s:.3f} s "
+      f"(no overlap {p.step_time_no_overlap_s:.3f} s)   MFU {p.mfu:.1%}",
+      f"tokens/step {p.tokens_per_step:,}   tokens/day {p.tokens_per_day:.4g}   "
+      f"budget {p.token_budget:.4g} tokens -> {p.days_to_train:.1f} days",
+  ]
+  return "\n".join(lines)
+
+
+def format_search(plans: list[Plan]) -> str:
+  if not plans:
+    return "no layout fits"
+  header = (f"{'rank':>4} {'data':>5} {'stage':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} {'rep':>3} "
+            f"{'pmb':>4} {'remat':>5} {'micro':>5} {'mem/dev':>10} {'step s':>8} {'bubble':>6} "
+            f"{'MFU':>6} {'days':>7}")
+  rows = [header]
+  for i, p in enumerate(plans, 1):
+    s = dict(p.layout.mesh)
+    rows.append(f"{i:>4} {s['data']:>5} {s['stage']:>5} {s['fsdp']:>5} {s['expert']:>4} "
+                f"{s['tensor']:>3} {p.layout.repeats:>3} {p.layout.pipeline_microbatches:>4} "
+                f"{p.layout.remat:>5} {p.layout.microbatches:>5} {_gb(p.memory['total']):>10} "
+                f"{p.step_time_s:>8.3f} {p.bubble_fraction:>6.1%} {p.mfu:>6.1%} "
+                f"{p.days_to_train:>7.1f}")
+  return "\n".join(rows)
