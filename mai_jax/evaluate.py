@@ -230,12 +230,17 @@ def evaluate_workdir(workdir: str, cfg: Optional[Config] = None,
       results["tasks"][name] = score_task(model, tokenizer, examples,
                                           batch_size=cfg.train.global_batch_size,
                                           max_len=cfg.data.seq_len)
+  write_results(workdir, results)
+  return results
+
+
+def write_results(workdir: str, results: dict) -> None:
+  """WORKDIR/eval.json, atomically, on process 0."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, RESULTS_FILE)
     with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
-  return results
 
 
 def format_table(results: dict) -> str:

@@ -108,12 +108,12 @@ def env(tmp_path_factory):
 NAMES = ["toy_mc", "toy_gen", "toy_text"]
 
 
-def _harness_run(model, model_args, tasks_dir):
+def _harness_run(model, model_args, tasks_dir, batch_size=4):
   from lm_eval import evaluator
   from lm_eval.api.registry import get_model
 
   import mai_jax.harness.model  # noqa: F401  (registers mai_jax)
-  lm = get_model(model).create_from_arg_string(model_args, {"batch_size": 4})
+  lm = get_model(model).create_from_arg_string(model_args, {"batch_size": batch_size})
   return evaluator.evaluate(lm=lm, task_dict=harness_tasks.load_tasks(NAMES, tasks_dir),
                             log_samples=True, bootstrap_iters=0)
 
@@ -200,7 +200,7 @@ def test_train_evals_log_task_metrics_under_tasks_prefix(env, both):
 
 @pytest.mark.parametrize("break_it,message", [
     ("missing", "lm-eval task toy_mc does not load (FileNotFoundError"),
-    ("malformed", "unknown lm-eval task(s) toy_mc"),
+    ("malformed", "unknown lm-eval task(s) toy_mc: {bad}/mc.yaml does not parse as YAML"),
     ("unknown", "unknown lm-eval task(s) no_such_task"),
 ])
 def test_a_bad_task_is_a_one_line_error(env, tmp_path, capsys, break_it, message):
@@ -217,5 +217,75 @@ def test_a_bad_task_is_a_one_line_error(env, tmp_path, capsys, break_it, message
   before = os.listdir(wd)
   assert cli.main(["eval", "--workdir", wd, "--tasks", name, "--include-path", str(bad)]) == 2
   err = capsys.readouterr().err.strip()
-  assert err.startswith(f"mai-jax: error: {message}") and "\n" not in err, err
+  assert err.startswith(f"mai-jax: error: {message.format(bad=bad)}") and "\n" not in err, err
   assert os.listdir(wd) == before
+
+
+def test_eval_tokens_sets_the_validation_batches_whatever_the_training_batch():
+  from mai_jax import config as C
+  from mai_jax.data.batches import eval_batch_count
+  cfg = C.Config()
+  with_size = lambda tokens, rows, seq: C.apply_overrides(cfg, {
+      "data.eval_tokens": str(tokens), "train.global_batch_size": str(rows),
+      "data.seq_len": str(seq), "train.eval_batches": "8"})
+  assert eval_batch_count(with_size(0, 4, 16)) == 8  # 0: train.eval_batches
+  assert eval_batch_count(with_size(1000, 4, 16)) == 16  # ceil(1000 / 64)
+  assert eval_batch_count(with_size(1000, 32, 16)) == 2  # ceil(1000 / 512)
+  with pytest.raises(C.ConfigError, match="data.eval_tokens=-1 must be >= 0"):
+    C.validate(with_size(-1, 4, 16))
+
+
+_HARNESS_ON_ONE_DEVICE = """
+import json, os, sys
+from mai_jax import cli
+run, tasks, out = sys.argv[1:4]
+rc = cli.main(["eval", "--workdir", run, "--tasks", "toy_mc", "--include-path", tasks])
+sys.argv = ["lm_eval", "--model", "mai_jax", "--model_args", "workdir=" + run, "--tasks",
+            "toy_mc", "--include_path", tasks, "--output_path", out, "--log_samples"]
+from mai_jax.harness.__main__ import main
+print("RCS " + json.dumps([rc, main()]))
+"""
+
+
+@pytest.mark.slow  # a tiny tensor=2 training run with task evals, then a 1-device reader (~60 s)
+def test_a_tensor_2_run_logs_task_evals_and_reads_on_one_device(env, tmp_path):
+  import glob
+
+  from cli_runs import SMOKE, cli_env, metrics
+  from mai_jax import config as C
+  from mai_jax.train import loop as loop_lib
+  _, _, tasks_dir = env
+  cfg = C.apply_overrides(C.load_experiment(SMOKE), {
+      "model.num_layers": "1", "model.d_model": "32", "model.num_heads": "2",
+      "model.num_kv_heads": "2", "model.head_dim": "16", "model.d_ff": "64",
+      "model.remat": "'none'", "data.seq_len": "16", "data.max_files": "20",
+      "data.val_fraction": "0.3", "data.tokenizer_train_chars": "60000", "train.num_steps": "2",
+      "train.eval_every": "1", "train.eval_batches": "1", "data.eval_tokens": "200", "mesh.tensor": "2", "train.eval_tasks": "('toy_mc',)",
+      "train.eval_tasks_path": repr(tasks_dir)})
+  C.validate(cfg)
+  run = tmp_path / "run"
+  loop_lib.train(cfg, str(run))
+  logged = {m["step"]: m for m in metrics(run) if "eval_loss" in m}
+  assert sorted(logged) == [1, 2]
+  rows = cfg.train.global_batch_size * cfg.data.seq_len
+  batches = -(-200 // rows)  # 2, whatever train.eval_batches says
+  for m in logged.values():
+    assert (batches - 1) * rows < m["eval_tokens"] <= batches * rows
+    assert 0 <= m["tasks/toy_mc/acc"] <= 1 and "tasks/toy_mc/acc_norm" in m
+  # The same docs scored by the tensor=2 model here (8 devices) and on 1 device (fitted mesh).
+  here = _harness_run("mai_jax", f"workdir={run}", tasks_dir,  # the loop's batch: compiled
+                      batch_size=cfg.train.global_batch_size)
+  assert here["results"]["toy_mc"]["acc,none"] == logged[2]["tasks/toy_mc/acc"]
+  proc = subprocess.run([sys.executable, "-c", _HARNESS_ON_ONE_DEVICE, str(run), tasks_dir,
+                         str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
+                        env=cli_env(devices=1), timeout=600)
+  assert "RCS [0, 0]" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "does not fit the 1 device(s) here" in proc.stderr
+  with open(run / "eval.json") as f:
+    assert json.load(f)["harness"]["toy_mc"]["acc"] == logged[2]["tasks/toy_mc/acc"]
+  [samples] = glob.glob(str(tmp_path / "out" / "**" / "samples_toy_mc_*.jsonl"), recursive=True)
+  with open(samples) as f:
+    one_device = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in map(json.loads, f)}
+  for doc_id, sample in _by_doc(here, "toy_mc").items():
+    np.testing.assert_allclose(one_device[doc_id], [r[0][0] for r in sample["resps"]],
+                               rtol=1e-5, atol=1e-5)

@@ -35,6 +35,8 @@ from mai_jax.model import count_params
 from mai_jax.train import step as step_lib
 
 DEFAULT_BATCH_SIZE = 16
+# What lm_eval's command line adds to every model's arguments; the mesh decides placement.
+HARNESS_EXTRAS = frozenset({"device", "max_batch_size"})
 
 
 def _flag(value, name: str) -> bool:
@@ -75,6 +77,11 @@ class MaiJaxLM(TemplateLM):
                max_length=None, add_bos_token=True, max_gen_toks=256, progress=True,
                _loaded=None, **unused):
     super().__init__()
+    unknown = sorted(set(unused) - HARNESS_EXTRAS)
+    if unknown:
+      raise ConfigError(f"--model_args {', '.join(unknown)}: not an argument of the mai_jax "
+                        f"model (workdir, step, batch_size, max_length, max_gen_toks, "
+                        f"add_bos_token, progress)")
     if _loaded is None:
       if not workdir:
         raise ConfigError("--model mai_jax needs --model_args workdir=DIR (a `mai-jax train` or "

@@ -51,11 +51,37 @@ def task_manager(names: Sequence[str], include_path: Optional[str] = None):
     manager = TaskManager(include_path=include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
   if unknown:
+    broken = _unparsable(include_path, unknown) if include_path else None
+    if broken:
+      raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: {broken[0]} does not "
+                        f"parse as YAML ({broken[1]}); fix it")
     where = f"in {include_path} or " if include_path else ""
     raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: none is defined "
                       f"{where}among lm-eval's tasks; check the name (`lm_eval ls tasks`) or "
                       f"the YAML's `task:` key, and pass its folder with --include-path")
   return manager
+
+
+def _unparsable(include_path: str, names: Sequence[str]) -> Optional[tuple[str, str]]:
+  """(file, error) of the first YAML file in include_path that mentions one of `names` and does
+  not parse (lm-eval skips such files silently, so the task just looks unknown)."""
+  import glob  # pylint: disable=import-outside-toplevel
+
+  import yaml  # pylint: disable=import-outside-toplevel
+
+  class AnyTag(yaml.SafeLoader):  # lm-eval YAML uses tags such as !function
+    pass
+  AnyTag.add_multi_constructor("", lambda loader, suffix, node: None)
+  for path in sorted(glob.glob(os.path.join(include_path, "**", "*.y*ml"), recursive=True)):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+    if not any(n in text for n in names):
+      continue
+    try:
+      yaml.load(text, Loader=AnyTag)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+      return path, " ".join(str(e).split())[:160]
+  return None
 
 
 def _mentioned_by_defaults(names: Sequence[str]) -> set[str]:
@@ -84,9 +110,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_tasks(names: Sequence[str], include_path: Optional[str] = None, *,
-               num_fewshot: Optional[int] = None):
-  """lm-eval's loaded task dict for `names`, datasets read; a bad task is a ConfigError."""
-  manager = task_manager(names, include_path)
+               num_fewshot: Optional[int] = None, manager=None):
+  """lm-eval's loaded task dict for `names`, datasets read; a bad task is a ConfigError.
+  `manager`: a task_manager(names, include_path) to reuse (indexing lm-eval's tasks is slow)."""
+  manager = manager if manager is not None else task_manager(names, include_path)
   loaded = {"tasks": {}}
   for name in names:  # one at a time, so an error names its task
     try:
@@ -148,10 +175,6 @@ def evaluate_workdir(workdir: str, tasks: Sequence[str], *, include_path: Option
                      batch_size: Optional[int] = None, progress: bool = True) -> dict:
   """`mai-jax eval --tasks`: lm-eval tasks on checkpoint `step` (default: the latest good one);
   {'step', 'tasks': {task: {metric: value}}}, also written to WORKDIR/eval.json."""
-  import json  # pylint: disable=import-outside-toplevel
-
-  import jax  # pylint: disable=import-outside-toplevel
-
   from mai_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
   from mai_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from mai_jax.harness.model import MaiJaxLM  # pylint: disable=import-outside-toplevel
@@ -162,11 +185,7 @@ def evaluate_workdir(workdir: str, tasks: Sequence[str], *, include_path: Option
                            batch_size=batch_size, progress=progress)
   summary = summarize(run(lm, loaded, limit=limit))
   results = {"step": step, "harness": summary}
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, evaluate_lib.RESULTS_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+  evaluate_lib.write_results(workdir, results)
   return results
 
 
@@ -175,17 +194,23 @@ class TrainEvals:
   built; `run(model)` scores the current params and returns {'tasks/TASK/METRIC': value}."""
 
   def __init__(self, cfg: Config, mesh, tokenizer):
+    import jax  # pylint: disable=import-outside-toplevel
     t = cfg.train
+    if jax.process_count() > 1:
+      raise ConfigError("train.eval_tasks runs on one process only for now; drop it for "
+                        "multi-host runs and evaluate checkpoints with `mai-jax eval --tasks`")
     self.cfg, self.mesh, self.tokenizer = cfg, mesh, tokenizer
     self.names = split_names(t.eval_tasks)
     self.include_path = t.eval_tasks_path or None
     self.limit = t.eval_tasks_limit or None
-    load_tasks(self.names, self.include_path)  # a bad task refuses the run here
+    self.manager = task_manager(self.names, self.include_path)
+    load_tasks(self.names, self.include_path, manager=self.manager)  # a bad task refuses the run
 
   def run(self, model) -> dict[str, float]:
     from mai_jax.harness.model import MaiJaxLM  # pylint: disable=import-outside-toplevel
     lm = MaiJaxLM.from_model(self.cfg, model, self.tokenizer, self.mesh,
                              batch_size=self.cfg.train.global_batch_size, progress=False)
-    summary = summarize(run(lm, load_tasks(self.names, self.include_path), limit=self.limit))
+    loaded = load_tasks(self.names, self.include_path, manager=self.manager)
+    summary = summarize(run(lm, loaded, limit=self.limit))
     return {f"tasks/{task}/{metric}": value for task, metrics in summary.items()
             for metric, value in metrics.items() if metric != "sample_len"}

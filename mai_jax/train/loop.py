@@ -146,7 +146,6 @@ class _Run:
     self.eval_batches = [step_lib.global_batch(b, self.trainer.batch_sharding, rows)  # placed once
                          for b in held_out]
     self.eval_tokens: Optional[int] = None  # tokens the last validation loss was measured on
-    self.tokenizer = tokenizer
     self.harness = None  # train.eval_tasks, checked now: a bad task refuses the run
     if cfg.train.eval_tasks:
       from mai_jax.harness import tasks as harness_tasks  # pylint: disable=import-outside-toplevel
