@@ -7,7 +7,8 @@
   mai-jax data synthesize --workdir W --prompts P.jsonl --out DIR [--batch-size B] [sampling flags]
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
-  mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [--chat] [...]
+  mai-jax eval --workdir DIR [--tasks T1,T2 --include-path DIR]   (lm-eval tasks: mai_jax/harness)
+  mai-jax sample --workdir DIR --prompt TEXT [--chat] [...]
   mai-jax chat --workdir DIR [--system TEXT] [...]   (multi-turn chat on stdin/stdout)
   mai-jax convert from-hf --hf-dir DIR --workdir OUT
   mai-jax convert to-hf --workdir DIR --out OUT
@@ -248,11 +249,11 @@ def _add_eval_parser(sub) -> None:
 
 def _harness_task_names(args) -> Optional[list[str]]:
   """The lm-eval task names of `eval --tasks`, None for own *.jsonl task files."""
-  if not args.tasks or all(t.endswith(".jsonl") for t in args.tasks):
+  if not args.tasks or all(cli_checks.is_task_file(t) for t in args.tasks):
     if args.include_path:
       raise config_lib.ConfigError("--include-path is for lm-eval task names in --tasks")
     return None
-  if any(t.endswith(".jsonl") for t in args.tasks):
+  if any(cli_checks.is_task_file(t) for t in args.tasks):
     raise config_lib.ConfigError("--tasks mixes task files (*.jsonl) and lm-eval task names; "
                                  "run them in two `mai-jax eval` calls")
   return [n for t in args.tasks for n in t.split(",") if n]

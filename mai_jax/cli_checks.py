@@ -63,7 +63,7 @@ def check_args(args: argparse.Namespace) -> None:
     elif kind == "in_dir":
       existing_directory(value, flag)
     elif kind in ("in_files", "task_files"):  # task_files: *.jsonl; other names are lm-eval's
-      for path in value if kind == "in_files" else [v for v in value if v.endswith(".jsonl")]:
+      for path in value if kind == "in_files" else [v for v in value if is_task_file(v)]:
         if not os.path.isfile(path):
           raise ConfigError(f"{flag} {path}: {'is a directory' if os.path.isdir(path) else 'not found'}"
                             f"; pass files")
@@ -71,6 +71,12 @@ def check_args(args: argparse.Namespace) -> None:
       output_directory(value, flag)
     else:
       output_file(value, flag)
+
+
+def is_task_file(value: str) -> bool:
+  """An `eval --tasks` entry naming an own task file (TASK.jsonl, or any path) rather than an
+  lm-eval task (names such as arc_easy hold no '/')."""
+  return value.endswith(".jsonl") or "/" in value or os.sep in value
 
 
 def existing_directory(path: str, flag: str) -> None:
