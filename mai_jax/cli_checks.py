@@ -17,8 +17,8 @@ from typing import Optional
 from mai_jax.config import ConfigError
 
 # command (and data/convert subcommand) -> {flag: kind}. Kinds: 'run' an existing run directory
-# (holds config.json), 'in_dir' an existing directory, 'in_files' existing files, 'task_files' existing
-# *.jsonl files among lm-eval task names, 'out_dir' a directory that is created,
+# (holds config.json), 'in_dir' an existing directory, 'in_files' existing files, 'task_files'
+# existing *.jsonl files among lm-eval task names, 'out_dir' a directory that is created,
 # 'out_file' a file that is written, 'positive' a count >= 1, 'non_negative' a count >= 0.
 CHECKS: dict[str, dict[str, str]] = {
     "train": {"--workdir": "out_dir", "--num-processes": "positive",

@@ -260,7 +260,8 @@ def test_a_tensor_2_run_logs_task_evals_and_reads_on_one_device(env, tmp_path):
       "model.num_kv_heads": "2", "model.head_dim": "16", "model.d_ff": "64",
       "model.remat": "'none'", "data.seq_len": "16", "data.max_files": "20",
       "data.val_fraction": "0.3", "data.tokenizer_train_chars": "60000", "train.num_steps": "2",
-      "train.eval_every": "1", "train.eval_batches": "1", "data.eval_tokens": "200", "mesh.tensor": "2", "train.eval_tasks": "('toy_mc',)",
+      "train.eval_every": "1", "train.eval_batches": "1", "data.eval_tokens": "200",
+      "mesh.tensor": "2", "train.eval_tasks": "('toy_mc',)",
       "train.eval_tasks_path": repr(tasks_dir)})
   C.validate(cfg)
   run = tmp_path / "run"
