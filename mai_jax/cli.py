@@ -7,7 +7,8 @@
   mai-jax data synthesize --workdir W --prompts P.jsonl --out DIR [--batch-size B] [sampling flags]
   mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
                 [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
-  mai-jax eval --workdir DIR ;  mai-jax sample --workdir DIR --prompt TEXT [--chat] [...]
+  mai-jax eval --workdir DIR [--tasks T1,T2 --include-path DIR]   (lm-eval tasks: mai_jax/harness)
+  mai-jax sample --workdir DIR --prompt TEXT [--chat] [...]
   mai-jax chat --workdir DIR [--system TEXT] [...]   (multi-turn chat on stdin/stdout)
   mai-jax convert from-hf --hf-dir DIR --workdir OUT
   mai-jax convert to-hf --workdir DIR --out OUT
@@ -234,15 +235,43 @@ def _add_eval_parser(sub) -> None:
   p = sub.add_parser("eval", help="validation loss/perplexity and multiple-choice task accuracy "
                      "of a workdir's latest checkpoint (writes WORKDIR/eval.json)")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--tasks", nargs="*", default=None, metavar="TASK.jsonl",
-                 help="task files (default: the built-in mai_jax/tasks/*.jsonl; none: no tasks)")
+  p.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
+                 help="own task files TASK.jsonl (default: the built-in mai_jax/tasks/*.jsonl; "
+                      "none: no tasks), or lm-evaluation-harness task names T1,T2 (needs the "
+                      "lmeval extra; runs only those tasks)")
+  p.add_argument("--include-path", default=None, metavar="DIR",
+                 help="a folder of lm-eval task YAML files searched before lm-eval's own")
+  p.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+  p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+  p.add_argument("--batch-size", type=int, default=None, help="lm-eval: rows per batch "
+                 "(rounded up to a multiple of the mesh's batch shards; default 16)")
   add_step_flag(p)
+
+
+def _harness_task_names(args) -> Optional[list[str]]:
+  """The lm-eval task names of `eval --tasks`, None for own *.jsonl task files."""
+  if not args.tasks or all(cli_checks.is_task_file(t) for t in args.tasks):
+    if args.include_path:
+      raise config_lib.ConfigError("--include-path is for lm-eval task names in --tasks")
+    return None
+  if any(cli_checks.is_task_file(t) for t in args.tasks):
+    raise config_lib.ConfigError("--tasks mixes task files (*.jsonl) and lm-eval task names; "
+                                 "run them in two `mai-jax eval` calls")
+  return [n for t in args.tasks for n in t.split(",") if n]
 
 
 def _run_eval(args, overrides) -> None:
   from mai_jax import evaluate  # heavy imports
   from mai_jax import workdir as workdir_lib
+  names = _harness_task_names(args)
   cfg, step = workdir_lib.open_checkpoint(args.workdir, args.step, overrides)
+  if names is not None:
+    from mai_jax.harness import tasks as harness_tasks
+    results = harness_tasks.evaluate_workdir(
+        args.workdir, names, include_path=args.include_path, cfg=cfg, step=step, limit=args.limit,
+        num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+    print(harness_tasks.format_table(results["step"], results["harness"]))
+    return
   results = evaluate.evaluate_workdir(args.workdir, cfg=cfg, task_paths=args.tasks, step=step)
   print(evaluate.format_table(results))
 

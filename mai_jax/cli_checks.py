@@ -17,7 +17,8 @@ from typing import Optional
 from mai_jax.config import ConfigError
 
 # command (and data/convert subcommand) -> {flag: kind}. Kinds: 'run' an existing run directory
-# (holds config.json), 'in_dir' an existing directory, 'in_files' existing files, 'out_dir' a directory that is created,
+# (holds config.json), 'in_dir' an existing directory, 'in_files' existing files, 'task_files'
+# existing *.jsonl files among lm-eval task names, 'out_dir' a directory that is created,
 # 'out_file' a file that is written, 'positive' a count >= 1, 'non_negative' a count >= 0.
 CHECKS: dict[str, dict[str, str]] = {
     "train": {"--workdir": "out_dir", "--num-processes": "positive",
@@ -31,7 +32,8 @@ CHECKS: dict[str, dict[str, str]] = {
                         "--shard-prompts": "positive"},
     "plan": {"--gpus": "positive", "--top": "positive", "--compile-layers": "positive",
              "--compile-devices": "positive"},
-    "eval": {"--workdir": "run", "--tasks": "in_files"},
+    "eval": {"--workdir": "run", "--tasks": "task_files", "--include-path": "in_dir",
+             "--limit": "positive", "--num-fewshot": "non_negative", "--batch-size": "positive"},
     "sample": {"--workdir": "run", "--max-new-tokens": "positive"},
     "chat": {"--workdir": "run", "--max-new-tokens": "positive"},
     "convert from-hf": {"--hf-dir": "in_dir", "--workdir": "out_dir"},
@@ -60,8 +62,8 @@ def check_args(args: argparse.Namespace) -> None:
       run_directory(value, flag)
     elif kind == "in_dir":
       existing_directory(value, flag)
-    elif kind == "in_files":
-      for path in value:
+    elif kind in ("in_files", "task_files"):  # task_files: *.jsonl; other names are lm-eval's
+      for path in value if kind == "in_files" else [v for v in value if is_task_file(v)]:
         if not os.path.isfile(path):
           raise ConfigError(f"{flag} {path}: {'is a directory' if os.path.isdir(path) else 'not found'}"
                             f"; pass files")
@@ -69,6 +71,12 @@ def check_args(args: argparse.Namespace) -> None:
       output_directory(value, flag)
     else:
       output_file(value, flag)
+
+
+def is_task_file(value: str) -> bool:
+  """An `eval --tasks` entry naming an own task file (TASK.jsonl, or any path) rather than an
+  lm-eval task (names such as arc_easy hold no '/')."""
+  return value.endswith(".jsonl") or "/" in value or os.sep in value
 
 
 def existing_directory(path: str, flag: str) -> None:

@@ -162,6 +162,9 @@ class DataConfig:
   # Chat template of train.objective='sft' (data/chat_template.py): 'chatml', or the path of a
   # chat_template.jinja, a tokenizer_config.json, or a folder holding one (an imported HF workdir).
   chat_template: str = "chatml"
+  # Validation set size in tokens (rounded up to whole eval batches of global_batch_size x
+  # seq_len), independent of train.eval_batches; 0: train.eval_batches batches.
+  eval_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +187,13 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 0  # 0: only at the end
   eval_batches: int = 8
+  # lm-evaluation-harness tasks run at every evaluation (eval_every and the end), e.g.
+  # ('arc_easy',) or local YAML tasks found in eval_tasks_path; their metrics are logged as
+  # tasks/TASK/METRIC. Needs the `lmeval` extra. eval_tasks_limit > 0 scores that many documents
+  # of each task.
+  eval_tasks: Tuple[str, ...] = ()
+  eval_tasks_path: str = ""
+  eval_tasks_limit: int = 0
   z_loss_weight: float = 0.0
   profile_steps: Optional[Tuple[int, int]] = None
   progress_bar: bool = True
@@ -452,7 +462,8 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
       raise ConfigError(f"{key}={value} must be positive")
   for key, value in {"train.num_steps": t.num_steps, "optim.warmup_steps": o.warmup_steps,
                      "checkpoint.every_steps": cfg.checkpoint.every_steps,
-                     "train.eval_every": t.eval_every}.items():
+                     "train.eval_every": t.eval_every, "data.eval_tokens": d.eval_tokens,
+                     "train.eval_tasks_limit": t.eval_tasks_limit}.items():
     if value < 0:
       raise ConfigError(f"{key}={value} must be >= 0")
   if cfg.checkpoint.max_to_keep < 1:

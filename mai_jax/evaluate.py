@@ -17,7 +17,7 @@ import glob
 import json
 import math
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +33,18 @@ RESULTS_FILE = "eval.json"
 
 def evaluate(eval_step, params, batches) -> float:
   """Token-weighted mean cross-entropy over the given (global, on-device) batches."""
+  return evaluate_counted(eval_step, params, batches)[0]
+
+
+def evaluate_counted(eval_step, params, batches) -> tuple[float, int]:
+  """(mean cross-entropy, number of tokens it is the mean over): a perplexity means little
+  without the size of the set it was measured on."""
   ce_total, tokens_total = 0.0, 0.0
   pending = [eval_step(params, batch) for batch in batches]
   for ce, tokens in jax.device_get(pending):
     ce_total += float(ce)
     tokens_total += float(tokens)
-  return ce_total / max(tokens_total, 1.0)
+  return ce_total / max(tokens_total, 1.0), int(round(tokens_total))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,21 +99,35 @@ def _length_bucket(n: int, max_len: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _sum_logprobs(graphdef, state, inputs_BT, targets_BT, weights_BT):
-  """Per row: sum of log p(target) where weights are 1; inputs < 0 mark right padding."""
+  """Per row: sum of log p(target) where weights are 1, and whether every such target is the
+  argmax (lm-eval's `is_greedy`); inputs < 0 mark right padding."""
   model = nnx.merge(graphdef, state)
   segment_ids_BT = (inputs_BT >= 0).astype(jnp.int32)  # every row is one document
   logits_BTV = model(jnp.maximum(inputs_BT, 0), segment_ids_BT)
   _, ce_BT = token_losses(logits_BTV, targets_BT, 0.0)
-  return -jnp.sum(ce_BT * weights_BT, axis=-1)
+  hit_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+  greedy_B = jnp.all(hit_BT | (weights_BT == 0), axis=-1)
+  return -jnp.sum(ce_BT * weights_BT, axis=-1), greedy_B
 
 
 def continuation_logprobs(model: nnx.Module, pairs: Sequence[tuple[list[int], list[int]]], *,
                           batch_size: int, max_len: int) -> np.ndarray:
-  """Summed log p(continuation | context) for each (context ids, continuation ids) pair.
+  """Summed log p(continuation | context) for each (context ids, continuation ids) pair."""
+  return continuation_scores(model, pairs, batch_size=batch_size, max_len=max_len)[0]
 
-  Rows are right-padded; pads neither score nor (causally) affect the real tokens.
+
+def continuation_scores(model: nnx.Module, pairs: Sequence[tuple[list[int], list[int]]], *,
+                        batch_size: int, max_len: int, sharding=None,
+                        on_rows: Optional[Callable[[int], None]] = None):
+  """(summed log p(continuation | context) [N] float64, greedy [N] bool) for each (context ids,
+  continuation ids) pair.
+
+  Rows are right-padded; pads neither score nor (causally) affect the real tokens. With
+  `sharding` (a NamedSharding of [batch, T]) the rows are placed over the mesh's batch axes, so
+  batch_size must be a multiple of their size. `on_rows(n)` is told after each batch (progress).
   """
   scores = np.zeros(len(pairs), np.float64)
+  greedy = np.zeros(len(pairs), bool)
   order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
   graphdef, state = nnx.split(model)
   for start in range(0, len(order), batch_size):
@@ -126,9 +146,14 @@ def continuation_logprobs(model: nnx.Module, pairs: Sequence[tuple[list[int], li
       L = len(seq) - 1
       inputs[r, :L], targets[r, :L] = seq[:-1], seq[1:]
       weights[r, L - n:L] = 1.0
-    out = _sum_logprobs(graphdef, state, inputs, targets, weights)
-    scores[rows] = np.asarray(out)[:len(rows)]
-  return scores
+    arrays = (inputs, targets, weights)
+    if sharding is not None:
+      arrays = tuple(jax.device_put(a, sharding) for a in arrays)
+    out, hits = jax.device_get(_sum_logprobs(graphdef, state, *arrays))
+    scores[rows], greedy[rows] = np.asarray(out)[:len(rows)], np.asarray(hits)[:len(rows)]
+    if on_rows is not None:
+      on_rows(len(rows))
+  return scores, greedy
 
 
 def score_task(model: nnx.Module, tokenizer, examples: Sequence[Example], *, batch_size: int,
@@ -192,6 +217,7 @@ def evaluate_workdir(workdir: str, cfg: Optional[Config] = None,
   writes eval.json."""
   from mai_jax import sharding as sharding_lib
   from mai_jax import workdir as workdir_lib
+  from mai_jax.data.batches import eval_batch_count
 
   cfg, model, step, mesh = workdir_lib.load_model(workdir, cfg=cfg, step=step)
   tokenizer = workdir_lib.load_tokenizer(cfg, workdir)
@@ -199,17 +225,22 @@ def evaluate_workdir(workdir: str, cfg: Optional[Config] = None,
   tasks = {os.path.splitext(os.path.basename(p))[0]: load_task(p) for p in task_paths}
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     results = {"step": step, "validation": validation_loss(
-        cfg, model, tokenizer, mesh, num_batches or cfg.train.eval_batches), "tasks": {}}
+        cfg, model, tokenizer, mesh, num_batches or eval_batch_count(cfg)), "tasks": {}}
     for name, examples in tasks.items():
       results["tasks"][name] = score_task(model, tokenizer, examples,
                                           batch_size=cfg.train.global_batch_size,
                                           max_len=cfg.data.seq_len)
+  write_results(workdir, results)
+  return results
+
+
+def write_results(workdir: str, results: dict) -> None:
+  """WORKDIR/eval.json, atomically, on process 0."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, RESULTS_FILE)
     with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
-  return results
 
 
 def format_table(results: dict) -> str:

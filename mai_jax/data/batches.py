@@ -28,6 +28,15 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, *, process_index: int
                                       process_count=process_count, source_root=source_root)
 
 
+def eval_batch_count(cfg: Config) -> int:
+  """How many validation batches a run scores: data.eval_tokens rounded up to whole batches of
+  global_batch_size x seq_len, else (eval_tokens=0) train.eval_batches."""
+  if cfg.data.eval_tokens:
+    per_batch = cfg.train.global_batch_size * cfg.data.seq_len
+    return -(-cfg.data.eval_tokens // per_batch)
+  return cfg.train.eval_batches
+
+
 def make_eval_batches(cfg: Config, tokenizer: Tokenizer, *, num_batches: int,
                       process_index: int = 0, process_count: int = 1,
                       source_root: Optional[str] = None) -> list[dict[str, np.ndarray]]:

@@ -60,6 +60,9 @@ class HFTokenizer:
     self.bos_id = declared.get("bos", bos[0] if bos else -1)
     self.eos_id = declared.get("eos", eos[0] if eos else -1)
     self.pad_id = declared.get("pad", pad[0] if pad else max(self.eos_id, 0))
+    # Ids of the file's special tokens (<unk>, <s>, ...): what HF's skip_special_tokens drops.
+    self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items()
+                                 if t.special)
 
   def __getstate__(self):
     return {"path": self.path, "raw": self._raw}

@@ -22,10 +22,10 @@ from mai_jax import metrics as metrics_lib
 from mai_jax import sharding as sharding_lib
 from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
-from mai_jax.data.batches import make_eval_batches, make_train_iterator
+from mai_jax.data.batches import eval_batch_count, make_eval_batches, make_train_iterator
 from mai_jax.data.pipeline import DataMetrics
 from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
-from mai_jax.evaluate import evaluate
+from mai_jax.evaluate import evaluate_counted
 from mai_jax.model import count_active_params, count_params
 from mai_jax.train import init_from as init_from_lib
 from mai_jax.train import preemption, prepare, reference
@@ -107,7 +107,8 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   elif result.eval_loss is not None:
     since = f", first training loss {run.first_loss:.4f}" if run.first_loss is not None else ""
     _log(f"mai-jax: step {result.final_step}: validation loss {result.eval_loss:.4f} "
-         f"(perplexity {math.exp(min(result.eval_loss, 50)):.2f}{since})")
+         f"(perplexity {math.exp(min(result.eval_loss, 50)):.2f} on {run.eval_tokens} "
+         f"tokens{since})")
   return result
 
 
@@ -140,9 +141,15 @@ class _Run:
     self.initial_data_state = self.data_iter.get_state()
     self.data_metrics = DataMetrics(cfg)  # realized mixture: tokens per source (this run)
     rows = cfg.train.global_batch_size
+    held_out = make_eval_batches(cfg, tokenizer, num_batches=eval_batch_count(cfg),
+                                 process_index=pid, process_count=nproc)
     self.eval_batches = [step_lib.global_batch(b, self.trainer.batch_sharding, rows)  # placed once
-                         for b in make_eval_batches(cfg, tokenizer, num_batches=cfg.train.eval_batches,
-                                                    process_index=pid, process_count=nproc)]
+                         for b in held_out]
+    self.eval_tokens: Optional[int] = None  # tokens the last validation loss was measured on
+    self.harness = None  # train.eval_tasks, checked now: a bad task refuses the run
+    if cfg.train.eval_tasks:
+      from mai_jax.harness import tasks as harness_tasks  # pylint: disable=import-outside-toplevel
+      self.harness = harness_tasks.TrainEvals(cfg, mesh, tokenizer)
     self.checkpointer = self.writer = None
     self.metadata = {}
     self.monitor = FaultMonitor(cfg.train)
@@ -287,8 +294,7 @@ class _Run:
           self.checkpointer.wait()
           return self._result(done, None, resumed_from, preempted=True)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < num_steps:
-          eval_loss = evaluate(eval_step, state.params, self.eval_batches)
-          self.writer.write(done, {"eval_loss": eval_loss})
+          eval_loss = self._evaluate(done, eval_step, state)
           if self.console is not None:
             self.console.eval(done, eval_loss)
         if self.checkpointer.should_save(done) and done < num_steps:
@@ -303,11 +309,20 @@ class _Run:
           else:
             self._save(done, state)
         step = done
-      eval_loss = evaluate(eval_step, state.params, self.eval_batches)
-      self.writer.write(num_steps, {"eval_loss": eval_loss})
+      eval_loss = self._evaluate(num_steps, eval_step, state)
       if self.checkpointer.latest_step() != num_steps:
         self._save(num_steps, state)
     return self._result(num_steps, eval_loss, resumed_from, preempted=False)
+
+  def _evaluate(self, step: int, eval_step, state) -> float:
+    """Validation loss (logged with the token count it is over) and train.eval_tasks' metrics
+    (tasks/TASK/METRIC) at `step`."""
+    eval_loss, self.eval_tokens = evaluate_counted(eval_step, state.params, self.eval_batches)
+    scalars = {"eval_loss": eval_loss, "eval_tokens": self.eval_tokens}
+    if self.harness is not None:
+      scalars.update(self.harness.run(self.trainer.layout.model_spec.merge(state.params)))
+    self.writer.write(step, scalars)
+    return eval_loss
 
   def _result(self, step, eval_loss, resumed_from, *, preempted) -> TrainResult:
     return TrainResult(final_step=step, final_loss=self.last_loss, eval_loss=eval_loss,
