@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import optax
 
 from mai_jax.config import Config
+from mai_jax.data import teacher_cache
 from mai_jax.train import moe_aux
 from mai_jax.train.distill_loss import DistillLossConfig, distill_sums
 
-TEACHER_IDS, TEACHER_LOGPS = "teacher_ids", "teacher_logps"  # int32 / float32 [B, T, K]
+TEACHER_IDS, TEACHER_LOGPS = teacher_cache.IDS_KEY, teacher_cache.LOGPS_KEY  # [B, T, K]
 TEACHER_LOGITS = "teacher_logits"  # bf16 [B, T, V], made inside the step (online teacher)
 ALPHA, TEMPERATURE = "distill_alpha", "distill_temperature"  # float32 [B], made inside the step
 CACHE_KEYS = (TEACHER_IDS, TEACHER_LOGPS)

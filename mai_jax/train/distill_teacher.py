@@ -63,11 +63,11 @@ class Teacher:
   def shardings(self) -> Any:
     return jax.tree.map(lambda a: a.sharding, self.abstract_params)
 
-  def logits(self, params, batch) -> jax.Array:
-    """bf16 logits_BTV of the batch's rows (no gradient flows into the teacher)."""
+  def logits(self, params, batch, dtype=jnp.bfloat16) -> jax.Array:
+    """logits_BTV of the batch's rows, bf16 by default (no gradient flows into the teacher)."""
     model = self.spec.merge(jax.lax.stop_gradient(params))
     logits_BTV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
-    return jax.lax.stop_gradient(logits_BTV.astype(jnp.bfloat16))
+    return jax.lax.stop_gradient(logits_BTV.astype(dtype))
 
   def check_tokenizer(self, tokenizer) -> None:
     """The run's tokenizer must be the teacher's (when the teacher records one)."""

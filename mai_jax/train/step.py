@@ -242,5 +242,7 @@ def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedS
 
 def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding,
                   keys: tuple[str, ...] = BATCH_KEYS):
-  batch_shardings = _key_shardings(batch_sharding_, keys)
+  """Validation batches never carry a cached teacher (distillation is scored by the CE)."""
+  batch_shardings = _key_shardings(batch_sharding_,
+                                   tuple(k for k in keys if k not in distill.CACHE_KEYS))
   return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings))
