@@ -641,8 +641,8 @@ def _validate_distill(cfg: Config, kinds: list[str]) -> None:
                       "--config.train.distill_cache=NAME (a `mai-jax distill cache` top-K cache)")
   if t.distill_cache and any(k != "cache" for k in kinds):
     raise ConfigError(f"train.distill_cache={t.distill_cache!r} reads teacher log-probs aligned "
-                      f"with token caches: every data.sources entry must have kind 'cache' (`mai-jax "
-                      f"data tokenize`), or use --config.train.distill_teacher=WORKDIR")
+                      f"with token caches: every data.sources entry must have kind 'cache' "
+                      f"(`mai-jax data tokenize`), or use --config.train.distill_teacher=WORKDIR")
   for key in ("distill_alpha", "distill_alpha_final"):
     value = getattr(t, key)
     if value is not None and not 0 <= value <= 1:

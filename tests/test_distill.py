@@ -296,8 +296,9 @@ def test_the_online_step_matches_numpy_with_scheduled_alpha(tiny):
 def test_teacher_errors_are_one_line_config_errors(tiny, tmp_path):
   tok_path, text = tiny["cfg"].data.tokenizer_path, tiny["text"]
   mesh = S.make_mesh(tiny["cfg"].mesh)
-  wrong_vocab = C.apply_overrides(_cfg(tok_path, text, objective="distill",
-                                       distill_teacher=tiny["teacher"]), {"model.vocab_size": "1024"})
+  wrong_vocab = C.apply_overrides(
+      _cfg(tok_path, text, objective="distill", distill_teacher=tiny["teacher"]),
+      {"model.vocab_size": "1024"})
   with pytest.raises(ConfigError, match=r"vocabulary has 512 tokens but the student's "
                                         r"model.vocab_size is 1024"):
     build_trainer(wrong_vocab, mesh)

@@ -81,11 +81,11 @@ def write_teacher_cache(teacher_path: str, token_cache: str, top_k: int, *,
   teacher = Teacher(teacher_path, cfg, mesh, key="--teacher")
   token_manifest, splits = cache_lib.open_cache(token_cache)
   want = init_from_lib.source_tokenizer_hash(teacher.source)
-  if want is not None and want != token_manifest["tokenizer"]["sha256"]:
-    raise ConfigError(f"--data {token_cache} was tokenized with {token_manifest['tokenizer']['path']}"
-                      f" (sha256 {token_manifest['tokenizer']['sha256'][:12]}), not the teacher's "
-                      f"tokenizer (sha256 {want[:12]}); tokenize it with --config.data."
-                      f"tokenizer_path set to the teacher's tokenizer")
+  have = token_manifest["tokenizer"]
+  if want is not None and want != have["sha256"]:
+    raise ConfigError(f"--data {token_cache} was tokenized with {have['path']} (sha256 "
+                      f"{have['sha256'][:12]}), not the teacher's tokenizer (sha256 {want[:12]}); "
+                      f"tokenize it with --config.data.tokenizer_path=TEACHER_TOKENIZER")
   split = splits["train"]
   windows = split.num_windows(seq_len)
   if windows < 1:
@@ -148,7 +148,8 @@ def write_teacher_cache(teacher_path: str, token_cache: str, top_k: int, *,
     _write_json(os.path.join(out, tc.MANIFEST), {
         "format": tc.FORMAT, **{k: spec[k] for k in ("seq_len", "top_k", "dtype")},
         "num_windows": windows, "bytes_per_token": tc.bytes_per_token(top_k, dtype),
-        "teacher": {**spec["teacher"], "vocab_size": cfg.model.vocab_size, "tokenizer_sha256": want},
+        "teacher": {**spec["teacher"], "vocab_size": cfg.model.vocab_size,
+                    "tokenizer_sha256": want},
         "token_cache": {"path": spec["token_cache"], "tokenizer_sha256": tokenizer["sha256"],
                         "train_tokens": split.num_tokens}})
     shutil.rmtree(os.path.join(out, tc.PROGRESS), ignore_errors=True)

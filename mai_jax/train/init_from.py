@@ -75,12 +75,13 @@ class InitSource:
 
 
 def with_absolute_path(cfg: Config) -> Config:
-  """`cfg` with train.init_from absolute, so config.json names it whatever the cwd of a restart."""
-  path = cfg.train.init_from
-  if not path or os.path.isabs(path):
+  """`cfg` with train.init_from (and train.distill_teacher, another workdir of weights) absolute,
+  so config.json names them whatever the cwd of a restart."""
+  paths = {key: getattr(cfg.train, key) for key in ("init_from", "distill_teacher")}
+  changes = {key: os.path.abspath(p) for key, p in paths.items() if p and not os.path.isabs(p)}
+  if not changes:
     return cfg
-  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                            init_from=os.path.abspath(path)))
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
 def source_for_run(cfg: Config, workdir: str, log: Log) -> Optional[InitSource]:
