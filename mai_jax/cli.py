@@ -25,7 +25,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from mai_jax import cli_checks, cli_data, cli_generate, cli_help
+from mai_jax import cli_checks, cli_data, cli_distill, cli_generate, cli_help
 from mai_jax import config as config_lib
 from mai_jax.cli_args import add_step_flag, resolve_config, split_overrides  # noqa: F401 (public)
 
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_distributed_flags(train)
   _add_checkpoints_parser(sub)
   cli_data.add_data_parser(sub)
+  cli_distill.add_distill_parser(sub)
   _add_plan_parser(sub)
   _add_eval_parser(sub)
   cli_generate.add_sample_parser(sub)
@@ -329,6 +330,8 @@ def _dispatch(args, overrides: dict[str, str]) -> int:
     return _run_checkpoints(args)
   elif args.command == "data":
     cli_data.run_data(args, overrides)
+  elif args.command == "distill":
+    cli_distill.run_distill(args)
   elif args.command == "plan":
     return _run_plan(args, overrides)
   elif args.command == "eval":

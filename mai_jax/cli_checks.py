@@ -38,13 +38,16 @@ CHECKS: dict[str, dict[str, str]] = {
     "chat": {"--workdir": "run", "--max-new-tokens": "positive"},
     "convert from-hf": {"--hf-dir": "in_dir", "--workdir": "out_dir"},
     "convert to-hf": {"--workdir": "run", "--out": "out_dir"},
+    "distill cache": {"--teacher": "run", "--data": "in_dir", "--top-k": "positive",
+                      "--seq-len": "non_negative", "--batch-size": "non_negative"},
 }
 
 ATTRIBUTES = {"token cache": "path"}  # positional arguments: label in messages -> argparse dest
 
 
 def command_name(args: argparse.Namespace) -> str:
-  sub = getattr(args, "data_command", None) or getattr(args, "direction", None)
+  sub = (getattr(args, "data_command", None) or getattr(args, "direction", None)
+         or getattr(args, "distill_command", None))
   return f"{args.command} {sub}" if sub else args.command
 
 

@@ -227,6 +227,19 @@ class TrainConfig:
   preference_beta: float = 0.1  # DPO/SimPO beta; ORPO's lambda
   simpo_gamma: float = 0.5  # SimPO's target reward margin
   dpo_label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels
+  # train.objective='distill' (train/distill.py): the loss is alpha * T^2 * D(teacher_T ||
+  # student_T) + (1 - alpha) * CE. The teacher is a workdir run online (frozen, bf16, on this mesh)
+  # or, for token-cache sources, the name of a top-K cache that `mai-jax distill cache` wrote into
+  # each of them (CACHE/distill/NAME). alpha and T go linearly from the first value to *_final
+  # (None: constant) over train.num_steps. The loss runs over chunks of distill_chunk_tokens tokens.
+  distill_teacher: str = ""
+  distill_cache: str = ""
+  distill_divergence: str = "forward_kl"  # or 'reverse_kl', 'jsd'
+  distill_alpha: float = 0.5
+  distill_alpha_final: Optional[float] = None
+  distill_temperature: float = 1.0
+  distill_temperature_final: Optional[float] = None
+  distill_chunk_tokens: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +266,8 @@ CHOICES = {
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
     ("data", "source"): ("stdlib",),
     ("train", "wandb_mode"): ("", "online", "offline", "disabled"),
-    ("train", "objective"): ("pretrain", "sft", "dpo", "simpo", "orpo"),
+    ("train", "objective"): ("pretrain", "sft", "dpo", "simpo", "orpo", "distill"),
+    ("train", "distill_divergence"): ("forward_kl", "reverse_kl", "jsd"),
 }
 
 
@@ -620,6 +634,37 @@ def _validate_objective(cfg: Config) -> None:
     raise ConfigError(f"train.preference_beta={t.preference_beta} must be positive")
   if not 0 <= t.dpo_label_smoothing < 0.5:
     raise ConfigError(f"train.dpo_label_smoothing={t.dpo_label_smoothing} must be in [0, 0.5)")
+  _validate_distill(cfg, kinds)
+
+
+def _validate_distill(cfg: Config, kinds: list[str]) -> None:
+  """A distillation run has exactly one teacher: a workdir (online) or a top-K cache name (token
+  cache sources only); alpha in [0, 1], temperatures positive."""
+  t = cfg.train
+  if t.objective != "distill":
+    if t.distill_teacher or t.distill_cache:
+      raise ConfigError("train.distill_teacher / train.distill_cache are read by "
+                        "train.objective='distill' only; set --config.train.objective=distill")
+    return
+  if bool(t.distill_teacher) == bool(t.distill_cache):
+    raise ConfigError("train.objective='distill' needs a teacher: set exactly one of "
+                      "--config.train.distill_teacher=WORKDIR (online) or "
+                      "--config.train.distill_cache=NAME (a `mai-jax distill cache` top-K cache)")
+  if t.distill_cache and any(k != "cache" for k in kinds):
+    raise ConfigError(f"train.distill_cache={t.distill_cache!r} reads teacher log-probs aligned "
+                      f"with token caches: every data.sources entry must have kind 'cache' "
+                      f"(`mai-jax data tokenize`), or use --config.train.distill_teacher=WORKDIR")
+  for key in ("distill_alpha", "distill_alpha_final"):
+    value = getattr(t, key)
+    if value is not None and not 0 <= value <= 1:
+      raise ConfigError(f"train.{key}={value} must be in [0, 1]")
+  for key in ("distill_temperature", "distill_temperature_final"):
+    value = getattr(t, key)
+    if value is not None and not value > 0:
+      raise ConfigError(f"train.{key}={value} must be positive")
+  if t.distill_chunk_tokens < 0:
+    raise ConfigError(f"train.distill_chunk_tokens={t.distill_chunk_tokens} must be >= 0 "
+                      f"(0: one chunk)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,17 +14,24 @@ document that began earlier). The one input position per boundary whose target i
 document's bos (the eos of the previous document) gets segment 0, so no target crosses a
 document, the same guarantee as the packed raw-source pipeline. Windows never need padding; since
 windows of different documents are mixed, weights are shares of tokens exactly.
+
+Distillation from a cached teacher (train.distill_cache=NAME) adds each row's teacher top-K
+('teacher_ids', 'teacher_logps' [seq_len, K]) from CACHE/distill/NAME, read with the tokens
+(data/teacher_cache.py: row w * seq_len + t belongs to input t of window w).
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Optional
+
 import grain
 import numpy as np
 
 from mai_jax.config import Config
 from mai_jax.data import cache as cache_lib
 from mai_jax.data import streams
+from mai_jax.data import teacher_cache as tc
 from mai_jax.data.sources import SourceError, SourceSpec
 from mai_jax.data.tokenizer import Tokenizer
 
@@ -60,16 +67,20 @@ class StepRows(grain.transforms.Map):
   Opens the caches lazily in whichever process runs it (grain workers get a pickled copy)."""
 
   def __init__(self, paths: list[str], windows: list[int], weights: list[float], seeds: list[int],
-               seq_len: int, global_batch: int, start: int, stop: int):
+               seq_len: int, global_batch: int, start: int, stop: int,
+               teacher_paths: Optional[list[str]] = None):
     self._paths, self._windows, self._weights, self._seeds = paths, windows, weights, seeds
     self._seq_len, self._batch, self._start, self._stop = seq_len, global_batch, start, stop
-    self._splits, self._rows = None, None
+    self._teacher_paths = teacher_paths  # one teacher cache per source, or None
+    self._splits, self._rows, self._teachers = None, None, None
 
   def __getstate__(self):
-    return {**self.__dict__, "_splits": None, "_rows": None}
+    return {**self.__dict__, "_splits": None, "_rows": None, "_teachers": None}
 
   def _open(self):
     self._splits = [cache_lib.open_cache(p)[1]["train"] for p in self._paths]
+    if self._teacher_paths:
+      self._teachers = [tc.open_teacher_cache(p) for p in self._teacher_paths]
     parts = [grain.MapDataset.range(n).shuffle(seed=s).repeat(None).map(_TagSource(k))
              for k, (n, s) in enumerate(zip(self._windows, self._seeds))]
     self._rows = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, self._weights)
@@ -81,6 +92,7 @@ class StepRows(grain.transforms.Map):
     picks = [self._rows[g] for g in range(first + self._start, first + self._stop)]
     futures = [self._splits[k].tokens[w * self._seq_len:(w + 1) * self._seq_len + 1].read()
                for k, w in picks]  # every read in flight before the first wait
+    teacher = [self._teachers[k].read_window(w) for k, w in picks] if self._teachers else []
     rows = [window_features(np.asarray(f.result(), np.int32), w, self._splits[k].offsets,
                             self._seq_len) for f, (k, w) in zip(futures, picks)]
     batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
@@ -88,6 +100,9 @@ class StepRows(grain.transforms.Map):
     for i, (k, _) in enumerate(picks):
       counts[i, k] = np.count_nonzero(batch["segment_ids"][i])
     batch["source_tokens"] = counts
+    if teacher:
+      batch[tc.IDS_KEY] = np.stack([np.asarray(i.result(), np.int32) for i, _ in teacher])
+      batch[tc.LOGPS_KEY] = np.stack([np.asarray(lp.result(), np.float32) for _, lp in teacher])
     return batch
 
 
@@ -108,7 +123,8 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSp
   seed = streams.shuffle_seed(cfg)
   seeds = [seed if k == 0 else streams.source_seed(seed, k) for k in range(len(specs))]
   step_rows = StepRows([s.path for s in specs], windows, [s.weight for s in specs], seeds,
-                       seq_len, cfg.train.global_batch_size, start, stop)
+                       seq_len, cfg.train.global_batch_size, start, stop,
+                       _teacher_paths(cfg, specs, opened, windows))
   # data.worker_count reader threads, not processes: the work is tensorstore I/O and NumPy, both
   # outside the GIL, and threads keep the iterator state {'next_index': step} (grain's worker
   # processes would make it depend on the worker count).
@@ -119,6 +135,19 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSp
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=cfg.data.prefetch_buffer)
   return iter(ds)
+
+
+def _teacher_paths(cfg: Config, specs, opened, windows) -> Optional[list[str]]:
+  """Each source's checked teacher cache (train.distill_cache), or None."""
+  if cfg.train.objective != "distill" or not cfg.train.distill_cache:
+    return None
+  paths = []
+  for spec, (manifest, _), n in zip(specs, opened, windows):
+    path = tc.cache_dir(spec.path, cfg.train.distill_cache)
+    tc.check_for_run(tc.open_teacher_cache(path), path, manifest, n, cfg.data.seq_len,
+                     cfg.model.vocab_size)
+    paths.append(path)
+  return paths
 
 
 def make_eval_batches(cfg: Config, tokenizer: Tokenizer, specs: tuple[SourceSpec, ...],

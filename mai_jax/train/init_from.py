@@ -75,12 +75,13 @@ class InitSource:
 
 
 def with_absolute_path(cfg: Config) -> Config:
-  """`cfg` with train.init_from absolute, so config.json names it whatever the cwd of a restart."""
-  path = cfg.train.init_from
-  if not path or os.path.isabs(path):
+  """`cfg` with train.init_from (and train.distill_teacher, another workdir of weights) absolute,
+  so config.json names them whatever the cwd of a restart."""
+  paths = {key: getattr(cfg.train, key) for key in ("init_from", "distill_teacher")}
+  changes = {key: os.path.abspath(p) for key, p in paths.items() if p and not os.path.isabs(p)}
+  if not changes:
     return cfg
-  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                            init_from=os.path.abspath(path)))
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
 def source_for_run(cfg: Config, workdir: str, log: Log) -> Optional[InitSource]:
@@ -119,10 +120,11 @@ def prepare(cfg: Config, log: Log) -> InitSource:
   return source
 
 
-def resolve(path: str) -> InitSource:
+def resolve(path: str, key: str = "train.init_from") -> InitSource:
   """The workdir and step `path` names: WORKDIR (its latest good step) or
-  WORKDIR/checkpoints/STEP."""
-  where = f"train.init_from={path}"
+  WORKDIR/checkpoints/STEP. `key` names the setting in the errors (another reader of weights,
+  e.g. train.distill_teacher)."""
+  where = f"{key}={path}"
   workdir, step = os.path.abspath(path), None
   head, tail = os.path.split(workdir.rstrip(os.sep))
   if tail.isdigit() and os.path.basename(head) == CHECKPOINTS:
@@ -194,14 +196,14 @@ def adoptable_tokenizer(cfg: Config, workdir: str, source: InitSource, log: Log)
 
 def check_tokenizer_matches(source: InitSource, tokenizer: Tokenizer, log: Log) -> None:
   """Warns when the run's tokenizer is not the one recorded with (or stored in) the source."""
-  want = _source_tokenizer_hash(source)
+  want = source_tokenizer_hash(source)
   if want is not None and want != tokenizer.content_hash:
     log(f"mai-jax: WARNING: this run's tokenizer {tokenizer.path} (sha256 "
         f"{tokenizer.content_hash[:12]}) is not the one of train.init_from {source.workdir} "
         f"(sha256 {want[:12]}): the same text gets other ids than the weights were trained on")
 
 
-def _source_tokenizer_hash(source: InitSource) -> Optional[str]:
+def source_tokenizer_hash(source: InitSource) -> Optional[str]:
   """sha256 of the source's tokenizer: the one its checkpoint records, else its
   tokenizer_record.json, else the file it would load."""
   recorded = (source.metadata.get("tokenizer") or {}).get("sha256")

@@ -83,6 +83,8 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   if cfg.train.objective == "dpo" and choice.tokenizer is not None:
     reference.ensure_reference(cfg, choice.tokenizer, mesh, _log)  # the reference pass, once
   try:  # the data pipeline and eval batches are built (and checked) before the commit too
+    if trainer.teacher is not None and choice.tokenizer is not None:
+      trainer.teacher.check_tokenizer(choice.tokenizer)  # distillation: the teacher's token ids
     run = (_Run(cfg, mesh, workdir, trainer, choice.tokenizer, init_source)
            if choice.tokenizer is not None else None)
   except BaseException:

@@ -21,7 +21,7 @@ reports `update_skipped` = 1; the loop counts such steps and restores a checkpoi
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +32,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import PREFERENCE_OBJECTIVES, Config
 from mai_jax.data import preference_pipeline as pp
-from mai_jax.train import moe_aux, preference
+from mai_jax.train import distill, moe_aux, preference
 from mai_jax.train.state import ModelSpec, TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
 WEIGHT_KEY = "loss_weights"  # float32 per-target weights of objectives that train on some tokens
-_FLOAT_KEYS = (WEIGHT_KEY, pp.REJECTED + WEIGHT_KEY, *pp.REFERENCE_KEYS)
+_FLOAT_KEYS = (WEIGHT_KEY, pp.REJECTED + WEIGHT_KEY, *pp.REFERENCE_KEYS, distill.TEACHER_LOGPS)
 
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
@@ -49,22 +49,31 @@ def batch_keys(cfg: Config) -> tuple[str, ...]:
   if cfg.train.objective in PREFERENCE_OBJECTIVES:
     rows = pp.ROW_KEYS + tuple(pp.REJECTED + k for k in pp.ROW_KEYS)
     return rows + (pp.REFERENCE_KEYS if cfg.train.objective == "dpo" else ())
+  if distill.uses_cache(cfg):  # the teacher's top-K [B, T, K] from the cache
+    return BATCH_KEYS + distill.CACHE_KEYS
   return BATCH_KEYS
 
 
+def _key_ndim(key: str) -> int:
+  return 1 if key in pp.REFERENCE_KEYS else 3 if key in distill.CACHE_KEYS else 2
+
+
 def key_sharding(batch_sharding_: NamedSharding, ndim: int) -> NamedSharding:
-  """The [B, T] batch sharding, or its row part for per-row keys [B] (reference log-probs)."""
+  """The [B, T] batch sharding, or its row part for per-row keys [B] (reference log-probs) and
+  per-token keys [B, T, K] (a cached teacher's top-K)."""
   if ndim == 2:
     return batch_sharding_
-  return NamedSharding(batch_sharding_.mesh, PartitionSpec(batch_sharding_.spec[0]))
+  return NamedSharding(batch_sharding_.mesh,
+                       PartitionSpec(batch_sharding_.spec[0], *([None] * (ndim - 1))))
 
 
-def abstract_batch(cfg: Config, sharding: NamedSharding) -> dict:
-  """ShapeDtypeStructs of a global batch of the run's objective (for lowering without data)."""
+def abstract_batch(cfg: Config, sharding: NamedSharding, top_k: int = 64) -> dict:
+  """ShapeDtypeStructs of a global batch of the run's objective (for lowering without data);
+  `top_k`: a cached teacher's K."""
   rows, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
   out = {}
   for key in batch_keys(cfg):
-    shape = (rows,) if key in pp.REFERENCE_KEYS else (rows, seq_len)
+    shape = ((rows,), (rows, seq_len), (rows, seq_len, top_k))[_key_ndim(key) - 1]
     out[key] = jax.ShapeDtypeStruct(shape, jnp.float32 if key in _FLOAT_KEYS else jnp.int32,
                                     sharding=key_sharding(sharding, len(shape)))
   return out
@@ -74,7 +83,8 @@ def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict
   """Global jax arrays from this host's rows of every batch key it holds (int32 tokens, float32
   weights and reference log-probs)."""
   out = {}
-  for key in BATCH_KEYS + _FLOAT_KEYS + tuple(pp.REJECTED + k for k in BATCH_KEYS):
+  for key in (BATCH_KEYS + _FLOAT_KEYS + tuple(pp.REJECTED + k for k in BATCH_KEYS)
+              + (distill.TEACHER_IDS,)):
     if key in local:
       x = np.asarray(local[key], np.float32 if key in _FLOAT_KEYS else np.int32)
       out[key] = jax.make_array_from_process_local_data(key_sharding(sharding, x.ndim), x,
@@ -90,6 +100,10 @@ def summed_objective_loss(cfg: Config) -> Callable:
     loss_cfg = preference.loss_config(cfg)
     return lambda params, batch, spec: preference.summed_preference_loss(params, batch, spec,
                                                                          loss_cfg)
+  if cfg.train.objective == "distill":
+    distill_cfg = distill.loss_config(cfg)
+    return lambda params, batch, spec: distill.summed_distill_loss(params, batch, spec,
+                                                                   distill_cfg, WEIGHT_KEY)
   z_loss_weight = cfg.train.z_loss_weight
   return lambda params, batch, spec: summed_loss(params, batch, spec, z_loss_weight)
 
@@ -136,12 +150,17 @@ def _split_microbatches(batch, num_micro: int):
 
 
 def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
-  """Builds the pure step function (not jitted: see `jit_train_step`)."""
+                    schedule: optax.Schedule, prepare_batch: Optional[Callable] = None
+                    ) -> Callable:
+  """Builds the pure step function (not jitted: see `jit_train_step`). `prepare_batch(step,
+  batch, *extra)` completes the batch inside the step first (distillation: the schedules' values
+  and an online teacher's logits; `extra` are the step's further arguments, its params)."""
   num_micro = cfg.train.microbatches
   grad_fn = jax.value_and_grad(summed_objective_loss(cfg), has_aux=True)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, *extra):
+    if prepare_batch is not None:
+      batch = prepare_batch(state.step, batch, *extra)
     if num_micro == 1:
       (loss_sum, (ce_sum, tokens, moe, extra)), grads = grad_fn(state.params, batch, model_spec)
     else:
@@ -193,9 +212,11 @@ def _select_tree(ok: jax.Array, new, old):
 
 def make_eval_step(cfg: Config, model_spec: ModelSpec) -> Callable:
   """eval_step(params, batch) -> (loss sum, count); the caller sums over batches. The loss is
-  the objective's without z-loss: token cross-entropy, or the preference loss per pair."""
+  the objective's without z-loss: token cross-entropy (also for distillation: the student's
+  validation loss on the data), or the preference loss per pair."""
+  objective = "pretrain" if cfg.train.objective == "distill" else cfg.train.objective
   loss_fn = summed_objective_loss(dataclasses.replace(
-      cfg, train=dataclasses.replace(cfg.train, z_loss_weight=0.0)))
+      cfg, train=dataclasses.replace(cfg.train, z_loss_weight=0.0, objective=objective)))
   def eval_step(params, batch):
     _, (ce_sum, tokens, _, _) = loss_fn(params, batch, model_spec)
     return ce_sum, tokens
@@ -208,17 +229,20 @@ def batch_sharding(mesh, cfg: Config) -> NamedSharding:
 
 
 def _key_shardings(batch_sharding_: NamedSharding, keys: tuple[str, ...]) -> dict:
-  return {k: key_sharding(batch_sharding_, 1 if k in pp.REFERENCE_KEYS else 2) for k in keys}
+  return {k: key_sharding(batch_sharding_, _key_ndim(k)) for k in keys}
 
 
 def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding,
-                   keys: tuple[str, ...] = BATCH_KEYS):
+                   keys: tuple[str, ...] = BATCH_KEYS, extra_shardings: tuple = ()):
+  """`extra_shardings`: those of the step's arguments after the batch (a teacher's params)."""
   batch_shardings = _key_shardings(batch_sharding_, keys)
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, *extra_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding,
                   keys: tuple[str, ...] = BATCH_KEYS):
-  batch_shardings = _key_shardings(batch_sharding_, keys)
+  """Validation batches never carry a cached teacher (distillation is scored by the CE)."""
+  batch_shardings = _key_shardings(batch_sharding_,
+                                   tuple(k for k in keys if k not in distill.CACHE_KEYS))
   return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings))

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from mai_jax import optim
 from mai_jax.config import Config
 from mai_jax.model import Decoder
+from mai_jax.train import distill, distill_teacher
 from mai_jax.train import state as state_lib
 from mai_jax.train import step as step_lib
 
@@ -30,6 +31,7 @@ class Trainer:
   layout: state_lib.StateLayout
   batch_sharding: NamedSharding
   model_factory: Callable[[nnx.Rngs], nnx.Module]
+  teacher: Optional[distill_teacher.Teacher] = None  # train.distill_teacher (online distillation)
 
   def init_state(self) -> state_lib.TrainState:
     """A fresh TrainState, born in its shardings."""
@@ -47,9 +49,21 @@ class Trainer:
     return self.layout.abstract_state(self.tx)
 
   def jit_train_step(self) -> Callable:
-    return step_lib.jit_train_step(
-        step_lib.make_train_step(self.cfg, self.layout.model_spec, self.tx, self.schedule),
-        self.layout.shardings, self.batch_sharding, step_lib.batch_keys(self.cfg))
+    """step(state, batch) -> (state, metrics), jitted. Distillation completes the batch inside the
+    step; an online teacher's params are the jitted function's third argument, bound here (and
+    restored on this first call)."""
+    prepare = distill.make_prepare_batch(self.cfg, self.teacher) if self.cfg.train.objective == \
+        "distill" else None
+    extra_shardings = (self.teacher.shardings,) if self.teacher is not None else ()
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(self.cfg, self.layout.model_spec, self.tx, self.schedule,
+                                 prepare),
+        self.layout.shardings, self.batch_sharding, step_lib.batch_keys(self.cfg),
+        extra_shardings)
+    if self.teacher is None:
+      return step
+    teacher_params = self.teacher.params
+    return lambda state, batch: step(state, batch, teacher_params)
 
   def jit_eval_step(self) -> Callable:
     return step_lib.jit_eval_step(step_lib.make_eval_step(self.cfg, self.layout.model_spec),
@@ -58,11 +72,12 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, mesh: Mesh, num_steps: Optional[int] = None) -> Trainer:
-  """`num_steps` sets the schedule's length (default: train.num_steps)."""
+  """`num_steps` sets the schedule's length (default: train.num_steps). A distillation run's
+  online teacher is checked here (reads only)."""
   steps = cfg.train.num_steps if num_steps is None else num_steps
   tx = optim.make_optimizer(cfg.optim, steps)
   factory = lambda rngs: Decoder(cfg.model, rngs=rngs)  # noqa: E731
   layout = state_lib.make_layout(cfg, mesh, factory, tx)
   return Trainer(cfg=cfg, mesh=mesh, tx=tx, schedule=optim.make_schedule(cfg.optim, steps),
                  layout=layout, batch_sharding=step_lib.batch_sharding(mesh, cfg),
-                 model_factory=factory)
+                 model_factory=factory, teacher=distill_teacher.for_run(cfg, mesh))
