@@ -538,11 +538,16 @@ def _validate_pipeline(cfg: Config, num_devices: int) -> None:
   if not m.scan_layers:
     raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=True (stages split the "
                       f"stacked layers)")
-  if m.num_experts:
-    raise ConfigError(f"mesh.stage={stages} does not support MoE models yet "
-                      f"(model.num_experts={m.num_experts}); use mesh.stage=1")
   repeats = m.pipeline_repeats
-  if m.num_layers % (stages * repeats):
+  if m.num_experts:  # the pipelined stack: MoE blocks (or groups), after the first dense layers
+    units = (m.num_layers - m.first_dense_layers) // m.moe_layer_interval
+    if units % (stages * repeats):
+      raise ConfigError(f"model.num_layers={m.num_layers} gives {units} MoE "
+                        f"{'blocks' if m.moe_layer_interval == 1 else 'block groups'} (after "
+                        f"first_dense_layers={m.first_dense_layers}, moe_layer_interval="
+                        f"{m.moe_layer_interval}), which must be divisible by mesh.stage={stages} x "
+                        f"model.pipeline_repeats={repeats} = {stages * repeats}")
+  elif m.num_layers % (stages * repeats):
     raise ConfigError(f"model.num_layers={m.num_layers} must be divisible by mesh.stage={stages} x "
                       f"model.pipeline_repeats={repeats} = {stages * repeats} (layers per "
                       f"virtual stage)")

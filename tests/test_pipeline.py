@@ -22,6 +22,9 @@ from mai_jax.train.trainer import build_trainer
 
 MODEL = C.ModelConfig(num_layers=8, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
                       vocab_size=64, compute_dtype="float32", remat="full")
+# MoE: every block routed (4 experts, top 2, dropless), router z-loss and balance loss on.
+MOE = dict(num_experts=4, experts_per_token=2, d_ff_expert=32, router_z_loss_weight=1e-2,
+           load_balance_loss_weight=1e-1)
 ROWS, SEQ = 16, 16
 
 
@@ -46,13 +49,14 @@ def _grad_fn(cfg: C.Config, model_spec):
   grad_fn = jax.value_and_grad(step_lib.summed_loss, has_aux=True)
 
   def loss_and_grads(params, batch):
-    (loss, _), grads = grad_fn(params, batch, model_spec, cfg.train.z_loss_weight)
-    return loss, grads
+    (loss, (_, _, moe, _)), grads = grad_fn(params, batch, model_spec, cfg.train.z_loss_weight)
+    return loss, grads, moe
   return jax.jit(loss_and_grads)
 
 
 def _pipelined_loss_and_grads(cfg: C.Config, host_params):
-  """(loss, grads) of summed_loss on cfg's mesh, the params and batch in their shardings."""
+  """(loss, grads, MoE statistics) of summed_loss on cfg's mesh, the params and batch in their
+  shardings."""
   mesh = S.make_mesh(cfg.mesh)
   layout = state_lib.make_layout(cfg, mesh, lambda r: Decoder(cfg.model, rngs=r),
                                  optax.identity())
@@ -60,55 +64,74 @@ def _pipelined_loss_and_grads(cfg: C.Config, host_params):
   batch_sharding = step_lib.batch_sharding(mesh, cfg)
   batch = {k: jax.device_put(v, batch_sharding) for k, v in _batch().items()}
   with S.activate(mesh, cfg.mesh.rules):
-    loss, grads = _grad_fn(cfg, layout.model_spec)(params, batch)
-  return float(loss), jax.device_get(grads)
+    loss, grads, moe = _grad_fn(cfg, layout.model_spec)(params, batch)
+  return float(loss), jax.device_get(grads), jax.device_get(moe)
+
+
+_REFERENCES = {}
+
+
+def _reference(kind: str):
+  """(params, loss, grads, MoE statistics) of the plain `kind` model ('dense' or 'moe') on one
+  device (no mesh, no pipeline, no expert parallelism); computed once per module."""
+  if kind not in _REFERENCES:
+    cfg = _cfg(C.MeshConfig(), remat="none", **(MOE if kind == "moe" else {}))
+    params = jax.device_get(jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(Decoder(cfg.model, rngs=nnx.Rngs(0)))))())
+    spec = state_lib.abstract_model(lambda r: Decoder(cfg.model, rngs=r))[0]
+    _REFERENCES[kind] = (params,) + jax.device_get(_grad_fn(cfg, spec)(params, _batch()))
+  return _REFERENCES[kind]
 
 
 @pytest.fixture(scope="module")
 def reference():
-  """(params, loss, grads) of the plain model on one device (no mesh, no pipeline)."""
-  cfg = _cfg(C.MeshConfig(), remat="none")
-  params = jax.device_get(jax.jit(
-      lambda: nnx.to_pure_dict(nnx.state(Decoder(cfg.model, rngs=nnx.Rngs(0)))))())
-  spec = state_lib.abstract_model(lambda r: Decoder(cfg.model, rngs=r))[0]
-  loss, grads = _grad_fn(cfg, spec)(params, _batch())
-  return params, float(loss), jax.device_get(grads)
+  return _reference("dense")
 
 
 def _assert_close(got, want):
-  loss, grads = got
-  want_loss, want_grads = want
-  assert loss == pytest.approx(want_loss, rel=1e-5)
+  loss, grads, moe = got
+  want_loss, want_grads, want_moe = want
+  assert loss == pytest.approx(float(want_loss), rel=1e-5)
   flat_got = jax.tree_util.tree_leaves_with_path(grads)
   flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
+  assert len(flat_got) == len(flat_want)
   for path, g in flat_got:
     w = flat_want[path]
     err = np.linalg.norm(np.asarray(g, np.float64) - w) / max(np.linalg.norm(w), 1e-30)
     assert err <= 1e-5, (jax.tree_util.keystr(path), err)
+  assert set(moe) == set(want_moe)
+  for key, value in want_moe.items():  # per-layer router statistics of the whole batch
+    np.testing.assert_allclose(moe[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
 
 
-CASES = [  # (stage, repeats, pipeline microbatches, remaining mesh, remat)
-    (2, 2, 4, dict(fsdp=2, tensor=2), "full"),  # circular, M = 2S, fsdp x tensor in a stage
+# (model, stage, repeats, pipeline microbatches, remaining mesh, remat). Together the cases cover
+# stage {2, 4} x repeats {1, 2} x microbatches {S, 2S}, dense and MoE (experts sharded over
+# 'expert' inside a stage), fsdp and tensor beside the stages; every case runs packed documents
+# with padding and z-loss (MoE: router z-loss and balance loss too).
+CASES = [
+    ("dense", 2, 2, 4, dict(fsdp=2, tensor=2), "full"),  # circular, M = 2S, fsdp x tensor
+    ("moe", 2, 1, 2, dict(fsdp=2, expert=2), "full"),  # GPipe, M = S, EP inside a stage
 ]
 SLOW_CASES = [
-    (4, 1, 4, dict(fsdp=2), "none"),  # GPipe, M = S
-    (2, 1, 2, dict(fsdp=2, tensor=2), "full"),
-    (4, 1, 8, dict(fsdp=2), "full"),
-    (4, 2, 4, dict(fsdp=1, tensor=2), "full"),
-    (4, 2, 8, dict(fsdp=2), "dots"),
+    ("dense", 4, 1, 4, dict(fsdp=2), "none"),  # GPipe, M = S
+    ("dense", 2, 1, 2, dict(fsdp=2, tensor=2), "full"),
+    ("dense", 4, 1, 8, dict(fsdp=2), "full"),
+    ("dense", 4, 2, 4, dict(fsdp=1, tensor=2), "full"),
+    ("dense", 4, 2, 8, dict(fsdp=2), "dots"),
+    ("moe", 2, 2, 4, dict(expert=2, tensor=2), "full"),  # circular MoE, EP x tensor
+    ("moe", 4, 2, 4, dict(expert=2), "dots"),
+    ("moe", 4, 1, 8, dict(fsdp=1, tensor=2), "none"),  # MoE without EP, M = 2S
 ]
 
 
-@pytest.mark.parametrize("stage,repeats,micro,mesh,remat", CASES + [
+@pytest.mark.parametrize("kind,stage,repeats,micro,mesh,remat", CASES + [
     pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES])
-def test_pipelined_loss_and_grads_equal_the_plain_step(reference, stage, repeats, micro, mesh,
-                                                       remat):
-  params, want_loss, want_grads = reference
+def test_pipelined_loss_and_grads_equal_the_plain_step(kind, stage, repeats, micro, mesh, remat):
+  ref = _reference(kind)
   cfg = _cfg(C.MeshConfig(stage=stage, **mesh), pipeline_repeats=repeats,
-             pipeline_microbatches=micro, remat=remat)
+             pipeline_microbatches=micro, remat=remat, **(MOE if kind == "moe" else {}))
   C.validate(cfg, 8)
-  loss, grads = _pipelined_loss_and_grads(cfg, params)
-  _assert_close((loss, grads), (want_loss, want_grads))
+  _assert_close(_pipelined_loss_and_grads(cfg, ref[0]), ref[1:])
 
 
 def _error(cfg: C.Config) -> str:
@@ -125,7 +148,9 @@ def _error(cfg: C.Config) -> str:
     (dict(stage=2, fsdp=4, pipeline_microbatches=8), "16 rows must split into "
                                                      "model.pipeline_microbatches=8"),
     (dict(stage=2, fsdp=4, scan_layers=False), "needs model.scan_layers=True"),
-    (dict(stage=2, fsdp=4, num_experts=4), "does not support MoE"),
+    (dict(stage=4, fsdp=2, num_experts=4, first_dense_layers=2, moe_layer_interval=2),
+     "gives 3 MoE block groups (after first_dense_layers=2, moe_layer_interval=2), which must "
+     "be divisible by mesh.stage=4"),
     (dict(stage=1, fsdp=8, pipeline_repeats=0), "model.pipeline_repeats=0 must be >= 1"),
 ])
 def test_bad_pipeline_configs_are_one_line_errors(changes, message):

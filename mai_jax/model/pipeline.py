@@ -38,7 +38,7 @@ from mai_jax.sharding import active_rules, logical_to_spec, shard_act
 # Logical axes of the pipeline buffers: 'layers' maps to the 'stage' mesh axis in the rules.
 STAGE_ACT = ("layers", "batch", "seq", "embed")
 
-LayerFn = Callable  # (x_BTD, layer_state, segment_ids_BT, positions_BT) -> x_BTD
+LayerFn = Callable  # (x_BTD, layer_state, segment_ids_BT, positions_BT) -> (x_BTD, aux)
 
 
 def active_stages() -> int:
@@ -179,11 +179,13 @@ def shift_to_next_stage(y_S: jax.Array) -> jax.Array:
 
 def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
         segment_ids_BT: Optional[jax.Array], positions_BT: jax.Array, *, stages: int,
-        repeats: int, num_micro: int, remat: bool) -> jax.Array:
+        repeats: int, num_micro: int, remat: bool):
   """Applies the L stacked layers to x_BTD as an S-stage pipeline; equals a plain scan over them.
 
   stacked_state: the stack's nnx.State (leaves [L, ...]); logical_specs: its logical
-  PartitionSpecs (nnx.get_partition_spec), leaf for leaf.
+  PartitionSpecs (nnx.get_partition_spec), leaf for leaf. layer_fn returns (x_BTD, aux), aux a
+  pytree of per-layer statistics ({} for dense blocks). -> (x_BTD, aux_LM): each aux leaf gains
+  leading [L, M] axes (canonical layer order, pipeline microbatch), for the caller to merge.
   """
   S, R, M = stages, repeats, num_micro
   B, T, D = x_BTD.shape
@@ -199,8 +201,8 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
 
   def one_stage(w_Lc, x_bTD, seg_bT, pos_bT):
     def body(carry_bTD, layer_leaves):
-      return layer_fn(carry_bTD, jax.tree.unflatten(treedef, layer_leaves), seg_bT, pos_bT), None
-    return jax.lax.scan(body, x_bTD, w_Lc)[0]
+      return layer_fn(carry_bTD, jax.tree.unflatten(treedef, layer_leaves), seg_bT, pos_bT)
+    return jax.lax.scan(body, x_bTD, w_Lc)
 
   def all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT):
     # Each stage's weights for its current repeat, by selects (a gather indexed per stage would
@@ -214,9 +216,16 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     all_stages = jax.checkpoint(all_stages, policy=jax.checkpoint_policies.nothing_saveable,
                                 prevent_cse=False)
   stage_S = jnp.arange(S)
+  lc = leaves[0].shape[0] // (S * R)
+  aux_shapes = jax.eval_shape(
+      lambda w, x: one_stage(w, x, None if seg_MbT is None else seg_MbT[0], pos_MbT[0])[1],
+      [jax.ShapeDtypeStruct((lc,) + w.shape[1:], w.dtype) for w in leaves],
+      jax.ShapeDtypeStruct(x_MbTD.shape[1:], x_MbTD.dtype))
+  # aux of stage s, repeat r, microbatch m in aux_SRM[s, r, m] ([S, R, M, Lc, ...], tiny).
+  aux0 = jax.tree.map(lambda a: jnp.zeros((S, R, M) + a.shape, a.dtype), aux_shapes)
 
   def iteration(carry, t):
-    x_SbTD, inbox_SMbTD = carry
+    x_SbTD, inbox_SMbTD, aux_SRM = carry
     item_S = t - stage_S
     micro_S = jnp.mod(item_S, M)
     # Stage 0 takes its microbatch from the inbox (embedded input, or the last stage's output of
@@ -226,7 +235,14 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     repeat_S = jnp.clip(item_S // M, 0, R - 1)
     seg_SbT = None if seg_MbT is None else shard_act(seg_MbT[micro_S], STAGE_ACT[:3])
     pos_SbT = shard_act(pos_MbT[micro_S], STAGE_ACT[:3])
-    y_SbTD = all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT)
+    y_SbTD, aux_S = all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT)
+    # A stage's statistics count only when it worked on a real item (not in the bubble).
+    slot_SRM = ((repeat_S[:, None, None] == jnp.arange(R)[None, :, None])
+                & (micro_S[:, None, None] == jnp.arange(M)[None, None, :])
+                & ((item_S >= 0) & (item_S < R * M))[:, None, None])
+    aux_SRM = jax.tree.map(
+        lambda acc, a: jnp.where(slot_SRM.reshape(slot_SRM.shape + (1,) * (a.ndim - 1)),
+                                 a[:, None, None], acc), aux_SRM, aux_S)
     # Pass every stage's output to the next stage (collective-permute over 'stage').
     x_SbTD = shard_act(shift_to_next_stage(y_SbTD), STAGE_ACT)
     # Row 0 now holds the last stage's output for item t - S + 1: keep it for the next repeat.
@@ -236,11 +252,16 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     old_SbTD = jax.lax.dynamic_index_in_dim(inbox_SMbTD, slot, axis=1, keepdims=False)
     new_SbTD = jnp.where(keep & (stage_S == 0)[:, None, None, None], x_SbTD, old_SbTD)
     inbox_SMbTD = jax.lax.dynamic_update_index_in_dim(inbox_SMbTD, new_SbTD, slot, axis=1)
-    return (x_SbTD, shard_act(inbox_SMbTD, STAGE_ACT[:1] + (None,) + STAGE_ACT[1:])), None
+    return (x_SbTD, shard_act(inbox_SMbTD, STAGE_ACT[:1] + (None,) + STAGE_ACT[1:]),
+            aux_SRM), None
 
   x0_SbTD = shard_act(jnp.zeros((S,) + x_MbTD.shape[1:], x_BTD.dtype), STAGE_ACT)
   inbox0 = shard_act(jnp.broadcast_to(x_MbTD[None], (S,) + x_MbTD.shape),
                      STAGE_ACT[:1] + (None,) + STAGE_ACT[1:])
-  (_, inbox_SMbTD), _ = jax.lax.scan(iteration, (x0_SbTD, inbox0),
-                                     jnp.arange(R * M + S - 1, dtype=jnp.int32))
-  return shard_act(merge_microbatches(inbox_SMbTD[0]), STAGE_ACT[1:])
+  (_, inbox_SMbTD, aux_SRM), _ = jax.lax.scan(iteration, (x0_SbTD, inbox0, aux0),
+                                              jnp.arange(R * M + S - 1, dtype=jnp.int32))
+  # [S, R, M, Lc, ...] -> [R, S, Lc, M, ...] -> [L, M, ...]: layer (r S + s) Lc + j.
+  aux_LM = jax.tree.map(
+      lambda a: jnp.moveaxis(jnp.swapaxes(a, 0, 1), 2, 3).reshape((R * S * lc, M) + a.shape[4:]),
+      aux_SRM)
+  return shard_act(merge_microbatches(inbox_SMbTD[0]), STAGE_ACT[1:]), aux_LM
