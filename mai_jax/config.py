@@ -103,6 +103,10 @@ class ModelConfig:
   # the parameters or the computed function, only how the step is scheduled.
   pipeline_repeats: int = 1
   pipeline_microbatches: int = 0
+  # FSDP inside a stage: all-gather each stage's weights once per step, before the schedule (True),
+  # or inside every iteration, i.e. once per pipeline microbatch (False: less memory, M x the
+  # all-gather traffic).
+  pipeline_gather_once: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,9 @@ class MeshConfig:
   expert: int = 1
   tensor: int = 1
   rules: Tuple[Tuple[str, Tuple[str, ...]], ...] = DEFAULT_RULES
+  # ZeRO-1: optimizer moments also split over 'data' (train/state.py), the weights stay replicated
+  # over it; with pipeline stages this replaces FSDP within a stage when weights fit.
+  zero1: bool = False
   # The hardware this layout is designed for: `mai-jax plan` uses it unless --gpu/--gpus say
   # otherwise (0 GPUs: none declared, plan then needs --gpus). Training ignores both.
   target_gpu: str = "h100"

@@ -7,6 +7,7 @@ packed documents (segment ids) with padding, and z-loss on.
 """
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -64,8 +65,40 @@ def _pipelined_loss_and_grads(cfg: C.Config, host_params):
   batch_sharding = step_lib.batch_sharding(mesh, cfg)
   batch = {k: jax.device_put(v, batch_sharding) for k, v in _batch().items()}
   with S.activate(mesh, cfg.mesh.rules):
-    loss, grads, moe = _grad_fn(cfg, layout.model_spec)(params, batch)
-  return float(loss), jax.device_get(grads), jax.device_get(moe)
+    compiled = _grad_fn(cfg, layout.model_spec).lower(params, batch).compile()
+    loss, grads, moe = compiled(params, batch)
+  return (float(loss), jax.device_get(grads), jax.device_get(moe)), compiled.as_text()
+
+
+def _hlo_computations(hlo: str) -> dict:
+  """Compiled HLO text -> {computation name: its instruction lines}."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      name = head.group(1)
+      comps[name] = []
+    elif name:
+      comps[name].append(line)
+  return comps
+
+
+def collectives_in_loops(hlo: str, op: str) -> tuple[int, int]:
+  """(count inside while-loop bodies, count elsewhere) of collective `op` (e.g. 'all-gather') in
+  compiled HLO: what runs per scan iteration vs once per step."""
+  comps = _hlo_computations(hlo)
+  todo = [b for lines in comps.values() for line in lines for b in re.findall(r"body=%?([\w.\-]+)", line)]
+  looped = set()
+  while todo:
+    name = todo.pop()
+    if name in looped or name not in comps:
+      continue
+    looped.add(name)
+    for line in comps[name]:
+      todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line)
+  def count(names):
+    return sum(len(re.findall(rf"\s{op}(?:-start)?\(", line)) for n in names for line in comps[n])
+  return count(looped), count(set(comps) - looped)
 
 
 _REFERENCES = {}
@@ -131,7 +164,23 @@ def test_pipelined_loss_and_grads_equal_the_plain_step(kind, stage, repeats, mic
   cfg = _cfg(C.MeshConfig(stage=stage, **mesh), pipeline_repeats=repeats,
              pipeline_microbatches=micro, remat=remat, **(MOE if kind == "moe" else {}))
   C.validate(cfg, 8)
-  _assert_close(_pipelined_loss_and_grads(cfg, ref[0]), ref[1:])
+  got, hlo = _pipelined_loss_and_grads(cfg, ref[0])
+  _assert_close(got, ref[1:])
+  # Dense: the weights are gathered once per step, not in the iteration scan (MoE's dispatch
+  # gathers routing indices per iteration, so its count would not isolate the weights).
+  if kind == "dense" and mesh.get("fsdp", 1) > 1:
+    inside, outside = collectives_in_loops(hlo, "all-gather")
+    assert inside == 0 and outside > 0, (inside, outside)
+
+
+@pytest.mark.slow
+def test_without_gather_once_fsdp_gathers_the_weights_in_every_iteration(reference):
+  """The counter's negative control: model.pipeline_gather_once=False leaves the FSDP
+  all-gathers inside the iteration scan (same values)."""
+  cfg = _cfg(C.MeshConfig(stage=2, fsdp=4), pipeline_microbatches=4, pipeline_gather_once=False)
+  got, hlo = _pipelined_loss_and_grads(cfg, reference[0])
+  _assert_close(got, reference[1:])
+  assert collectives_in_loops(hlo, "all-gather")[0] > 0
 
 
 def _error(cfg: C.Config) -> str:
@@ -202,6 +251,43 @@ def _train(mesh_cfg, host_params, steps, **model):
       state, metrics = fn(state, batch)
       losses.append(float(metrics["total_loss"]))
   return trainer, state, losses
+
+
+def _leaves_named(tree, *parts):
+  """Leaves whose key path contains every one of `parts`."""
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+          if all(p in jax.tree_util.keystr(path) for p in parts)]
+
+
+def test_zero1_splits_the_moments_over_data_and_trains_like_the_default(reference):
+  """mesh.zero1: Adam's moments gain 'data' in their sharding, the weights do not; two steps
+  (2 accumulation microbatches each) give the same parameters as without it."""
+  params = reference[0]
+  runs = {}
+  for zero1 in (False, True):
+    trainer, state, losses = _train(C.MeshConfig(data=2, fsdp=2, tensor=2, zero1=zero1), params, 2)
+    runs[zero1] = (jax.device_get(state.params), losses)
+    mu, = _leaves_named(trainer.layout.shardings.opt_state, ".mu", "down_proj")
+    weight = trainer.layout.shardings.params["blocks"]["mlp"]["down_proj"]
+    assert "data" not in jax.tree.leaves(tuple(weight.spec))
+    assert ("data" in jax.tree.leaves(tuple(mu.spec))) == zero1, mu.spec
+    assert _leaves_named(state.opt_state, ".mu", "down_proj")[0].sharding == mu
+  np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(runs[True][0]), jax.tree.leaves(runs[False][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_zero1_sharding_adds_data_to_the_first_dim_it_divides():
+  mesh = S.make_mesh(C.MeshConfig(data=2, fsdp=2, tensor=2))
+  P = jax.sharding.PartitionSpec
+  def spec(shape, *entries):
+    return tuple(state_lib.zero1_sharding(jax.sharding.NamedSharding(mesh, P(*entries)),
+                                          shape).spec)
+  assert spec((8, 6), "fsdp", "tensor") == (("data", "fsdp"), "tensor")
+  assert spec((2, 6), "fsdp", None) == ("fsdp", "data")  # 2 rows do not split 4 ways
+  assert spec((3, 5), None, None) == (None, None)  # nothing divides: unchanged
+  assert spec((8,), "data") == ("data",)
 
 
 @pytest.mark.slow

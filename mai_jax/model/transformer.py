@@ -234,7 +234,8 @@ def _pipeline_blocks(stacked_blocks: nnx.Module, cfg: ModelConfig, stages: int, 
   x_BTD, aux_LM = pipeline.run(layer_fn, stacked, nnx.get_partition_spec(stacked), x_BTD,
                                segment_ids_BT, positions_BT, stages=stages,
                                repeats=cfg.pipeline_repeats, num_micro=num_micro,
-                               remat=cfg.remat != "none")
+                               remat=cfg.remat != "none",
+                               gather_once=cfg.pipeline_gather_once)
   return x_BTD, (mean_over_microbatches(aux_LM, cfg.experts_per_token) if aux_LM else {})
 
 
