@@ -260,22 +260,17 @@ def _leaves_named(tree, *parts):
           if all(p in jax.tree_util.keystr(path) for p in parts)]
 
 
-def test_zero1_splits_the_moments_over_data_and_trains_like_the_default(reference):
-  """mesh.zero1: Adam's moments gain 'data' in their sharding, the weights do not; two steps
-  (2 accumulation microbatches each) give the same parameters as without it."""
-  params = reference[0]
-  runs = {}
+def test_zero1_splits_the_moments_over_data_not_the_weights():
+  """mesh.zero1: Adam's moments gain 'data' in their sharding, the weights do not (that the
+  training is unchanged is checked in the slow pipelined accumulation test below)."""
   for zero1 in (False, True):
-    trainer, state, losses = _train(C.MeshConfig(data=2, fsdp=2, tensor=2, zero1=zero1), params, 2)
-    runs[zero1] = (jax.device_get(state.params), losses)
-    mu, = _leaves_named(trainer.layout.shardings.opt_state, ".mu", "down_proj")
-    weight = trainer.layout.shardings.params["blocks"]["mlp"]["down_proj"]
+    cfg = _cfg(C.MeshConfig(data=2, stage=2, tensor=2, zero1=zero1))
+    C.validate(cfg, 8)
+    shardings = build_trainer(cfg, S.make_mesh(cfg.mesh)).layout.shardings
+    mu, = _leaves_named(shardings.opt_state, ".mu", "down_proj")
+    weight = shardings.params["blocks"]["mlp"]["down_proj"]
     assert "data" not in jax.tree.leaves(tuple(weight.spec))
     assert ("data" in jax.tree.leaves(tuple(mu.spec))) == zero1, mu.spec
-    assert _leaves_named(state.opt_state, ".mu", "down_proj")[0].sharding == mu
-  np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(runs[True][0]), jax.tree.leaves(runs[False][0])):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_zero1_sharding_adds_data_to_the_first_dim_it_divides():
@@ -293,11 +288,12 @@ def test_zero1_sharding_adds_data_to_the_first_dim_it_divides():
 @pytest.mark.slow
 def test_pipelined_train_steps_with_accumulation_match_and_checkpoints_move_to_stage_1(
     reference, tmp_path):
-  """Two optimizer steps (2 accumulation microbatches, each pipelined) match the plain run; the
-  stage=2 state, saved, restores on stage=1 (and on stage=2) with exactly the same values."""
+  """Two optimizer steps (2 accumulation microbatches, each pipelined; ZeRO-1 moments over data)
+  match the plain run; the stage=2 state, saved, restores on stage=1 (and on stage=2) with exactly the same values."""
   from mai_jax import checkpoint as checkpoint_lib
   params = reference[0]
-  piped_trainer, piped, piped_losses = _train(C.MeshConfig(stage=2, fsdp=2, tensor=2), params, 2,
+  piped_trainer, piped, piped_losses = _train(C.MeshConfig(stage=2, data=2, tensor=2, zero1=True),
+                                              params, 2,
                                               pipeline_repeats=2)
   _, plain, plain_losses = _train(C.MeshConfig(fsdp=4, tensor=2), params, 2)
   np.testing.assert_allclose(piped_losses, plain_losses, rtol=1e-5)

@@ -19,6 +19,11 @@ R = 1 the view is a free reshape of the contiguous 'stage' shards; with R > 1 a 
 are not contiguous in [L], so each step moves the weights into the [R, S, Lc] view with one
 all_to_all over 'stage' (and the gradients back with its transpose; `_regroup_for_repeats`).
 
+Per-layer statistics (the MoE router's) are collected per (stage, repeat, microbatch) outside the
+bubble and returned as [L, M, ...] for the caller to merge. FSDP inside a stage: with gather_once
+(model.pipeline_gather_once) the [R, S, Lc] views are whole along the FSDP axes, so the weights are
+gathered once per step instead of in every iteration (see `stage_view`).
+
 With remat on, each iteration's stage computation is checkpointed: the scan saves only the stage
 inputs [S, Bm, T, D] per iteration, and the backward pass recomputes the stage (whose layers use
 the model's own remat policy inside).
