@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from safetensors.numpy import load_file
@@ -45,7 +46,10 @@ def test_kill_9_then_resume_under_stage_2_is_bit_identical(runs):
   workdir = runs["root"] / "killed"
   proc = subprocess.Popen(train_command(workdir, *RUN, *STAGE2), env=runs["env"], cwd=REPO,
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  _wait_for_step(proc, workdir, 6)  # past the step-5 checkpoint
+  _wait_for_step(proc, workdir, 6)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "5").is_dir() and time.time() < deadline:
+    time.sleep(0.05)  # the step-5 save is asynchronous: kill once it is committed
   proc.kill()
   proc.wait()
   assert "resumed from step 5" in run_train(workdir, *RUN, *STAGE2, env=runs["env"])
