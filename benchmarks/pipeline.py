@@ -106,7 +106,8 @@ def main(argv=None) -> int:
                 "global_batch_size": ROWS, "seq_len": SEQ, "devices": jax.device_count()},
       "timing": "median of --steps jitted train steps (AdamW) after one warm-up; compile_s is "
                 "lower+compile of the step",
-      "plain": plain, "pipelined": rows, "compile_vs_depth": depth}, args.out)
+      "plain": plain, "pipelined": rows, "compile_vs_depth": depth,
+      "load_average_1_5_15": os.getloadavg()}, args.out)
   print(f"wrote {path}")
   return 0
 

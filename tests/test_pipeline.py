@@ -328,3 +328,15 @@ def test_circular_regrouping_routes_every_layer_to_its_virtual_stage(stages, rep
   sent = shards[np.arange(stages)[:, None, None], send_q]  # [from, to, slot, Lc]
   got = np.stack([sent[recv_src[d], d, recv_slot[d]] for d in range(stages)], axis=1)
   np.testing.assert_array_equal(got, layers.reshape(repeats, stages, lc))
+
+
+def test_hosts_of_one_data_parallel_group_load_the_same_rows():
+  """Stages across hosts hold the same batch rows (the batch is replicated over 'stage'), so
+  those hosts load the same rows; data-parallel groups still split them."""
+  from mai_jax.data import streams
+  def rows(mesh, processes):
+    cfg = C.Config(mesh=mesh, train=C.TrainConfig(global_batch_size=8))
+    return [streams._rows_by_mesh(cfg, p, processes, 8) for p in range(processes)]
+  assert rows(C.MeshConfig(stage=2, fsdp=4), 2) == [(0, 8), (0, 8)]
+  assert rows(C.MeshConfig(data=2, stage=2, fsdp=2), 4) == [(0, 4), (0, 4), (4, 8), (4, 8)]
+  assert rows(C.MeshConfig(fsdp=8), 2) == [(0, 4), (4, 8)]  # as the equal split
