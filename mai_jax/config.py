@@ -103,6 +103,10 @@ class ModelConfig:
   # the parameters or the computed function, only how the step is scheduled.
   pipeline_repeats: int = 1
   pipeline_microbatches: int = 0
+  # FSDP inside a stage: all-gather each stage's weights once per step, before the schedule (True),
+  # or inside every iteration, i.e. once per pipeline microbatch (False: less memory, M x the
+  # all-gather traffic).
+  pipeline_gather_once: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,9 @@ class MeshConfig:
   expert: int = 1
   tensor: int = 1
   rules: Tuple[Tuple[str, Tuple[str, ...]], ...] = DEFAULT_RULES
+  # ZeRO-1: optimizer moments also split over 'data' (train/state.py), the weights stay replicated
+  # over it; with pipeline stages this replaces FSDP within a stage when weights fit.
+  zero1: bool = False
   # The hardware this layout is designed for: `mai-jax plan` uses it unless --gpu/--gpus say
   # otherwise (0 GPUs: none declared, plan then needs --gpus). Training ignores both.
   target_gpu: str = "h100"
@@ -563,11 +570,16 @@ def _validate_pipeline(cfg: Config, num_devices: int) -> None:
   if not m.scan_layers:
     raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=True (stages split the "
                       f"stacked layers)")
-  if m.num_experts:
-    raise ConfigError(f"mesh.stage={stages} does not support MoE models yet "
-                      f"(model.num_experts={m.num_experts}); use mesh.stage=1")
   repeats = m.pipeline_repeats
-  if m.num_layers % (stages * repeats):
+  if m.num_experts:  # the pipelined stack: MoE blocks (or groups), after the first dense layers
+    units = (m.num_layers - m.first_dense_layers) // m.moe_layer_interval
+    if units % (stages * repeats):
+      raise ConfigError(f"model.num_layers={m.num_layers} gives {units} MoE "
+                        f"{'blocks' if m.moe_layer_interval == 1 else 'block groups'} (after "
+                        f"first_dense_layers={m.first_dense_layers}, moe_layer_interval="
+                        f"{m.moe_layer_interval}), which must be divisible by mesh.stage={stages} x "
+                        f"model.pipeline_repeats={repeats} = {stages * repeats}")
+  elif m.num_layers % (stages * repeats):
     raise ConfigError(f"model.num_layers={m.num_layers} must be divisible by mesh.stage={stages} x "
                       f"model.pipeline_repeats={repeats} = {stages * repeats} (layers per "
                       f"virtual stage)")

@@ -7,6 +7,7 @@ packed documents (segment ids) with padding, and z-loss on.
 """
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -22,6 +23,9 @@ from mai_jax.train.trainer import build_trainer
 
 MODEL = C.ModelConfig(num_layers=8, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
                       vocab_size=64, compute_dtype="float32", remat="full")
+# MoE: every block routed (4 experts, top 2, dropless), router z-loss and balance loss on.
+MOE = dict(num_experts=4, experts_per_token=2, d_ff_expert=32, router_z_loss_weight=1e-2,
+           load_balance_loss_weight=1e-1)
 ROWS, SEQ = 16, 16
 
 
@@ -46,13 +50,14 @@ def _grad_fn(cfg: C.Config, model_spec):
   grad_fn = jax.value_and_grad(step_lib.summed_loss, has_aux=True)
 
   def loss_and_grads(params, batch):
-    (loss, _), grads = grad_fn(params, batch, model_spec, cfg.train.z_loss_weight)
-    return loss, grads
+    (loss, (_, _, moe, _)), grads = grad_fn(params, batch, model_spec, cfg.train.z_loss_weight)
+    return loss, grads, moe
   return jax.jit(loss_and_grads)
 
 
 def _pipelined_loss_and_grads(cfg: C.Config, host_params):
-  """(loss, grads) of summed_loss on cfg's mesh, the params and batch in their shardings."""
+  """(loss, grads, MoE statistics) of summed_loss on cfg's mesh, the params and batch in their
+  shardings."""
   mesh = S.make_mesh(cfg.mesh)
   layout = state_lib.make_layout(cfg, mesh, lambda r: Decoder(cfg.model, rngs=r),
                                  optax.identity())
@@ -60,55 +65,122 @@ def _pipelined_loss_and_grads(cfg: C.Config, host_params):
   batch_sharding = step_lib.batch_sharding(mesh, cfg)
   batch = {k: jax.device_put(v, batch_sharding) for k, v in _batch().items()}
   with S.activate(mesh, cfg.mesh.rules):
-    loss, grads = _grad_fn(cfg, layout.model_spec)(params, batch)
-  return float(loss), jax.device_get(grads)
+    compiled = _grad_fn(cfg, layout.model_spec).lower(params, batch).compile()
+    loss, grads, moe = compiled(params, batch)
+  return (float(loss), jax.device_get(grads), jax.device_get(moe)), compiled.as_text()
+
+
+def _hlo_computations(hlo: str) -> dict:
+  """Compiled HLO text -> {computation name: its instruction lines}."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      name = head.group(1)
+      comps[name] = []
+    elif name:
+      comps[name].append(line)
+  return comps
+
+
+def collectives_in_loops(hlo: str, op: str) -> tuple[int, int]:
+  """(count inside while-loop bodies, count elsewhere) of collective `op` (e.g. 'all-gather') in
+  compiled HLO: what runs per scan iteration vs once per step."""
+  comps = _hlo_computations(hlo)
+  todo = [b for lines in comps.values() for line in lines for b in re.findall(r"body=%?([\w.\-]+)", line)]
+  looped = set()
+  while todo:
+    name = todo.pop()
+    if name in looped or name not in comps:
+      continue
+    looped.add(name)
+    for line in comps[name]:
+      todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line)
+  def count(names):
+    return sum(len(re.findall(rf"\s{op}(?:-start)?\(", line)) for n in names for line in comps[n])
+  return count(looped), count(set(comps) - looped)
+
+
+_REFERENCES = {}
+
+
+def _reference(kind: str):
+  """(params, loss, grads, MoE statistics) of the plain `kind` model ('dense' or 'moe') on one
+  device (no mesh, no pipeline, no expert parallelism); computed once per module."""
+  if kind not in _REFERENCES:
+    cfg = _cfg(C.MeshConfig(), remat="none", **(MOE if kind == "moe" else {}))
+    params = jax.device_get(jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(Decoder(cfg.model, rngs=nnx.Rngs(0)))))())
+    spec = state_lib.abstract_model(lambda r: Decoder(cfg.model, rngs=r))[0]
+    _REFERENCES[kind] = (params,) + jax.device_get(_grad_fn(cfg, spec)(params, _batch()))
+  return _REFERENCES[kind]
 
 
 @pytest.fixture(scope="module")
 def reference():
-  """(params, loss, grads) of the plain model on one device (no mesh, no pipeline)."""
-  cfg = _cfg(C.MeshConfig(), remat="none")
-  params = jax.device_get(jax.jit(
-      lambda: nnx.to_pure_dict(nnx.state(Decoder(cfg.model, rngs=nnx.Rngs(0)))))())
-  spec = state_lib.abstract_model(lambda r: Decoder(cfg.model, rngs=r))[0]
-  loss, grads = _grad_fn(cfg, spec)(params, _batch())
-  return params, float(loss), jax.device_get(grads)
+  return _reference("dense")
 
 
 def _assert_close(got, want):
-  loss, grads = got
-  want_loss, want_grads = want
-  assert loss == pytest.approx(want_loss, rel=1e-5)
+  loss, grads, moe = got
+  want_loss, want_grads, want_moe = want
+  assert loss == pytest.approx(float(want_loss), rel=1e-5)
   flat_got = jax.tree_util.tree_leaves_with_path(grads)
   flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
+  assert len(flat_got) == len(flat_want)
   for path, g in flat_got:
     w = flat_want[path]
     err = np.linalg.norm(np.asarray(g, np.float64) - w) / max(np.linalg.norm(w), 1e-30)
     assert err <= 1e-5, (jax.tree_util.keystr(path), err)
+  assert set(moe) == set(want_moe)
+  for key, value in want_moe.items():  # per-layer router statistics of the whole batch
+    np.testing.assert_allclose(moe[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
 
 
-CASES = [  # (stage, repeats, pipeline microbatches, remaining mesh, remat)
-    (2, 2, 4, dict(fsdp=2, tensor=2), "full"),  # circular, M = 2S, fsdp x tensor in a stage
+# (model, stage, repeats, pipeline microbatches, remaining mesh, remat). Together the cases cover
+# stage {2, 4} x repeats {1, 2} x microbatches {S, 2S}, dense and MoE (experts sharded over
+# 'expert' inside a stage), fsdp and tensor beside the stages; every case runs packed documents
+# with padding and z-loss (MoE: router z-loss and balance loss too).
+CASES = [
+    ("dense", 2, 2, 4, dict(fsdp=2, tensor=2), "full"),  # circular, M = 2S, fsdp x tensor
+    ("moe", 2, 1, 2, dict(fsdp=2, expert=2), "full"),  # GPipe, M = S, EP inside a stage
 ]
 SLOW_CASES = [
-    (4, 1, 4, dict(fsdp=2), "none"),  # GPipe, M = S
-    (2, 1, 2, dict(fsdp=2, tensor=2), "full"),
-    (4, 1, 8, dict(fsdp=2), "full"),
-    (4, 2, 4, dict(fsdp=1, tensor=2), "full"),
-    (4, 2, 8, dict(fsdp=2), "dots"),
+    ("dense", 4, 1, 4, dict(fsdp=2), "none"),  # GPipe, M = S
+    ("dense", 2, 1, 2, dict(fsdp=2, tensor=2), "full"),
+    ("dense", 4, 1, 8, dict(fsdp=2), "full"),
+    ("dense", 4, 2, 4, dict(fsdp=1, tensor=2), "full"),
+    ("dense", 4, 2, 8, dict(fsdp=2), "dots"),
+    ("moe", 2, 2, 4, dict(expert=2, tensor=2), "full"),  # circular MoE, EP x tensor
+    ("moe", 4, 2, 4, dict(expert=2), "dots"),
+    ("moe", 4, 1, 8, dict(fsdp=1, tensor=2), "none"),  # MoE without EP, M = 2S
 ]
 
 
-@pytest.mark.parametrize("stage,repeats,micro,mesh,remat", CASES + [
+@pytest.mark.parametrize("kind,stage,repeats,micro,mesh,remat", CASES + [
     pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES])
-def test_pipelined_loss_and_grads_equal_the_plain_step(reference, stage, repeats, micro, mesh,
-                                                       remat):
-  params, want_loss, want_grads = reference
+def test_pipelined_loss_and_grads_equal_the_plain_step(kind, stage, repeats, micro, mesh, remat):
+  ref = _reference(kind)
   cfg = _cfg(C.MeshConfig(stage=stage, **mesh), pipeline_repeats=repeats,
-             pipeline_microbatches=micro, remat=remat)
+             pipeline_microbatches=micro, remat=remat, **(MOE if kind == "moe" else {}))
   C.validate(cfg, 8)
-  loss, grads = _pipelined_loss_and_grads(cfg, params)
-  _assert_close((loss, grads), (want_loss, want_grads))
+  got, hlo = _pipelined_loss_and_grads(cfg, ref[0])
+  _assert_close(got, ref[1:])
+  # Dense: the weights are gathered once per step, not in the iteration scan (MoE's dispatch
+  # gathers routing indices per iteration, so its count would not isolate the weights).
+  if kind == "dense" and mesh.get("fsdp", 1) > 1:
+    inside, outside = collectives_in_loops(hlo, "all-gather")
+    assert inside == 0 and outside > 0, (inside, outside)
+
+
+@pytest.mark.slow
+def test_without_gather_once_fsdp_gathers_the_weights_in_every_iteration(reference):
+  """The counter's negative control: model.pipeline_gather_once=False leaves the FSDP
+  all-gathers inside the iteration scan (same values)."""
+  cfg = _cfg(C.MeshConfig(stage=2, fsdp=4), pipeline_microbatches=4, pipeline_gather_once=False)
+  got, hlo = _pipelined_loss_and_grads(cfg, reference[0])
+  _assert_close(got, reference[1:])
+  assert collectives_in_loops(hlo, "all-gather")[0] > 0
 
 
 def _error(cfg: C.Config) -> str:
@@ -125,7 +197,9 @@ def _error(cfg: C.Config) -> str:
     (dict(stage=2, fsdp=4, pipeline_microbatches=8), "16 rows must split into "
                                                      "model.pipeline_microbatches=8"),
     (dict(stage=2, fsdp=4, scan_layers=False), "needs model.scan_layers=True"),
-    (dict(stage=2, fsdp=4, num_experts=4), "does not support MoE"),
+    (dict(stage=4, fsdp=2, num_experts=4, first_dense_layers=2, moe_layer_interval=2),
+     "gives 3 MoE block groups (after first_dense_layers=2, moe_layer_interval=2), which must "
+     "be divisible by mesh.stage=4"),
     (dict(stage=1, fsdp=8, pipeline_repeats=0), "model.pipeline_repeats=0 must be >= 1"),
 ])
 def test_bad_pipeline_configs_are_one_line_errors(changes, message):
@@ -179,14 +253,47 @@ def _train(mesh_cfg, host_params, steps, **model):
   return trainer, state, losses
 
 
+def _leaves_named(tree, *parts):
+  """Leaves whose key path contains every one of `parts`."""
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+          if all(p in jax.tree_util.keystr(path) for p in parts)]
+
+
+def test_zero1_splits_the_moments_over_data_not_the_weights():
+  """mesh.zero1: Adam's moments gain 'data' in their sharding, the weights do not (that the
+  training is unchanged is checked in the slow pipelined accumulation test below)."""
+  for zero1 in (False, True):
+    cfg = _cfg(C.MeshConfig(data=2, stage=2, tensor=2, zero1=zero1))
+    C.validate(cfg, 8)
+    shardings = build_trainer(cfg, S.make_mesh(cfg.mesh)).layout.shardings
+    mu, = _leaves_named(shardings.opt_state, ".mu", "down_proj")
+    weight = shardings.params["blocks"]["mlp"]["down_proj"]
+    assert "data" not in jax.tree.leaves(tuple(weight.spec))
+    assert ("data" in jax.tree.leaves(tuple(mu.spec))) == zero1, mu.spec
+
+
+def test_zero1_sharding_adds_data_to_the_first_dim_it_divides():
+  mesh = S.make_mesh(C.MeshConfig(data=2, fsdp=2, tensor=2))
+  P = jax.sharding.PartitionSpec
+  def spec(shape, *entries):
+    return tuple(state_lib.zero1_sharding(jax.sharding.NamedSharding(mesh, P(*entries)),
+                                          shape).spec)
+  assert spec((8, 6), "fsdp", "tensor") == (("data", "fsdp"), "tensor")
+  assert spec((2, 6), "fsdp", None) == ("fsdp", "data")  # 2 rows do not split 4 ways
+  assert spec((3, 5), None, None) == (None, None)  # nothing divides: unchanged
+  assert spec((8,), "data") == ("data",)
+
+
 @pytest.mark.slow
 def test_pipelined_train_steps_with_accumulation_match_and_checkpoints_move_to_stage_1(
     reference, tmp_path):
-  """Two optimizer steps (2 accumulation microbatches, each pipelined) match the plain run; the
-  stage=2 state, saved, restores on stage=1 (and on stage=2) with exactly the same values."""
+  """Two optimizer steps (2 accumulation microbatches, each pipelined; ZeRO-1 moments over data)
+  match the plain run; the stage=2 state, saved, restores on stage=1 (and on stage=2) with exactly the same values."""
   from mai_jax import checkpoint as checkpoint_lib
   params = reference[0]
-  piped_trainer, piped, piped_losses = _train(C.MeshConfig(stage=2, fsdp=2, tensor=2), params, 2,
+  piped_trainer, piped, piped_losses = _train(C.MeshConfig(stage=2, data=2, tensor=2, zero1=True),
+                                              params, 2,
                                               pipeline_repeats=2)
   _, plain, plain_losses = _train(C.MeshConfig(fsdp=4, tensor=2), params, 2)
   np.testing.assert_allclose(piped_losses, plain_losses, rtol=1e-5)
@@ -221,3 +328,15 @@ def test_circular_regrouping_routes_every_layer_to_its_virtual_stage(stages, rep
   sent = shards[np.arange(stages)[:, None, None], send_q]  # [from, to, slot, Lc]
   got = np.stack([sent[recv_src[d], d, recv_slot[d]] for d in range(stages)], axis=1)
   np.testing.assert_array_equal(got, layers.reshape(repeats, stages, lc))
+
+
+def test_hosts_of_one_data_parallel_group_load_the_same_rows():
+  """Stages across hosts hold the same batch rows (the batch is replicated over 'stage'), so
+  those hosts load the same rows; data-parallel groups still split them."""
+  from mai_jax.data import streams
+  def rows(mesh, processes):
+    cfg = C.Config(mesh=mesh, train=C.TrainConfig(global_batch_size=8))
+    return [streams._rows_by_mesh(cfg, p, processes, 8) for p in range(processes)]
+  assert rows(C.MeshConfig(stage=2, fsdp=4), 2) == [(0, 8), (0, 8)]
+  assert rows(C.MeshConfig(data=2, stage=2, fsdp=2), 4) == [(0, 4), (0, 4), (4, 8), (4, 8)]
+  assert rows(C.MeshConfig(fsdp=8), 2) == [(0, 4), (4, 8)]  # as the equal split

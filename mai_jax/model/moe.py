@@ -139,6 +139,21 @@ def load_balance_loss(probs_NE: jax.Array, counts_E: jax.Array) -> jax.Array:
   return num_experts * jnp.sum(counts_E / num_tokens * jnp.mean(probs_NE, axis=0))
 
 
+def mean_over_microbatches(aux_LM: dict, k: int) -> dict:
+  """Per-layer aux of M equal-size microbatches (leaves [L, M, ...]) -> the aux of their union
+  (leaves [L, ...]), as one layer call on the whole batch would report it.
+
+  Load, dropped fraction, router z-loss and mean router probabilities are means over tokens, so
+  their microbatch mean is exact; the balance loss is a product of two such means, so it is
+  recomputed from the merged ones (E k sum_e load_e probs_e, load_balance_loss of the union).
+  Used by the pipeline (model/pipeline.py), whose stages see one microbatch at a time.
+  """
+  aux = jax.tree.map(lambda x: jnp.mean(x, axis=1), aux_LM)
+  num_experts = aux["load"].shape[-1]
+  aux["balance_loss"] = num_experts * k * jnp.sum(aux["load"] * aux["router_probs"], axis=-1)
+  return aux
+
+
 # ----------------------------------------------------------------------------------------------
 # Grouped expert computation
 
@@ -417,10 +432,14 @@ def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_ga
     dropped = jnp.sum(~keep_A).astype(jnp.float32)[None]
     return y_ND.reshape(B, T, D), dropped
 
+  # Inside a pipeline stage (model/pipeline.py vmaps the stages with spmd_axis_name='stage')
+  # jax 0.10's varying-axes inference fails on this body ("pvary is a invariant->variant
+  # collective"), so the check is off there; tests/test_pipeline.py checks the gradients.
+  stage = dict(layout.mesh.shape).get("stage", 1)
   fn = _shard_map(body, mesh=layout.mesh,
                   in_specs=(layout.x_spec, layout.x_spec, layout.x_spec, layout.w_in_spec,
                             layout.w_in_spec, layout.w_out_spec),
-                  out_specs=(layout.x_spec, batch_spec))
+                  out_specs=(layout.x_spec, batch_spec), check_vma=stage == 1)
   y_BTD, dropped_S = fn(x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
   return y_BTD, jnp.sum(dropped_S)
 
@@ -483,6 +502,7 @@ class MoE(nnx.Module):
         "dropped_fraction": dropped / (B * T * K),
         "z_loss": router_z_loss(logits_NE),
         "balance_loss": load_balance_loss(probs_NE, counts_E),
+        "router_probs": jnp.mean(probs_NE, axis=0),  # lets microbatches merge the balance loss
     }
     return y_BTD, aux
 

@@ -19,6 +19,11 @@ R = 1 the view is a free reshape of the contiguous 'stage' shards; with R > 1 a 
 are not contiguous in [L], so each step moves the weights into the [R, S, Lc] view with one
 all_to_all over 'stage' (and the gradients back with its transpose; `_regroup_for_repeats`).
 
+Per-layer statistics (the MoE router's) are collected per (stage, repeat, microbatch) outside the
+bubble and returned as [L, M, ...] for the caller to merge. FSDP inside a stage: with gather_once
+(model.pipeline_gather_once) the [R, S, Lc] views are whole along the FSDP axes, so the weights are
+gathered once per step instead of in every iteration (see `stage_view`).
+
 With remat on, each iteration's stage computation is checkpointed: the scan saves only the stage
 inputs [S, Bm, T, D] per iteration, and the backward pass recomputes the stage (whose layers use
 the model's own remat policy inside).
@@ -33,12 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from mai_jax.sharding import active_rules, logical_to_spec, shard_act
+from mai_jax.sharding import active_rules, logical_to_spec, shard_act, use_rules
 
 # Logical axes of the pipeline buffers: 'layers' maps to the 'stage' mesh axis in the rules.
 STAGE_ACT = ("layers", "batch", "seq", "embed")
 
-LayerFn = Callable  # (x_BTD, layer_state, segment_ids_BT, positions_BT) -> x_BTD
+LayerFn = Callable  # (x_BTD, layer_state, segment_ids_BT, positions_BT) -> (x_BTD, aux)
 
 
 def active_stages() -> int:
@@ -67,14 +72,32 @@ def merge_microbatches(x_M: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def stage_view(w_L, logical: PartitionSpec, stages: int, repeats: int):
-  """Canonical [L, ...] weight -> [R, S, Lc, ...] with S on 'stage', other dims as their rules."""
+def stage_view(w_L, logical: PartitionSpec, stages: int, repeats: int,
+               gather_once: bool = False):
+  """Canonical [L, ...] weight -> [R, S, Lc, ...] with S on 'stage', other dims as their rules.
+
+  gather_once: the view is also whole along the FSDP axes (those the 'embed' rule maps to), so
+  the weights are all-gathered once per step, before the iteration scan, instead of inside every
+  iteration (once per microbatch); their gradients are then summed over the iterations locally
+  and reduce-scattered once. Costs the stage's weights unsharded over fsdp in memory.
+  """
   rest = tuple(logical)[1:] + (None,) * (w_L.ndim - len(tuple(logical)))
   if repeats > 1:
     w = _regroup_for_repeats(w_L, ("layers",) + rest, stages, repeats)
   else:
     w = w_L.reshape(1, stages, w_L.shape[0] // stages, *w_L.shape[1:])
-  return shard_act(w, (None, "layers", None) + rest)
+  view = (None, "layers", None) + rest
+  if not gather_once:
+    return shard_act(w, view)
+  return jax.lax.with_sharding_constraint(
+      w, logical_to_spec(view, _gathered_rules(), jax.sharding.get_abstract_mesh(), w.shape))
+
+
+def _gathered_rules() -> tuple:
+  """The active rules with 'embed' (the FSDP dimension of the weights) mapped to no axis: what
+  the layers see inside a gather_once pipeline, so e.g. the MoE dispatch takes its expert
+  weights whole along embed instead of re-gathering them per iteration."""
+  return tuple((name, () if name == "embed" else axes) for name, axes in active_rules())
 
 
 def _regroup_tables(stages: int, repeats: int):
@@ -179,11 +202,14 @@ def shift_to_next_stage(y_S: jax.Array) -> jax.Array:
 
 def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
         segment_ids_BT: Optional[jax.Array], positions_BT: jax.Array, *, stages: int,
-        repeats: int, num_micro: int, remat: bool) -> jax.Array:
+        repeats: int, num_micro: int, remat: bool, gather_once: bool = False):
   """Applies the L stacked layers to x_BTD as an S-stage pipeline; equals a plain scan over them.
 
   stacked_state: the stack's nnx.State (leaves [L, ...]); logical_specs: its logical
-  PartitionSpecs (nnx.get_partition_spec), leaf for leaf.
+  PartitionSpecs (nnx.get_partition_spec), leaf for leaf. layer_fn returns (x_BTD, aux), aux a
+  pytree of per-layer statistics ({} for dense blocks). -> (x_BTD, aux_LM): each aux leaf gains
+  leading [L, M] axes (canonical layer order, pipeline microbatch), for the caller to merge.
+  gather_once: see `stage_view`.
   """
   S, R, M = stages, repeats, num_micro
   B, T, D = x_BTD.shape
@@ -191,7 +217,7 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     raise ValueError(f"pipeline: batch {B} rows do not split into {M} pipeline microbatches")
   leaves, treedef = jax.tree.flatten(stacked_state)
   specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  weights_RS = [stage_view(w, spec, S, R) for w, spec in zip(leaves, specs)]
+  weights_RS = [stage_view(w, spec, S, R, gather_once) for w, spec in zip(leaves, specs)]
 
   x_MbTD = shard_act(split_microbatches(x_BTD, M), (None,) + STAGE_ACT[1:])
   seg_MbT = None if segment_ids_BT is None else split_microbatches(segment_ids_BT, M)
@@ -199,8 +225,8 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
 
   def one_stage(w_Lc, x_bTD, seg_bT, pos_bT):
     def body(carry_bTD, layer_leaves):
-      return layer_fn(carry_bTD, jax.tree.unflatten(treedef, layer_leaves), seg_bT, pos_bT), None
-    return jax.lax.scan(body, x_bTD, w_Lc)[0]
+      return layer_fn(carry_bTD, jax.tree.unflatten(treedef, layer_leaves), seg_bT, pos_bT)
+    return jax.lax.scan(body, x_bTD, w_Lc)
 
   def all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT):
     # Each stage's weights for its current repeat, by selects (a gather indexed per stage would
@@ -213,10 +239,23 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
   if remat:
     all_stages = jax.checkpoint(all_stages, policy=jax.checkpoint_policies.nothing_saveable,
                                 prevent_cse=False)
+  lc = leaves[0].shape[0] // (S * R)
+  with use_rules(_gathered_rules() if gather_once else active_rules()):
+    return _schedule(one_stage, all_stages, weights_RS, x_MbTD, seg_MbT, pos_MbT, lc, S, R, M)
+
+
+def _schedule(one_stage, all_stages, weights_RS, x_MbTD, seg_MbT, pos_MbT, lc, S, R, M):
+  """The iteration scan of `run` (see the module docstring); -> (x_BTD, aux_LM)."""
   stage_S = jnp.arange(S)
+  aux_shapes = jax.eval_shape(
+      lambda w, x: one_stage(w, x, None if seg_MbT is None else seg_MbT[0], pos_MbT[0])[1],
+      [jax.ShapeDtypeStruct(w.shape[2:], w.dtype) for w in weights_RS],
+      jax.ShapeDtypeStruct(x_MbTD.shape[1:], x_MbTD.dtype))
+  # aux of stage s, repeat r, microbatch m in aux_SRM[s, r, m] ([S, R, M, Lc, ...], tiny).
+  aux0 = jax.tree.map(lambda a: jnp.zeros((S, R, M) + a.shape, a.dtype), aux_shapes)
 
   def iteration(carry, t):
-    x_SbTD, inbox_SMbTD = carry
+    x_SbTD, inbox_SMbTD, aux_SRM = carry
     item_S = t - stage_S
     micro_S = jnp.mod(item_S, M)
     # Stage 0 takes its microbatch from the inbox (embedded input, or the last stage's output of
@@ -226,7 +265,14 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     repeat_S = jnp.clip(item_S // M, 0, R - 1)
     seg_SbT = None if seg_MbT is None else shard_act(seg_MbT[micro_S], STAGE_ACT[:3])
     pos_SbT = shard_act(pos_MbT[micro_S], STAGE_ACT[:3])
-    y_SbTD = all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT)
+    y_SbTD, aux_S = all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT)
+    # A stage's statistics count only when it worked on a real item (not in the bubble).
+    slot_SRM = ((repeat_S[:, None, None] == jnp.arange(R)[None, :, None])
+                & (micro_S[:, None, None] == jnp.arange(M)[None, None, :])
+                & ((item_S >= 0) & (item_S < R * M))[:, None, None])
+    aux_SRM = jax.tree.map(
+        lambda acc, a: jnp.where(slot_SRM.reshape(slot_SRM.shape + (1,) * (a.ndim - 1)),
+                                 a[:, None, None], acc), aux_SRM, aux_S)
     # Pass every stage's output to the next stage (collective-permute over 'stage').
     x_SbTD = shard_act(shift_to_next_stage(y_SbTD), STAGE_ACT)
     # Row 0 now holds the last stage's output for item t - S + 1: keep it for the next repeat.
@@ -236,11 +282,16 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     old_SbTD = jax.lax.dynamic_index_in_dim(inbox_SMbTD, slot, axis=1, keepdims=False)
     new_SbTD = jnp.where(keep & (stage_S == 0)[:, None, None, None], x_SbTD, old_SbTD)
     inbox_SMbTD = jax.lax.dynamic_update_index_in_dim(inbox_SMbTD, new_SbTD, slot, axis=1)
-    return (x_SbTD, shard_act(inbox_SMbTD, STAGE_ACT[:1] + (None,) + STAGE_ACT[1:])), None
+    return (x_SbTD, shard_act(inbox_SMbTD, STAGE_ACT[:1] + (None,) + STAGE_ACT[1:]),
+            aux_SRM), None
 
-  x0_SbTD = shard_act(jnp.zeros((S,) + x_MbTD.shape[1:], x_BTD.dtype), STAGE_ACT)
+  x0_SbTD = shard_act(jnp.zeros((S,) + x_MbTD.shape[1:], x_MbTD.dtype), STAGE_ACT)
   inbox0 = shard_act(jnp.broadcast_to(x_MbTD[None], (S,) + x_MbTD.shape),
                      STAGE_ACT[:1] + (None,) + STAGE_ACT[1:])
-  (_, inbox_SMbTD), _ = jax.lax.scan(iteration, (x0_SbTD, inbox0),
-                                     jnp.arange(R * M + S - 1, dtype=jnp.int32))
-  return shard_act(merge_microbatches(inbox_SMbTD[0]), STAGE_ACT[1:])
+  (_, inbox_SMbTD, aux_SRM), _ = jax.lax.scan(iteration, (x0_SbTD, inbox0, aux0),
+                                              jnp.arange(R * M + S - 1, dtype=jnp.int32))
+  # [S, R, M, Lc, ...] -> [R, S, Lc, M, ...] -> [L, M, ...]: layer (r S + s) Lc + j.
+  aux_LM = jax.tree.map(
+      lambda a: jnp.moveaxis(jnp.swapaxes(a, 0, 1), 2, 3).reshape((R * S * lc, M) + a.shape[4:]),
+      aux_SRM)
+  return shard_act(merge_microbatches(inbox_SMbTD[0]), STAGE_ACT[1:]), aux_LM

@@ -18,7 +18,8 @@ from mai_jax.config import ModelConfig
 from mai_jax.model.layers import (MLP, Attention, Embed, KVCache, RMSNorm, compute_dtype,
                                   create_param, float32_logits)
 from mai_jax.model import pipeline
-from mai_jax.model.moe import MoE, expert_d_ff, is_moe_layer, num_moe_layers
+from mai_jax.model.moe import (MoE, expert_d_ff, is_moe_layer, mean_over_microbatches,
+                               num_moe_layers)
 from mai_jax.sharding import shard_act
 
 RESIDUAL = ("batch", "seq", "embed")
@@ -222,18 +223,20 @@ def _scan_blocks(stacked_blocks: nnx.Module, remat: str, x_BTD, segment_ids_BT, 
 
 def _pipeline_blocks(stacked_blocks: nnx.Module, cfg: ModelConfig, stages: int, x_BTD,
                      segment_ids_BT, positions_BT):
-  """The dense block stack as an S-stage pipeline (model/pipeline.py); -> (x_BTD, {})."""
-  if cfg.num_experts:
-    raise ValueError("pipeline stages (mesh.stage > 1) do not support MoE models yet")
+  """The block stack as an S-stage pipeline (model/pipeline.py); -> (x_BTD, stacked aux).
+
+  MoE router statistics come back per pipeline microbatch and are merged into the whole batch's
+  (moe.mean_over_microbatches), so the aux losses equal the plain scan's."""
   graphdef, stacked = nnx.split(stacked_blocks)
   block_fn = _block_fn(graphdef, cfg.remat, in_scan=True)
-  layer_fn = lambda x, state, seg, pos: block_fn(x, state, seg, pos)[0]  # noqa: E731
+  layer_fn = lambda x, state, seg, pos: block_fn(x, state, seg, pos)[:2]  # noqa: E731
   num_micro = cfg.pipeline_microbatches or stages
-  x_BTD = pipeline.run(layer_fn, stacked, nnx.get_partition_spec(stacked), x_BTD,
-                       segment_ids_BT, positions_BT, stages=stages,
-                       repeats=cfg.pipeline_repeats, num_micro=num_micro,
-                       remat=cfg.remat != "none")
-  return x_BTD, {}
+  x_BTD, aux_LM = pipeline.run(layer_fn, stacked, nnx.get_partition_spec(stacked), x_BTD,
+                               segment_ids_BT, positions_BT, stages=stages,
+                               repeats=cfg.pipeline_repeats, num_micro=num_micro,
+                               remat=cfg.remat != "none",
+                               gather_once=cfg.pipeline_gather_once)
+  return x_BTD, (mean_over_microbatches(aux_LM, cfg.experts_per_token) if aux_LM else {})
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: Optional[int] = None,

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -65,13 +66,35 @@ def param_shardings(mesh: Mesh, rules, abstract_params: Params, logical: Params)
                       is_leaf=lambda x: isinstance(x, (PartitionSpec, jax.ShapeDtypeStruct)))
 
 
+def zero1_sharding(sharding: NamedSharding, shape) -> NamedSharding:
+  """`sharding` with 'data' added to the first dimension it splits evenly (and does not already
+  use): a parameter's optimizer moment under ZeRO-1, so each data-parallel replica keeps 1/data
+  of it while the parameter itself stays replicated over 'data'. Unchanged if no dim divides."""
+  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  data = mesh.shape.get("data", 1)
+  used = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+  if data == 1 or "data" in used:
+    return sharding
+  for i, entry in enumerate(spec):
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    if shape[i] % (data * int(np.prod([mesh.shape[a] for a in axes]))) == 0:
+      spec = spec[:i] + (("data",) + axes,) + spec[i + 1:]
+      return NamedSharding(mesh, PartitionSpec(*spec))
+  return sharding
+
+
 def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, abstract_params: Params,
-                    params_sharding: Params) -> TrainState:
-  """Shardings of the whole TrainState: optimizer moments follow their parameters."""
+                    params_sharding: Params, zero1: bool = False) -> TrainState:
+  """Shardings of the whole TrainState: optimizer moments follow their parameters (with `zero1`
+  also split over 'data', see `zero1_sharding`)."""
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  moments_sharding = params_sharding
+  if zero1:
+    moments_sharding = jax.tree.map(lambda s, p: zero1_sharding(s, p.shape), params_sharding,
+                                    abstract_params)
   opt_sharding = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, params_sharding,
+      tx, lambda _, s: s, abstract_opt, moments_sharding,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
@@ -99,7 +122,8 @@ class StateLayout:
 def make_layout(cfg: Config, mesh: Mesh, model_factory, tx: optax.GradientTransformation):
   spec, abstract_params, logical = abstract_model(model_factory)
   shardings = state_shardings(mesh, tx, abstract_params,
-                              param_shardings(mesh, cfg.mesh.rules, abstract_params, logical))
+                              param_shardings(mesh, cfg.mesh.rules, abstract_params, logical),
+                              zero1=cfg.mesh.zero1)
   return StateLayout(spec, abstract_params, shardings)
 
 
