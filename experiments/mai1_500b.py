@@ -14,35 +14,35 @@
   context 8,192 for pretraining (long context is a later, cheaper extension phase, as in Llama 3).
   Untied embeddings, RoPE theta 500,000 (Llama 3's choice for 8K and beyond).
   Layout for 15,360 H100 (1,920 nodes x 8), chosen by `mai-jax plan --search` with the pipeline
-  terms (docs/planner.md): stage=2 x fsdp=384 x data=5 x tensor=4, pipeline_repeats=15 (4 layers
-  per virtual stage), pipeline_microbatches=2, remat 'dots'; 40.5 GB of 72 GB usable per GPU.
+  terms (docs/planner.md): stage=4 x fsdp=192 x data=5 x tensor=4, pipeline_repeats=10 (3 layers
+  per virtual stage), pipeline_microbatches=4, remat 'dots'; 70.1 GB of 72 GB usable per GPU.
   Why this split, in the planner's physics for this codebase's pipeline (model/pipeline.py):
-  - stage=2: the stages exist to halve what FSDP moves (each GPU gathers only its stage's layers,
-    once per repeat, 377 GB per step over InfiniBand, hidden behind 15 s of compute; with no stages
-    the all-gathers bound the step: 32.6% MFU at this batch). More stages cost more than they save
-    here: every stage repeats the head (embedding, unembedding, loss) on the whole batch, the
-    stage-to-stage sends are exposed and carry the whole [rows, T, D] buffer on every tensor rank,
-    and the bubble grows (S=4: 37.5%, S=8: 33.8%).
-  - repeats=15 with 2 pipeline microbatches: bubble (S-1)/(R M + S - 1) = 1/31 = 3.2%; the rows
-    per GPU (2) bound the microbatches, the repeats buy the small bubble (R=1 would idle 33%).
+  - stage=4: the stages exist to cut what FSDP moves (each GPU gathers only its stage's layers,
+    and model.pipeline_gather_once gathers them once per step); with no stages the all-gathers
+    bound the step (32.6% MFU at this batch). Gathering the stage once means holding its weights
+    whole along fsdp (and their unreduced gradient): at stage=2 that is 134 GB of temporaries and
+    does not fit, at stage=4 it fits. More stages cost more than they save: every stage repeats
+    the head (embedding, unembedding, loss) on the whole batch, the stage-to-stage sends are
+    exposed and carry the whole [rows, T, D] buffer on every tensor rank, and the bubble grows.
+  - repeats=10 with 4 pipeline microbatches: bubble (S-1)/(R M + S - 1) = 3/43 = 7.0%.
   - tensor=4, not 8: the residual stream is replicated over tensor (no sequence parallelism), so
-    its elementwise work and the exposed all-reduces do not shrink with t; at 2 rows per GPU the
-    GEMMs stay large at t=4. fsdp=384 divides d_model 18,432 (1,920 does not: fsdp=1,920 would
-    leave the weights unsharded); data=5 takes the rest. fsdp=64 x data=30 is as fast but
-    needs 99 GB (each GPU holds 6x more of the weights that the repeats regroup).
+    its elementwise work and the exposed all-reduces do not shrink with t; the GEMMs stay large
+    at t=4. fsdp=192 divides d_model 18,432; data=5 takes the rest.
   - remat 'dots': pipeline iterations are checkpointed as a whole, so any remat recomputes each
     stage forward once; 'full' inside that recomputes every block a second time (nested remat),
     'dots' does not. 'none' keeps every iteration's activations (all forwards run before the
-    backwards): 120 layers x 2 rows x 8K tokens do not fit.
+    backwards): 120 layers x 8K-token rows do not fit.
+  - With model.pipeline_gather_once=False (each iteration gathers its virtual stage: little
+    memory, M times the traffic) the best layout is stage=2 x tensor=8 at 34.8%.
   Global batch 3,840 x 8,192 = 31.5M tokens: twice Llama 3 405B's 16M, half DeepSeek-V3's 63M;
     DeepSeek LLM's batch-size law (0.292 C^0.327 tokens) gives ~63M at this run's 3e25 FLOPs, so
-    31.5M is inside the flat optimum, and at 15.7M (one row per GPU group) the bubble and the fixed
-    per-step FSDP traffic cost 5 MFU points (34.8%).
-  Predicted: 39.5% MFU, ~60 days for 10T tokens (`mai-jax plan --config experiments/mai1_500b.py`).
+    31.5M is inside the flat optimum, and at 15.7M the bubble and the fixed per-step FSDP traffic
+    cost MFU points.
+  Predicted: 37.4% MFU, ~63 days for 10T tokens (`mai-jax plan --config experiments/mai1_500b.py`).
   Not the issue's 45%: this codebase's schedule recomputes each stage (1.33x the FLOPs of no remat)
   and runs all forwards before the backwards. The planner puts a 1F1B order without the whole-stage
-  recompute at 52% and a Megatron-style one (sends split over tensor and overlapped, head on the
-  last stage) at 54% on this layout (docs/planner.md, "What the pipeline needs").
+  recompute and a Megatron-style one (sends split over tensor and overlapped, head on the last
+  stage) above 50% (docs/planner.md, "What the pipeline needs").
   Token budget: 10T tokens, Chinchilla-optimal (Hoffmann et al. 2022: ~20 tokens per parameter);
   the planner puts it at ~59 days on 15,360 H100, so training longer is a schedule decision.
 
@@ -99,8 +99,8 @@ def dense() -> Config:
       model=ModelConfig(num_layers=120, d_model=18432, num_heads=144, num_kv_heads=8,
                         head_dim=128, d_ff=61440, vocab_size=131072, rope_theta=500000.0,
                         tie_embeddings=False, param_dtype="float32", compute_dtype="bfloat16",
-                        remat="dots", pipeline_repeats=15, pipeline_microbatches=2),
-      mesh=MeshConfig(data=-1, stage=2, fsdp=384, tensor=4, target_gpu="h100",
+                        remat="dots", pipeline_repeats=10, pipeline_microbatches=4),
+      mesh=MeshConfig(data=-1, stage=4, fsdp=192, tensor=4, target_gpu="h100",
                       target_num_gpus=TARGET_GPUS),
       optim=OptimConfig(learning_rate=8e-5, warmup_steps=8000, schedule="wsd",
                         min_lr_ratio=0.01, decay_fraction=0.1, weight_decay=0.1, grad_clip=1.0),

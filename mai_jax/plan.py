@@ -419,14 +419,31 @@ def logits_bytes(cfg: Config, layout: Layout, rows: Optional[int] = None) -> flo
   return 2 * n * cfg.model.vocab_size / layout.size("tensor") * 4
 
 
+def fsdp_gather_scope(cfg: Config, layout: Layout) -> str:
+  """How often a pipelined step all-gathers its fsdp-sharded weights.
+
+  'layer' without stages (each block gathered as it runs). This codebase's schedule gathers either
+  the whole stage once per step (model.pipeline_gather_once: the stage's weights then stay whole
+  along fsdp, with their unreduced gradient) or each virtual stage in every iteration that uses it
+  ('iteration': M times per repeat). 'repeat' (once per repeat, the repeat's layers kept) is the
+  idealized schedule the calibration rows' implementation stands for."""
+  if layout.stages == 1:
+    return "layer"
+  if layout.impl is not pp.THIS_CODEBASE:
+    return "repeat"
+  return "step" if cfg.model.pipeline_gather_once else "iteration"
+
+
 def _gathered_layers(cfg: Config, layout: Layout) -> int:
   """Blocks whose gathered weights are alive at once: 3 (in use, prefetched, one unreduced
-  gradient); a pipeline stage that gathers once per repeat keeps its repeat's Lc layers for the
-  M iterations that use them, plus the prefetched and the gradient ones."""
+  gradient); a stage gathered once per step holds all its Ld layers and their unreduced gradient;
+  one gathered per repeat or iteration its Lc layers, plus the prefetched and the gradient ones."""
   if layout.stages == 1 or layout.size("fsdp") == 1:
     return 3
-  return pp.layers_per_device(cfg.model.num_layers, layout.stages, layout.repeats) \
-      // layout.repeats + 2
+  Ld = pp.layers_per_device(cfg.model.num_layers, layout.stages, layout.repeats)
+  if fsdp_gather_scope(cfg, layout) == "step":
+    return 2 * Ld
+  return Ld // layout.repeats + 2
 
 
 def _regrouped_weights(layout: Layout, shards: ParamShards, p: int) -> float:
@@ -502,8 +519,9 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   every collective runs once per microbatch); Ld = the layers one device computes
   (plan_pipeline.layers_per_device: L without stages):
     fsdp:   each block's weights all-gathered for the forward and again for the backward, its
-            gradient reduce-scattered, in WIRE_DTYPE; overlapped. With stages, once per repeat
-            (each layer belongs to one repeat), not once per pipeline microbatch.
+            gradient reduce-scattered, in WIRE_DTYPE; overlapped. With stages, once per step or
+            per repeat (each layer belongs to one repeat), or once per pipeline microbatch when
+            each iteration gathers its virtual stage (fsdp_gather_scope).
     data:   all-reduce of the gradient shards, in WIRE_DTYPE; overlapped with the backward.
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
             2 more for the full-remat recompute, plus 2 for the vocab-sharded embedding/unembedding;
@@ -522,6 +540,8 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   n_tokens = rows * cfg.data.seq_len
   f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
   per_layer = 6 if layout.remat == "full" else 4
+  # A virtual stage gathered in every iteration that runs it is gathered once per microbatch.
+  G = Mp if fsdp_gather_scope(cfg, layout) == "iteration" else 1
   stage_bytes, stage_calls = 0.0, 0
   if S > 1:
     b = pipeline_rows_per_device(cfg, layout)
@@ -530,7 +550,7 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
                                                  layout.impl))
     stage_calls = M * (pp.p2p_sends(S, R, Mp, layout.impl) + 1)
   plan = {
-      "fsdp": (3 * M * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * Ld, True),
+      "fsdp": (3 * M * G * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * G * Ld, True),
       "data": (2 * M * shards.per_device * w * (d - 1) / d, M * Ld, True),
       "tensor": ((per_layer * Ld + 2) * M * 2 * n_tokens * m.d_model * c * (t - 1) / t,
                  (per_layer * Ld * Mp + 2) * M, False),
