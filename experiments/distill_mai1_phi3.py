@@ -28,12 +28,8 @@ Variants:
   ci   the same run on 8 devices (config.scaled_to_devices)
 """
 
-import dataclasses
-import importlib.util
-import os
-
 from mai_jax.config import (Config, DataConfig, MeshConfig, OptimConfig, TrainConfig,
-                            scaled_to_devices)
+                            scaled_to_devices, sibling_experiment)
 
 VARIANTS = ("ci",)
 TARGET_GPUS = 256
@@ -45,11 +41,7 @@ SEQ_LEN = 4096
 
 
 def _experiment(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_{name}_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sibling_experiment(__file__, name)
 
 
 def get_config(variant=None) -> Config:

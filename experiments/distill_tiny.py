@@ -11,18 +11,14 @@ Variants:
 """
 
 import dataclasses
-import importlib.util
-import os
+
+from mai_jax.config import sibling_experiment
 
 VARIANTS = ("teacher", "student")
 
 
 def _tiny():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py")
-  spec = importlib.util.spec_from_file_location("_tiny_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sibling_experiment(__file__, "tiny")
 
 
 def get_config(variant=None):

@@ -23,20 +23,14 @@ Variants:
 """
 
 import dataclasses
-import importlib.util
-import os
 
-from mai_jax.config import Config
+from mai_jax.config import Config, sibling_experiment
 
 VARIANTS = ("smoke",)
 
 
 def _tiny(variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py")
-  spec = importlib.util.spec_from_file_location("mai_jax_experiment_tiny_for_sft", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return sibling_experiment(__file__, "tiny").get_config(variant)
 
 
 def get_config(variant=None) -> Config:

@@ -304,6 +304,13 @@ def _import_experiment(path: str, spec: str):
   return module
 
 
+def sibling_experiment(this_file: str, name: str):
+  """The module of experiments/NAME.py next to `this_file`, for experiments built on another
+  (sft_tiny on tiny): loaded like --config loads it, so no __pycache__ is written beside it."""
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py")
+  return _import_experiment(path, path)
+
+
 def experiment_variants(path: str) -> tuple[str, ...]:
   """The variants an experiment file declares in `VARIANTS` (empty if it declares none)."""
   return tuple(getattr(_import_experiment(path, path), "VARIANTS", ()))
