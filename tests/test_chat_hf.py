@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_convert_hf import VOCAB, make_hf_llama, write_hf_tokenizer  # noqa: E402
+from test_convert_hf import (VOCAB, hf_greedy, make_hf_llama,  # noqa: E402
+                             write_hf_tokenizer)
 
 from mai_jax import cli, sample  # noqa: E402
 from mai_jax import workdir as workdir_lib  # noqa: E402
@@ -31,11 +32,20 @@ PROMPT = "def add(a, b):\n"
 
 
 def _tokenizer_with(directory, markers):
-  """write_hf_tokenizer's BPE plus `markers` as special tokens, padded to exactly VOCAB ids."""
+  """write_hf_tokenizer's BPE, cut to leave room, plus `markers` as special tokens, padded to
+  exactly VOCAB ids."""
   from tokenizers import Tokenizer
   write_hf_tokenizer(directory)
   tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+  state = json.loads(tok.to_str())  # the trainer's size varies with its tie-breaking: drop the
+  room = VOCAB - len(markers)  # newest merges so that the markers fit below VOCAB
+  state["model"]["vocab"] = {k: v for k, v in state["model"]["vocab"].items() if v < room}
+  state["model"]["merges"] = [m for m in state["model"]["merges"] if all(
+      p in state["model"]["vocab"] for p in (m.split(" ") if isinstance(m, str) else m))
+      and "".join(m.split(" ") if isinstance(m, str) else m) in state["model"]["vocab"]]
+  tok = Tokenizer.from_str(json.dumps(state))
   tok.add_special_tokens(markers)
+  assert tok.get_vocab_size() <= VOCAB
   tok.add_special_tokens([f"<|unused_{i}|>" for i in range(VOCAB - tok.get_vocab_size())])
   tok.save(str(directory / "tokenizer.json"))
   return tok
@@ -79,6 +89,18 @@ def test_an_imported_chat_model_answers_with_the_tokens_of_transformers_generate
                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh,
                          rules=cfg.mesh.rules)[0]
   assert ours == hf_new
+  # Without an eos, 8 greedy tokens; a multi-token stop text (the text of two of them) ends the
+  # reply at its last token.
+  free = hf_greedy(imported["ref"], want_ids, 8)
+  ours = sample.generate(model, [want_ids], sample.SamplingConfig(8, temperature=0), eos_id=None,
+                         pad_id=tokenizer.pad_id, mesh=mesh, rules=cfg.mesh.rules)[0]
+  assert ours == free
+  end = tokenizer.decode(free[2:4])
+  first = next(n for n in range(1, 9) if end in tokenizer.decode(free[:n]))
+  stopped = sample.generate(model, [want_ids], sample.SamplingConfig(8, temperature=0),
+                            eos_id=None, pad_id=tokenizer.pad_id, mesh=mesh, rules=cfg.mesh.rules,
+                            stop=sample.turn_end_stop(tokenizer, end))[0]
+  assert stopped == free[:first] and first < 8
   assert cli.main(["sample", "--workdir", str(wd), "--chat", "--prompt", PROMPT,
                    "--temperature", "0", "--max-new-tokens", "8"]) == 0
   reply = hf_tok.decode(hf_new, skip_special_tokens=False).split("<|end|>")[0]

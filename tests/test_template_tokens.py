@@ -10,6 +10,7 @@ import pytest
 
 from mai_jax import checkpoint as checkpoint_lib
 from mai_jax import config as C
+from mai_jax import sample
 from mai_jax import sharding as S
 from mai_jax import workdir as workdir_lib
 from mai_jax.data import template_tokens as TT
@@ -69,6 +70,14 @@ def test_a_missing_template_token_becomes_one_id_after_the_old_ones(kind, sp_tok
   assert TT.added_at_end(extended, base.vocab_size, CHATML_TOKENS)
   again = TT.add_tokens(base, CHATML_TOKENS, str(tmp_path / "b"))
   assert again.content_hash == extended.content_hash  # deterministic: a resume gets the same file
+
+
+def test_a_multi_token_end_of_turn_stops_at_its_last_piece(sp_tokenizer):
+  end = "<|im_end|>"
+  assert len(sp_tokenizer.encode(end)) > 1  # the base tokenizer spells it in pieces
+  ids = sp_tokenizer.encode("Fine, thanks." + end)
+  stop = sample.turn_end_stop(sp_tokenizer, end)
+  assert [n for n in range(1, len(ids) + 1) if stop(ids[:n])] == [len(ids)]
 
 
 MODEL = C.ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
