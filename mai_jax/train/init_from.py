@@ -246,10 +246,10 @@ def adoptable_tokenizer(cfg: Config, workdir: str, source: InitSource, log: Log)
 
 def check_tokenizer_matches(source: InitSource, tokenizer: Tokenizer, log: Log,
                             base_hash: Optional[str] = None) -> None:
-  """Warns when the run's tokenizer (or `base_hash`: the one it extended with template tokens)
-  is not the one recorded with (or stored in) the source."""
+  """Warns when the source's tokenizer (recorded with or stored in it) is neither the run's nor
+  `base_hash` (the one the run extended with template tokens, see train/template_vocab.py)."""
   want = _source_tokenizer_hash(source)
-  if want is not None and want != (base_hash or tokenizer.content_hash):
+  if want is not None and want not in (base_hash, tokenizer.content_hash):
     log(f"mai-jax: WARNING: this run's tokenizer {tokenizer.path} (sha256 "
         f"{tokenizer.content_hash[:12]}) is not the one of train.init_from {source.workdir} "
         f"(sha256 {want[:12]}): the same text gets other ids than the weights were trained on")
