@@ -482,6 +482,15 @@ def params_shape_mismatch(directory: str, step: int,
   return first_shape_mismatch(dict(stored)["params"], abstract_params)
 
 
+def stored_param_shapes(directory: str, step: int, like: Any) -> Any:
+  """The shapes (tuples) of `state.params` of checkpoint `step`, as a tree shaped like `like`
+  (read from metadata alone)."""
+  stored = dict(stored_state_tree(directory, step))["params"]
+  have = {_path_name(p): tuple(getattr(x, "shape", ()) or ())
+          for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+  return jax.tree_util.tree_map_with_path(lambda p, _: have[_path_name(p)], like)
+
+
 def good_steps(directory: str) -> list[int]:
   """The finalized steps of a checkpoint directory that are ok or unverified, oldest first."""
   return sorted(s.step for s in list_checkpoints(directory)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,9 +107,10 @@ _choose = jax.jit(choose_tokens, static_argnames=("temperature", "top_k", "top_p
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              eos_id: Optional[int], pad_id: int = 0, mesh: Optional[jax.sharding.Mesh] = None,
-             rules=None) -> list[list[int]]:
-  """New tokens for each prompt (token ids, bos included if wanted), ending at eos (kept) or
-  after max_new_tokens. `model` is a Decoder without a cache; it is not modified."""
+             rules=None, stop: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
+  """New tokens for each prompt (token ids, bos included if wanted), ending at eos (kept), when
+  `stop(row's new tokens so far)` is true (e.g. a multi-token end of turn, see `turn_end_stop`),
+  or after max_new_tokens. `model` is a Decoder without a cache; it is not modified."""
   check(sampling)
   tokens_BP, segment_ids_BP, positions_BP = left_pad(prompts, pad_id)
   B, P = tokens_BP.shape
@@ -133,7 +134,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: Samp
       next_B = np.asarray(_choose(logits_BV, jax.random.fold_in(key, i), **filters))
       for b in np.flatnonzero(~done):
         outputs[b].append(int(next_B[b]))
-        done[b] = eos_id is not None and next_B[b] == eos_id
+        done[b] = (eos_id is not None and next_B[b] == eos_id) or (
+            stop is not None and stop(outputs[b]))
       if done.all() or i + 1 == sampling.max_new_tokens:
         break
       logits_BV, cache = _decode(cached_graphdef, params, cache, next_B[:, None], ones_B1,
@@ -173,23 +175,35 @@ def chat_replies(cfg: Config, model: nnx.Module, tokenizer, conversations: Seque
                  sampling: SamplingConfig, mesh: Optional[jax.sharding.Mesh] = None) -> list[str]:
   """The assistant's next reply to each conversation ({'role', 'content'} messages), rendered
   with data.chat_template and tokenized as in SFT (data/chat.py). The reply ends at the
-  template's end of turn (ChatML's <|im_end|>, else its eos_token) or the tokenizer's eos; a
-  multi-token end of turn is cut from the text, decoding runs on to max_new_tokens then."""
+  template's end of turn (ChatML's <|im_end|>, else its eos_token; one token or several, see
+  `turn_end_stop`) or the tokenizer's eos, whichever comes first; the end is cut from the text."""
   from mai_jax.data import chat, chat_template  # pylint: disable=import-outside-toplevel
   template = chat_template.load_template(cfg.data.chat_template)
   ids = [chat.prompt_tokens(c, template, tokenizer) for c in conversations]
-  outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                  mesh=mesh, rules=cfg.mesh.rules)
   end = chat_template.end_of_turn(template)
+  outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                  mesh=mesh, rules=cfg.mesh.rules,
+                  stop=turn_end_stop(tokenizer, end) if end else None)
   texts = [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
   return [t.split(end)[0] if end else t for t in texts]
+
+
+def turn_end_stop(tokenizer, end: str) -> Callable[[list[int]], bool]:
+  """stop(new tokens) -> whether their tail holds the text `end`. Text, not ids: the end of turn
+  may be one added token or several pieces (a tokenizer without it as a special token, whose
+  pieces may even merge with the reply's last characters). Only the tail is decoded: `end`
+  spans at most one token per UTF-8 byte, plus one token it may share with the reply."""
+  tail = len(end.encode("utf-8")) + 1
+  return lambda ids: end in tokenizer.decode(ids[-tail:])
 
 
 def chat_session(cfg: Config, model: nnx.Module, tokenizer, lines, sampling: SamplingConfig,
                  mesh: Optional[jax.sharding.Mesh] = None, system: str = ""):
   """Yields the assistant's reply to each user line of `lines` (an iterable of strings; a blank
   line ends the session), keeping the whole conversation as context. Each turn renders and
-  prefills the conversation again (the KV cache is not carried across turns)."""
+  prefills the conversation again: the KV cache is not carried across turns, since the next
+  turn's tokens (the reply re-tokenized from its text, as in training) need not extend the
+  sampled ones, and a cache that does not match them would condition on other ids."""
   messages = [{"role": "system", "content": system}] if system else []
   for line in lines:
     text = line.rstrip("\n")

@@ -135,8 +135,11 @@ def test_sft_through_the_cli_teaches_a_held_out_instruction_task(base):
   assert losses[250] < 0.2 * losses[50]
   assert [r["eval_loss"] for r in rows if "eval_loss" in r][-1] < 1.0
   cfg = C.load_json(str(sft / "config.json"))
-  tokenizer = tok_lib.load_tokenizer(base["tok"])
-  base_em, _ = _exact_match(cfg, base["root"] / "base", tokenizer, held)
+  # The run added ChatML's markers to the base tokenizer (ids 512, 513) and saved it beside its
+  # checkpoints; the base model reads the base tokenizer.
+  tokenizer = workdir_lib.load_tokenizer(cfg, str(sft))
+  assert tokenizer.encode("<|im_end|>") == [513] and cfg.model.vocab_size == 514
+  base_em, _ = _exact_match(cfg, base["root"] / "base", tok_lib.load_tokenizer(base["tok"]), held)
   sft_em, replies = _exact_match(cfg, sft, tokenizer, held)
   print(f"held-out exact match: base {base_em:.2f}, after SFT {sft_em:.2f}")
   assert base_em == 0.0

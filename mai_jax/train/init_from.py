@@ -14,6 +14,12 @@ checkpoints of its own, starting again from W would throw its progress away, so 
 Why the tokenizer is W's: token ids must mean what they meant when the weights were trained. Unless
 data.tokenizer_path names one, W's tokenizer files are copied into the run's workdir, where
 `load_or_train_tokenizer` (and a resumed run) find them instead of training a new tokenizer.
+
+Why the vocabulary may grow: a fine-tuning run adds its chat template's special tokens to the
+tokenizer (train/template_vocab.py), after the existing ids. W's embedding (and unembedding) then
+has fewer rows than the run's model: the old rows are restored unchanged and each new row starts
+at the mean of the old ones (a new token starts out as an "average" token instead of a random
+vector whose logit could dominate every prediction). Every other shape must match exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import hashlib
 import json
 import os
 from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mai_jax import checkpoint as checkpoint_lib
 from mai_jax import config as config_lib
@@ -103,7 +113,15 @@ def prepare(cfg: Config, log: Log) -> InitSource:
   ConfigError naming the parameter; a model config that differs otherwise is a loud warning."""
   source = resolve(cfg.train.init_from)
   differences = model_differences(cfg.model, source.cfg.model)
-  abstract = state_lib.abstract_model(lambda rngs: Decoder(cfg.model, rngs=rngs))[1]
+  grows = vocab_grows(cfg, source)
+  if grows:
+    differences = [d for d in differences if not d.startswith("vocab_size:")]
+    log(f"mai-jax: the vocabulary grows from {source.cfg.model.vocab_size} to "
+        f"{cfg.model.vocab_size} tokens: the embedding rows of train.init_from are kept and the "
+        f"new rows start at their mean")
+  model = dataclasses.replace(cfg.model, vocab_size=source.cfg.model.vocab_size) if grows else (
+      cfg.model)
+  abstract = state_lib.abstract_model(lambda rngs: Decoder(model, rngs=rngs))[1]
   mismatch = checkpoint_lib.params_shape_mismatch(source.checkpoints, source.step, abstract)
   if mismatch is not None:
     key, have, want = mismatch
@@ -158,9 +176,43 @@ def model_differences(run: ModelConfig, source: ModelConfig) -> list[str]:
   return out
 
 
+def vocab_grows(cfg: Config, source: InitSource) -> bool:
+  """The run's vocabulary is the source's plus added tokens (see the module docstring)."""
+  return source.cfg.model.vocab_size < cfg.model.vocab_size
+
+
 def restore_params(source: InitSource, abstract_params: Any) -> Any:
-  """The source's params in `abstract_params`' shapes, dtypes and shardings (this mesh's)."""
-  return checkpoint_lib.restore_params(source.checkpoints, source.step, abstract_params)
+  """The source's params in `abstract_params`' shapes, dtypes and shardings (this mesh's); when
+  the vocabulary grew, the embedding tables gain mean-initialized rows (`grow_rows`)."""
+  stored_shapes = checkpoint_lib.stored_param_shapes(source.checkpoints, source.step,
+                                                     abstract_params)
+  resized = jax.tree.map(lambda a, s: tuple(a.shape) != s, abstract_params, stored_shapes)
+  if not any(jax.tree.leaves(resized)):
+    return checkpoint_lib.restore_params(source.checkpoints, source.step, abstract_params)
+  # Tables of the source's size are read replicated (their size may not divide the mesh axes),
+  # then grown into the run's shardings.
+  target = jax.tree.map(
+      lambda a, s, r: jax.ShapeDtypeStruct(s, a.dtype, sharding=NamedSharding(
+          a.sharding.mesh, PartitionSpec())) if r else a, abstract_params, stored_shapes, resized)
+  params = checkpoint_lib.restore_params(source.checkpoints, source.step, target)
+  return jax.tree.map(lambda p, a, r: grow_rows(p, a) if r else p, params, abstract_params,
+                      resized)
+
+
+def grow_rows(table: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """`table` padded to `target`'s shape along the one axis where they differ (the vocab axis:
+  0 of embed [V, D], 1 of unembed [D, V]), the new entries the mean of the old ones."""
+  axis = [i for i, (a, b) in enumerate(zip(table.shape, target.shape)) if a != b]
+  if len(axis) != 1 or table.shape[axis[0]] > target.shape[axis[0]]:
+    raise ConfigError(f"cannot grow an array of shape {table.shape} to {target.shape}")
+  axis = axis[0]
+  extra = target.shape[axis] - table.shape[axis]
+
+  def grow(t):
+    mean = jnp.mean(t.astype(jnp.float32), axis=axis, keepdims=True).astype(t.dtype)
+    return jnp.concatenate([t, jnp.repeat(mean, extra, axis=axis)], axis=axis)
+
+  return jax.jit(grow, out_shardings=target.sharding)(table)
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -195,10 +247,12 @@ def adoptable_tokenizer(cfg: Config, workdir: str, source: InitSource, log: Log)
   return []
 
 
-def check_tokenizer_matches(source: InitSource, tokenizer: Tokenizer, log: Log) -> None:
-  """Warns when the run's tokenizer is not the one recorded with (or stored in) the source."""
+def check_tokenizer_matches(source: InitSource, tokenizer: Tokenizer, log: Log,
+                            base_hash: Optional[str] = None) -> None:
+  """Warns when the source's tokenizer (recorded with or stored in it) is neither the run's nor
+  `base_hash` (the one the run extended with template tokens, see train/template_vocab.py)."""
   want = source_tokenizer_hash(source)
-  if want is not None and want != tokenizer.content_hash:
+  if want is not None and want not in (base_hash, tokenizer.content_hash):
     log(f"mai-jax: WARNING: this run's tokenizer {tokenizer.path} (sha256 "
         f"{tokenizer.content_hash[:12]}) is not the one of train.init_from {source.workdir} "
         f"(sha256 {want[:12]}): the same text gets other ids than the weights were trained on")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -28,7 +29,7 @@ from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokeniz
 from mai_jax.evaluate import evaluate_counted
 from mai_jax.model import count_active_params, count_params
 from mai_jax.train import init_from as init_from_lib
-from mai_jax.train import preemption, prepare, reference
+from mai_jax.train import preemption, prepare, reference, template_vocab
 from mai_jax.train import step as step_lib
 from mai_jax.train.faults import FaultMonitor
 from mai_jax.train.trainer import build_trainer
@@ -76,10 +77,17 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   metrics_lib.check_tracking(cfg)
   workdir = os.path.abspath(workdir)
   cfg = init_from_lib.with_absolute_path(cfg)
-  trainer = build_trainer(cfg, mesh)
-  resume = prepare.check_resume(cfg, workdir, trainer.abstract_state())
-  init_source = init_from_lib.source_for_run(cfg, workdir, _log)  # None when resuming
-  choice = prepare.choose_tokenizer(cfg, workdir, init_source, _log)
+  cfg, extension = template_vocab.plan(cfg, workdir, _log)  # the chat template's tokens
+  try:
+    config_lib.validate(cfg, jax.device_count())
+    trainer = build_trainer(cfg, mesh)
+    resume = prepare.check_resume(cfg, workdir, trainer.abstract_state())
+    init_source = init_from_lib.source_for_run(cfg, workdir, _log)  # None when resuming
+    choice = prepare.choose_tokenizer(cfg, workdir, init_source, _log, extension)
+  except BaseException:
+    if extension is not None:
+      shutil.rmtree(extension.staging, ignore_errors=True)
+    raise
   if cfg.train.objective == "dpo" and choice.tokenizer is not None:
     reference.ensure_reference(cfg, choice.tokenizer, mesh, _log)  # the reference pass, once
   try:  # the data pipeline and eval batches are built (and checked) before the commit too

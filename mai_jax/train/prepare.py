@@ -144,10 +144,19 @@ def _config_advice(workdir: str, stored: Optional[dict], previous: Optional[dict
 
 # ------------------------------------------------------------------------------------ tokenizer
 
-def choose_tokenizer(cfg: Config, workdir: str, init_source, log: Log) -> TokenizerChoice:
+def choose_tokenizer(cfg: Config, workdir: str, init_source, log: Log,
+                     extension=None) -> TokenizerChoice:
   """The run's tokenizer by the priority of `load_or_train_tokenizer` (data.tokenizer_path, the
-  workdir's file, train.init_from's files, a new one), checked against the workdir's record;
-  nothing is written into the workdir (a new tokenizer is trained into a staging folder)."""
+  workdir's file, train.init_from's files, a new one), or `extension` (a
+  template_vocab.Extension: that tokenizer with the chat template's tokens added, staged),
+  checked against the workdir's record; nothing is written into the workdir (a new or extended
+  tokenizer waits in a staging folder)."""
+  if extension is not None:
+    check_tokenizer_record(workdir, extension.tokenizer, write=False)
+    if init_source is not None:
+      init_from_lib.check_tokenizer_matches(init_source, extension.tokenizer, log,
+                                            base_hash=extension.base_hash)
+    return TokenizerChoice(extension.tokenizer, extension.copies(), extension.staging)
   copies: dict[str, str] = {}
   if init_source is not None:
     names = init_from_lib.adoptable_tokenizer(cfg, workdir, init_source, log)
