@@ -10,10 +10,11 @@ SMOKE = os.path.join(REPO, "experiments", "tiny.py") + ":smoke"
 
 
 def cli_env(cache_dir=None, devices: int = 8) -> dict:
-  """Environment for a CPU subprocess with `devices` fake devices (and a shared compile cache)."""
+  """Environment for a CPU subprocess with `devices` fake devices and a compile cache: the suite's
+  (tests/conftest.py), which every file's CLI runs share, else `cache_dir`."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  if cache_dir is not None:
+  if cache_dir is not None and not env.get("JAX_COMPILATION_CACHE_DIR"):
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from typing import Callable, Optional
 
-from mai_jax.config import Config, ConfigError
+from mai_jax.config import PREFERENCE_OBJECTIVES, Config, ConfigError
 from mai_jax.data import template_tokens
 from mai_jax.data.chat_template import load_template
 from mai_jax.data.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -60,8 +60,8 @@ def _base_tokenizer(cfg: Config, workdir: str) -> Optional[Tokenizer]:
 
 def plan(cfg: Config, workdir: str, log: Log) -> tuple[Config, Optional[Extension]]:
   """(the run's config with its vocabulary decided, the staged extension or None)."""
-  if cfg.train.objective == "pretrain":
-    return cfg, None
+  if cfg.train.objective not in ("sft", *PREFERENCE_OBJECTIVES):
+    return cfg, None  # pretraining and distillation render no chat template
   try:
     base = _base_tokenizer(cfg, workdir)
   except ConfigError:
