@@ -188,6 +188,7 @@ def score_task(model: nnx.Module, tokenizer, examples: Sequence[Example], *, bat
 def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches: int) -> dict:
   """Mean validation cross-entropy over up to `num_batches` batches of the held-out split."""
   from mai_jax.data.batches import make_eval_batches
+  from mai_jax.train import frozen, reference as reference_lib
   from mai_jax.train import step as step_lib
   from mai_jax.train.state import ModelSpec
 
@@ -195,9 +196,12 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
   params = nnx.to_pure_dict(state)
   spec = ModelSpec(graphdef, state)
   batch_sharding = step_lib.batch_sharding(mesh, cfg)
-  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(cfg, spec),
-                                     jax.tree.map(lambda x: x.sharding, params), batch_sharding,
-                                     step_lib.batch_keys(cfg))
+  reference = reference_lib.for_run(cfg, mesh)  # DPO's online reference scores each batch
+  eval_step = step_lib.jit_eval_step(
+      step_lib.make_eval_step(cfg, spec, reference.prepare_batch if reference else None),
+      jax.tree.map(lambda x: x.sharding, params), batch_sharding, step_lib.batch_keys(cfg),
+      frozen.extra_shardings(reference))
+  eval_step = frozen.bind(eval_step, reference)
   host = make_eval_batches(cfg, tokenizer, num_batches=num_batches,
                            process_index=jax.process_index(), process_count=jax.process_count())
   if not host:

@@ -6,7 +6,7 @@ a trainer reads nothing. Trainer binds `.params` as the jitted step's extra argu
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -26,3 +26,17 @@ class FrozenWeights:
   @property
   def shardings(self) -> Any:
     return jax.tree.map(lambda a: a.sharding, self.abstract_params)
+
+
+def bind(fn: Callable, frozen: Optional[FrozenWeights]) -> Callable:
+  """fn(first, batch, frozen params) as fn(first, batch) (the params restored now); `fn` itself
+  without frozen weights."""
+  if frozen is None:
+    return fn
+  params = frozen.params
+  return lambda first, batch: fn(first, batch, params)
+
+
+def extra_shardings(frozen: Optional[FrozenWeights]) -> tuple:
+  """The jitted step's `extra_shardings` for `bind`'s extra argument."""
+  return (frozen.shardings,) if frozen is not None else ()

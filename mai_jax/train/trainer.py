@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from mai_jax import optim
 from mai_jax.config import Config
 from mai_jax.model import Decoder
-from mai_jax.train import distill, distill_teacher, reference
+from mai_jax.train import distill, distill_teacher, frozen, reference
 from mai_jax.train import state as state_lib
 from mai_jax.train import step as step_lib
 
@@ -69,8 +69,8 @@ class Trainer:
         step_lib.make_train_step(self.cfg, self.layout.model_spec, self.tx, self.schedule,
                                  prepare),
         self.layout.shardings, self.batch_sharding, step_lib.batch_keys(self.cfg),
-        self._frozen_shardings())
-    return self._bind_frozen(step)
+        frozen.extra_shardings(self.frozen))
+    return frozen.bind(step, self.frozen)
 
   def jit_eval_step(self) -> Callable:
     """eval(params, batch) -> (loss sum, count); DPO's online reference scores each batch first
@@ -80,17 +80,8 @@ class Trainer:
         step_lib.make_eval_step(self.cfg, self.layout.model_spec,
                                 reference.prepare_batch if reference is not None else None),
         self.layout.shardings.params, self.batch_sharding, step_lib.batch_keys(self.cfg),
-        self._frozen_shardings() if reference is not None else ())
-    return self._bind_frozen(fn) if reference is not None else fn
-
-  def _frozen_shardings(self) -> tuple:
-    return (self.frozen.shardings,) if self.frozen is not None else ()
-
-  def _bind_frozen(self, fn: Callable) -> Callable:
-    if self.frozen is None:
-      return fn
-    frozen_params = self.frozen.params
-    return lambda first, batch: fn(first, batch, frozen_params)
+        frozen.extra_shardings(reference))
+    return frozen.bind(fn, reference)
 
 
 def build_trainer(cfg: Config, mesh: Mesh, num_steps: Optional[int] = None) -> Trainer:
