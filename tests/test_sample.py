@@ -54,10 +54,11 @@ def test_greedy_batched_equals_no_cache_argmax_path(scan_layers):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("moe", [
-    dict(num_experts=4, experts_per_token=2),  # every layer MoE (Mixtral)
-    dict(num_experts=4, experts_per_token=2, num_layers=5, first_dense_layers=1,
-         moe_layer_interval=2),  # dense stack, then groups of (dense, MoE): nested scans
-], ids=["mixtral", "dense_then_groups"])
+    pytest.param(dict(num_experts=4, experts_per_token=2), id="mixtral"),  # every layer MoE
+    # dense stack, then groups of (dense, MoE): nested scans (40 s of compiles: the slow suite)
+    pytest.param(dict(num_experts=4, experts_per_token=2, num_layers=5, first_dense_layers=1,
+                      moe_layer_interval=2), id="dense_then_groups", marks=pytest.mark.slow),
+])
 def test_greedy_moe_decoding_equals_no_cache_argmax_path(moe, scan_layers):
   """The KV caches of every stack (dense_blocks, MoE blocks, the dense blocks inside groups) are
   extended: a cache left behind anywhere would change the continuation."""
