@@ -234,6 +234,10 @@ class TrainConfig:
   preference_beta: float = 0.1  # DPO/SimPO beta; ORPO's lambda
   simpo_gamma: float = 0.5  # SimPO's target reward margin
   dpo_label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels
+  # DPO's reference log-probs: 'precomputed' (one pass before training, stored beside the data;
+  # train/reference.py) or 'online' (the init_from weights held frozen in the step, a second copy
+  # of the weights in memory, no pass and no file).
+  dpo_reference: str = "precomputed"
   # train.objective='distill' (train/distill.py): the loss is alpha * T^2 * D(teacher_T ||
   # student_T) + (1 - alpha) * CE. The teacher is a workdir run online (frozen, bf16, on this mesh)
   # or, for token-cache sources, the name of a top-K cache that `mai-jax distill cache` wrote into
@@ -274,6 +278,7 @@ CHOICES = {
     ("data", "source"): ("stdlib",),
     ("train", "wandb_mode"): ("", "online", "offline", "disabled"),
     ("train", "objective"): ("pretrain", "sft", "dpo", "simpo", "orpo", "distill"),
+    ("train", "dpo_reference"): ("precomputed", "online"),
     ("train", "distill_divergence"): ("forward_kl", "reverse_kl", "jsd"),
 }
 
@@ -649,6 +654,10 @@ def _validate_objective(cfg: Config) -> None:
   if t.objective == "dpo" and not t.init_from:
     raise ConfigError("train.objective='dpo' scores against the starting weights: set "
                       "--config.train.init_from=WORKDIR (e.g. an SFT run)")
+  if t.dpo_reference == "online" and t.objective != "dpo":
+    raise ConfigError(f"train.dpo_reference='online' is read by train.objective='dpo' only "
+                      f"(train.objective={t.objective!r}); drop it or set "
+                      f"--config.train.objective=dpo")
   if want == "preference" and t.preference_beta <= 0:
     raise ConfigError(f"train.preference_beta={t.preference_beta} must be positive")
   if not 0 <= t.dpo_label_smoothing < 0.5:

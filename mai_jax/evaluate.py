@@ -185,9 +185,13 @@ def score_task(model: nnx.Module, tokenizer, examples: Sequence[Example], *, bat
 # A workdir end to end
 
 
-def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches: int) -> dict:
-  """Mean validation cross-entropy over up to `num_batches` batches of the held-out split."""
+def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches: int,
+                    reference=None) -> dict:
+  """Mean validation cross-entropy over up to `num_batches` batches of the held-out split.
+  `reference`: DPO's online reference (train/reference.for_run, made outside any mesh context),
+  which scores each batch."""
   from mai_jax.data.batches import make_eval_batches
+  from mai_jax.train import frozen
   from mai_jax.train import step as step_lib
   from mai_jax.train.state import ModelSpec
 
@@ -195,9 +199,11 @@ def validation_loss(cfg: Config, model: nnx.Module, tokenizer, mesh, num_batches
   params = nnx.to_pure_dict(state)
   spec = ModelSpec(graphdef, state)
   batch_sharding = step_lib.batch_sharding(mesh, cfg)
-  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(cfg, spec),
-                                     jax.tree.map(lambda x: x.sharding, params), batch_sharding,
-                                     step_lib.batch_keys(cfg))
+  eval_step = step_lib.jit_eval_step(
+      step_lib.make_eval_step(cfg, spec, reference.prepare_batch if reference else None),
+      jax.tree.map(lambda x: x.sharding, params), batch_sharding, step_lib.batch_keys(cfg),
+      frozen.extra_shardings(reference))
+  eval_step = frozen.bind(eval_step, reference)
   host = make_eval_batches(cfg, tokenizer, num_batches=num_batches,
                            process_index=jax.process_index(), process_count=jax.process_count())
   if not host:
@@ -218,14 +224,17 @@ def evaluate_workdir(workdir: str, cfg: Optional[Config] = None,
   from mai_jax import sharding as sharding_lib
   from mai_jax import workdir as workdir_lib
   from mai_jax.data.batches import eval_batch_count
+  from mai_jax.train import reference as reference_lib
 
   cfg, model, step, mesh = workdir_lib.load_model(workdir, cfg=cfg, step=step)
   tokenizer = workdir_lib.load_tokenizer(cfg, workdir)
   task_paths = builtin_tasks() if task_paths is None else list(task_paths)
   tasks = {os.path.splitext(os.path.basename(p))[0]: load_task(p) for p in task_paths}
+  reference = reference_lib.for_run(cfg, mesh)  # DPO's online reference, if the run had one
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     results = {"step": step, "validation": validation_loss(
-        cfg, model, tokenizer, mesh, num_batches or eval_batch_count(cfg)), "tasks": {}}
+        cfg, model, tokenizer, mesh, num_batches or eval_batch_count(cfg), reference),
+        "tasks": {}}
     for name, examples in tasks.items():
       results["tasks"][name] = score_task(model, tokenizer, examples,
                                           batch_size=cfg.train.global_batch_size,

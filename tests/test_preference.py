@@ -1,7 +1,9 @@
 """Preference objectives: batches with both rows and the reference log-probs, and the one train
 step (concatenated forward, real-pair averages) vs NumPy on separate forwards. DPO end to end
-through the CLI is in test_sft.py (slow)."""
+through the CLI is in test_sft.py (slow). The online reference (train.dpo_reference) against the
+precomputed one on the same batch."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from mai_jax import config as C, sharding as S
+from mai_jax import checkpoint as checkpoint_lib, config as C, sharding as S
 from mai_jax.data import batches, preference_pipeline as pp, tokenizer as tok_lib
 from mai_jax.train import step as step_lib
 from mai_jax.train.trainer import build_trainer
@@ -49,12 +51,16 @@ def _numpy_logps(model, batch, prefix):
   return (logp * w).sum(-1), w.sum(-1)
 
 
+def _dpo_config(objective="dpo", **train):
+  return C.Config(model=MODEL, data=C.DataConfig(seq_len=16),
+                  train=C.TrainConfig(global_batch_size=16, microbatches=2, objective=objective,
+                                      preference_beta=0.5, simpo_gamma=0.3, **train),
+                  optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
+
+
 @pytest.mark.parametrize("objective", ["dpo"])  # simpo: same path, formula in test_preference_losses
 def test_the_preference_step_matches_numpy_on_separate_forwards(objective):
-  cfg = C.Config(model=MODEL, data=C.DataConfig(seq_len=16),
-                 train=C.TrainConfig(global_batch_size=16, microbatches=2, objective=objective,
-                                     preference_beta=0.5, simpo_gamma=0.3),
-                 optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
+  cfg = _dpo_config(objective)
   mesh = S.make_mesh(cfg.mesh)
   trainer = build_trainer(cfg, mesh, num_steps=10)
   state, host = trainer.init_state(), _batch()
@@ -80,6 +86,55 @@ def test_the_preference_step_matches_numpy_on_separate_forwards(objective):
   assert float(metrics["rewards/margins"]) == pytest.approx((chosen - rejected)[real].mean(),
                                                             rel=1e-4, abs=1e-6)
   assert float(metrics["rewards/accuracies"]) == pytest.approx((chosen > rejected)[real].mean())
+
+
+def test_the_online_reference_gives_the_precomputed_loss_and_metrics(tmp_path):
+  """float32 weights on both sides, so the two paths agree to float32 rounding: the reference R
+  (an init_from workdir, other weights than the policy's) scored by NumPy into the batch vs R
+  held frozen in the step (train and eval)."""
+  workdir = tmp_path / "sft"
+  precomputed = _dpo_config(init_from=str(workdir))
+  # one microbatch online (a smaller program to compile; the per-pair keys' split into
+  # microbatches is the precomputed step's, and the step's sums do not depend on it)
+  online = dataclasses.replace(precomputed, train=dataclasses.replace(
+      precomputed.train, dpo_reference="online", microbatches=1))
+  assert MODEL.param_dtype == "float32"
+  mesh = S.make_mesh(precomputed.mesh)
+  pre_trainer = build_trainer(precomputed, mesh, num_steps=10)
+  # R: the same init program with another seed (compiled once for all the trainers here)
+  ref_params = jax.device_get(build_trainer(_dpo_config(seed=7), mesh).init_state().params)
+  checkpoint_lib.save_params(str(workdir / "checkpoints"), 3, ref_params,
+                             C.to_dict(precomputed), {})
+  (workdir / "config.json").write_text(C.to_json(precomputed))
+  host = _batch()
+  ref_model = pre_trainer.layout.model_spec.merge(ref_params)
+  host["ref_chosen_logps"] = _numpy_logps(ref_model, host, "")[0].astype(np.float32)
+  host["ref_rejected_logps"] = _numpy_logps(ref_model, host, "rejected_")[0].astype(np.float32)
+  bare = {k: v for k, v in host.items() if not k.startswith("ref_")}
+  on_trainer = build_trainer(online, mesh, num_steps=10)
+  assert set(step_lib.batch_keys(online)) == set(bare)
+  with S.activate(mesh, precomputed.mesh.rules):
+    _, pre = pre_trainer.jit_train_step()(
+        pre_trainer.init_state(), step_lib.global_batch(host, pre_trainer.batch_sharding, 16))
+    batch = step_lib.global_batch(bare, on_trainer.batch_sharding, 16)
+    state = on_trainer.init_state()
+    loss_sum, pairs = on_trainer.jit_eval_step()(state.params, batch)
+    _, on = on_trainer.jit_train_step()(state, batch)
+  pre, on = jax.device_get(pre), {**jax.device_get(on), "eval": loss_sum / pairs}
+  assert abs(pre["rewards/chosen"]) > 1e-3  # the policy is not the reference: rewards are not 0
+  pre["eval"] = pre["loss"]  # the train step's loss is that of the params before the update
+  for key in ("loss", "eval", "grad_norm", "rewards/chosen", "rewards/rejected",
+              "rewards/margins", "rewards/accuracies", "tokens"):
+    assert float(on[key]) == pytest.approx(float(pre[key]), rel=2e-5, abs=1e-6), key
+
+
+def test_dpo_reference_is_checked():
+  with pytest.raises(C.ConfigError, match=r"train.dpo_reference='live' is not one of "
+                                          r"'precomputed', 'online'"):
+    C.validate(C.Config(train=C.TrainConfig(dpo_reference="live")))
+  with pytest.raises(C.ConfigError, match=r"train.dpo_reference='online' is read by "
+                                          r"train.objective='dpo' only"):
+    C.validate(C.Config(train=C.TrainConfig(dpo_reference="online")))
 
 
 def test_preference_batches_hold_both_rows_and_the_reference_log_probs(tmp_path):

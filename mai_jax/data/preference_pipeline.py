@@ -6,8 +6,9 @@ one the same keys prefixed `rejected_`; the loss stacks both into one forward. A
 each, never packed with others (its log-probability is a sum over its own row), truncated to
 seq_len + 1 tokens, padded with segment id 0. DPO batches also carry the reference model's summed
 log-probs `ref_chosen_logps`, `ref_rejected_logps` float32 [P], looked up by record in the table
-train/preference.py precomputes once with the starting weights and stores beside the data
-(`reference_file`), so no second model is in memory during training.
+train/reference.py precomputes once with the starting weights and stores beside the data
+(`reference_file`), so no second model is in memory during training; with
+train.dpo_reference='online' they carry none (the step computes them).
 
 The train split is shuffled per epoch and repeated (grain, so the stream resumes exactly); the
 held-out split is scored in file order, each pair once.
@@ -31,6 +32,12 @@ from mai_jax.data.tokenizer import Tokenizer
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 REJECTED = "rejected_"
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def precomputed_reference(cfg: Config) -> bool:
+  """DPO batches carry the reference log-probs read from the stored table (train.dpo_reference
+  'precomputed'); with 'online' the step computes them (train/reference.py)."""
+  return cfg.train.objective == "dpo" and cfg.train.dpo_reference == "precomputed"
 
 
 def split_pairs(cfg: Config, spec: SourceSpec, split: str) -> list[chat.PreferencePair]:
@@ -99,7 +106,7 @@ def _examples(cfg, tokenizer, spec, split, source_index=0, num_sources=1):
   """The pairs of a split as features, with `source_tokens` (their real tokens, credited to the
   source) for the loop's data/tokens metrics."""
   reference = None
-  if cfg.train.objective == "dpo":
+  if precomputed_reference(cfg):
     reference = load_reference(reference_file(cfg, tokenizer, spec))["logps"]
   out = []
   for record, chosen, rejected in encoded_pairs(cfg, tokenizer, spec, split):

@@ -13,9 +13,7 @@ inside the student's jitted step, and only its logits (bf16) leave it, never its
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +22,12 @@ from mai_jax import checkpoint as checkpoint_lib
 from mai_jax import workdir as workdir_lib
 from mai_jax.config import Config, ConfigError
 from mai_jax.train import init_from as init_from_lib
+from mai_jax.train.frozen import FrozenWeights
 
 KEY = "train.distill_teacher"
 
 
-class Teacher:
+class Teacher(FrozenWeights):
   """A checked teacher workdir: its model (bf16) on `mesh`, params restored on first use."""
 
   def __init__(self, path: str, cfg: Config, mesh, key: str = KEY):
@@ -54,14 +53,6 @@ class Teacher:
 
   def describe(self) -> str:
     return self.source.describe()
-
-  @functools.cached_property
-  def params(self) -> Any:
-    return init_from_lib.restore_params(self.source, self.abstract_params)
-
-  @property
-  def shardings(self) -> Any:
-    return jax.tree.map(lambda a: a.sharding, self.abstract_params)
 
   def logits(self, params, batch, dtype=jnp.bfloat16) -> jax.Array:
     """logits_BTV of the batch's rows, bf16 by default (no gradient flows into the teacher)."""

@@ -24,6 +24,7 @@ from mai_jax import sharding as sharding_lib
 from mai_jax.checkpoint import Checkpointer
 from mai_jax.config import Config
 from mai_jax.data.batches import eval_batch_count, make_eval_batches, make_train_iterator
+from mai_jax.data import preference_pipeline as pp
 from mai_jax.data.pipeline import DataMetrics
 from mai_jax.data.tokenizer import check_tokenizer_record, load_or_train_tokenizer
 from mai_jax.evaluate import evaluate_counted
@@ -88,7 +89,7 @@ def train(cfg: Config, workdir: str) -> TrainResult:
     if extension is not None:
       shutil.rmtree(extension.staging, ignore_errors=True)
     raise
-  if cfg.train.objective == "dpo" and choice.tokenizer is not None:
+  if pp.precomputed_reference(cfg) and choice.tokenizer is not None:
     reference.ensure_reference(cfg, choice.tokenizer, mesh, _log)  # the reference pass, once
   try:  # the data pipeline and eval batches are built (and checked) before the commit too
     if trainer.teacher is not None and choice.tokenizer is not None:

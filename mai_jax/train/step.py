@@ -48,7 +48,7 @@ def batch_keys(cfg: Config) -> tuple[str, ...]:
     return BATCH_KEYS + (WEIGHT_KEY,)
   if cfg.train.objective in PREFERENCE_OBJECTIVES:
     rows = pp.ROW_KEYS + tuple(pp.REJECTED + k for k in pp.ROW_KEYS)
-    return rows + (pp.REFERENCE_KEYS if cfg.train.objective == "dpo" else ())
+    return rows + (pp.REFERENCE_KEYS if pp.precomputed_reference(cfg) else ())
   if distill.uses_cache(cfg):  # the teacher's top-K [B, T, K] from the cache
     return BATCH_KEYS + distill.CACHE_KEYS
   return BATCH_KEYS
@@ -154,7 +154,8 @@ def make_train_step(cfg: Config, model_spec: ModelSpec, tx: optax.GradientTransf
                     ) -> Callable:
   """Builds the pure step function (not jitted: see `jit_train_step`). `prepare_batch(step,
   batch, *extra)` completes the batch inside the step first (distillation: the schedules' values
-  and an online teacher's logits; `extra` are the step's further arguments, its params)."""
+  and an online teacher's logits; DPO: an online reference's log-probs; `extra` are the step's
+  further arguments, the frozen model's params)."""
   num_micro = cfg.train.microbatches
   grad_fn = jax.value_and_grad(summed_objective_loss(cfg), has_aux=True)
 
@@ -210,14 +211,18 @@ def _select_tree(ok: jax.Array, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def make_eval_step(cfg: Config, model_spec: ModelSpec) -> Callable:
-  """eval_step(params, batch) -> (loss sum, count); the caller sums over batches. The loss is
-  the objective's without z-loss: token cross-entropy (also for distillation: the student's
-  validation loss on the data), or the preference loss per pair."""
+def make_eval_step(cfg: Config, model_spec: ModelSpec,
+                   prepare_batch: Optional[Callable] = None) -> Callable:
+  """eval_step(params, batch, *extra) -> (loss sum, count); the caller sums over batches. The
+  loss is the objective's without z-loss: token cross-entropy (also for distillation: the
+  student's validation loss on the data), or the preference loss per pair. `prepare_batch(None,
+  batch, *extra)` completes the batch first (DPO's online reference log-probs)."""
   objective = "pretrain" if cfg.train.objective == "distill" else cfg.train.objective
   loss_fn = summed_objective_loss(dataclasses.replace(
       cfg, train=dataclasses.replace(cfg.train, z_loss_weight=0.0, objective=objective)))
-  def eval_step(params, batch):
+  def eval_step(params, batch, *extra):
+    if prepare_batch is not None:
+      batch = prepare_batch(None, batch, *extra)
     _, (ce_sum, tokens, _, _) = loss_fn(params, batch, model_spec)
     return ce_sum, tokens
   return eval_step
@@ -234,15 +239,17 @@ def _key_shardings(batch_sharding_: NamedSharding, keys: tuple[str, ...]) -> dic
 
 def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding_: NamedSharding,
                    keys: tuple[str, ...] = BATCH_KEYS, extra_shardings: tuple = ()):
-  """`extra_shardings`: those of the step's arguments after the batch (a teacher's params)."""
+  """`extra_shardings`: those of the step's arguments after the batch (a frozen model's params:
+  an online teacher or reference)."""
   batch_shardings = _key_shardings(batch_sharding_, keys)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, *extra_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def jit_eval_step(eval_fn, params_shardings, batch_sharding_: NamedSharding,
-                  keys: tuple[str, ...] = BATCH_KEYS):
-  """Validation batches never carry a cached teacher (distillation is scored by the CE)."""
+                  keys: tuple[str, ...] = BATCH_KEYS, extra_shardings: tuple = ()):
+  """Validation batches never carry a cached teacher (distillation is scored by the CE);
+  `extra_shardings` as for jit_train_step (an online reference's params)."""
   batch_shardings = _key_shardings(batch_sharding_,
                                    tuple(k for k in keys if k not in distill.CACHE_KEYS))
-  return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings))
+  return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings, *extra_shardings))
