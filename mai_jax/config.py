@@ -997,6 +997,16 @@ def read_json(path: str, fix: str) -> Any:
     raise ConfigError(f"{path}: cannot be read ({e}); {fix}") from None
 
 
+def read_json_or_none(path: str) -> Optional[dict]:
+  """json.load of a file this code wrote itself (a record, a progress marker), or None when it
+  is missing or torn: the caller then treats it as never written."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def load_json(path: str) -> Config:
   """Reads a config.json (see read_json for a broken one)."""
   raw = read_json(path, "repair it, or pass the run's experiment with --config")

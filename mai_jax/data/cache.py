@@ -62,7 +62,7 @@ def _store(path: str, *, dtype=None, shape=None, create: bool = False):
                  chunk_layout=layout).result()
 
 
-def _write_json(path: str, value: dict) -> None:
+def write_json(path: str, value: dict) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(value, f, indent=2, sort_keys=True)
@@ -116,7 +116,7 @@ def _tokenize_shard(spec: SourceSpec, base: str, files: list[str], tokenizer: To
   marker = {"files": files, "tokenizer_sha256": tokenizer.content_hash, "skipped": skipped,
             "fingerprints": {rel: readers.file_fingerprint(os.path.join(base, rel))
                              for rel in files}}
-  _write_json(prefix + ".json", marker)
+  write_json(prefix + ".json", marker)
   return marker
 
 
@@ -258,7 +258,7 @@ def tokenize_source(spec: SourceSpec, data: config_lib.DataConfig, tokenizer: To
               "files": [{"path": rel, **fingerprints[rel]} for rel in files],
               "splits": counts, "skipped": skipped,
               "write_seconds": round(time.perf_counter() - start, 3)}
-  _write_json(manifest_path, manifest)
+  write_json(manifest_path, manifest)
   shutil.rmtree(shard_dir, ignore_errors=True)
   log(f"{spec.name}: {counts['train']['tokens']:,} train tokens, "
       f"{counts['validation']['tokens']:,} validation tokens -> {out_dir}")

@@ -12,7 +12,6 @@ over.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -25,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from mai_jax import sharding as sharding_lib
 from mai_jax import workdir as workdir_lib
+from mai_jax import config as config_lib
 from mai_jax.config import ConfigError
 from mai_jax.data import cache as cache_lib
 from mai_jax.data import cache_pipeline, streams
@@ -41,21 +41,6 @@ def topk_fn(teacher: Teacher, top_k: int) -> Callable:
     logits_BTV = teacher.logits(params, batch, dtype=jnp.float32)
     return jax.lax.top_k(jax.nn.log_softmax(logits_BTV, axis=-1), top_k)
   return fn
-
-
-def _read_json(path: str) -> Optional[dict]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def _write_json(path: str, value: dict) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _sync(name: str) -> None:
@@ -98,11 +83,11 @@ def write_teacher_cache(teacher_path: str, token_cache: str, top_k: int, *,
           "seq_len": seq_len, "top_k": top_k, "batch": batch, "dtype": dtype,
           "process_count": jax.process_count()}
   if (os.path.isfile(os.path.join(out, tc.MANIFEST))
-      and _read_json(os.path.join(out, tc.SPEC)) == spec):
+      and config_lib.read_json_or_none(os.path.join(out, tc.SPEC)) == spec):
     log(f"mai-jax: teacher cache {out} is complete and up to date")
     return out
   rows = windows * seq_len
-  if jax.process_index() == 0 and _read_json(os.path.join(out, tc.SPEC)) != spec:
+  if jax.process_index() == 0 and config_lib.read_json_or_none(os.path.join(out, tc.SPEC)) != spec:
     if os.path.isdir(out):
       log(f"mai-jax: {out} was written with other settings; starting over")
       shutil.rmtree(out)
@@ -110,10 +95,10 @@ def write_teacher_cache(teacher_path: str, token_cache: str, top_k: int, *,
     for key, dt in (("ids", "int32"), ("logps", dtype)):
       tc.store(os.path.join(out, key), dtype=dt, shape=[rows, top_k], read_rows=seq_len,
                write_rows=(hi - lo) * seq_len, create=True)
-    _write_json(os.path.join(out, tc.SPEC), spec)  # last: the arrays exist once it does
+    cache_lib.write_json(os.path.join(out, tc.SPEC), spec)  # last: the arrays exist once it does
   _sync("mai_jax teacher cache created")
   ids_store, logps_store = (tc.store(os.path.join(out, k), writable=True) for k in ("ids", "logps"))
-  done = [(_read_json(os.path.join(out, tc.PROGRESS, f"host{p}.json")) or {}).get("batches", 0)
+  done = [(config_lib.read_json_or_none(os.path.join(out, tc.PROGRESS, f"host{p}.json")) or {}).get("batches", 0)
           for p in range(jax.process_count())]
   start, num_batches = min(done), math.ceil(windows / batch)
   if start:
@@ -137,7 +122,7 @@ def write_teacher_cache(teacher_path: str, token_cache: str, top_k: int, *,
                                          .reshape(n * seq_len, -1))]
       for w in writes:
         w.result()
-    _write_json(os.path.join(out, tc.PROGRESS, f"host{jax.process_index()}.json"),
+    cache_lib.write_json(os.path.join(out, tc.PROGRESS, f"host{jax.process_index()}.json"),
                 {"batches": b + 1})
     log(f"mai-jax: teacher cache batch {b + 1}/{num_batches}")
   if stop < num_batches:
@@ -145,7 +130,7 @@ def write_teacher_cache(teacher_path: str, token_cache: str, top_k: int, *,
   _sync("mai_jax teacher cache written")
   if jax.process_index() == 0:
     tokenizer = token_manifest["tokenizer"]
-    _write_json(os.path.join(out, tc.MANIFEST), {
+    cache_lib.write_json(os.path.join(out, tc.MANIFEST), {
         "format": tc.FORMAT, **{k: spec[k] for k in ("seq_len", "top_k", "dtype")},
         "num_windows": windows, "bytes_per_token": tc.bytes_per_token(top_k, dtype),
         "teacher": {**spec["teacher"], "vocab_size": cfg.model.vocab_size,

@@ -78,19 +78,11 @@ def flat_differences(old: Optional[dict], new: dict) -> dict[str, tuple[Any, Any
   return out
 
 
-def _read_json(path: str) -> Optional[dict]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def check_resume(cfg: Config, workdir: str, abstract_state: Any) -> Resume:
   """Refuses `cfg` when it cannot resume the workdir's latest checkpoint (another array shape,
   train.num_steps before that step); reads only."""
   directory = os.path.join(workdir, CHECKPOINTS)
-  previous = _read_json(os.path.join(workdir, CONFIG_FILE))
+  previous = config_lib.read_json_or_none(os.path.join(workdir, CONFIG_FILE))
   step = checkpoint_lib.latest_step(directory)
   if step is None:
     return Resume(None, None, previous)
