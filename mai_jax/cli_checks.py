@@ -35,7 +35,7 @@ CHECKS: dict[str, dict[str, str]] = {
     "eval": {"--workdir": "run", "--tasks": "task_files", "--include-path": "in_dir",
              "--limit": "positive", "--num-fewshot": "non_negative", "--batch-size": "positive"},
     "sample": {"--workdir": "run", "--max-new-tokens": "positive"},
-    "chat": {"--workdir": "run", "--max-new-tokens": "positive"},
+    "chat": {"--workdir": "run", "--max-new-tokens": "positive", "--max-context": "positive"},
     "convert from-hf": {"--hf-dir": "in_dir", "--workdir": "out_dir"},
     "convert to-hf": {"--workdir": "run", "--out": "out_dir"},
     "distill cache": {"--teacher": "run", "--data": "in_dir", "--top-k": "positive",

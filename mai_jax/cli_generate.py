@@ -24,11 +24,15 @@ def add_chat_parser(sub) -> None:
                      "line on stdin, the assistant's replies on stdout (empty line or EOF ends)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--system", default="", help="a system message to start the conversation")
+  p.add_argument("--max-context", type=int, default=None,
+                 help="slots of the KV cache kept across turns (default: data.seq_len); once "
+                      "the conversation plus --max-new-tokens exceeds it, every turn "
+                      "re-prefills the whole conversation")
   add_sampling_flags(p)
 
 
 def run_chat(args, overrides) -> None:
-  from mai_jax import sample  # heavy imports
+  from mai_jax import chat_session  # heavy imports
   from mai_jax import workdir as workdir_lib
   from mai_jax.data import chat_template
   settings = sampling_from_args(args)
@@ -47,7 +51,8 @@ def run_chat(args, overrides) -> None:
     except EOFError:
       return ""
   lines = iter(read_line, "")
-  for reply in sample.chat_session(cfg, model, tokenizer, lines, settings, mesh, args.system):
+  for reply in chat_session.chat_session(cfg, model, tokenizer, lines, settings, mesh, args.system,
+                                         max_context=args.max_context):
     print(f"assistant> {reply}", flush=True)
 
 

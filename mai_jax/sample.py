@@ -89,7 +89,8 @@ def _with_cache(model: nnx.Module, batch: int, max_len: int) -> nnx.Module:
 # Module-level jitted functions with the graph definitions as static arguments, so repeated
 # `generate` calls with the same shapes reuse their compilations.
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _empty_cache(graphdef, params, batch: int, max_len: int):
+def empty_cache(graphdef, params, batch: int, max_len: int):
+  """A zeroed [batch, max_len] KV cache state (sharded like activations under a mesh)."""
   model = _with_cache(nnx.merge(graphdef, params), batch, max_len)
   return nnx.split(model, nnx.Param, nnx.Cache)[2]
 
@@ -105,6 +106,44 @@ def _decode(cached_graphdef, params, cache, tokens_BT, segment_ids_BT, positions
 _choose = jax.jit(choose_tokens, static_argnames=("temperature", "top_k", "top_p"))
 
 
+def cached_graphdef(graphdef, params, batch: int, max_len: int):
+  """The graph definition of the model with a [batch, max_len] KV cache (nothing allocated)."""
+  cached = nnx.eval_shape(lambda: _with_cache(nnx.merge(graphdef, params), batch, max_len))
+  return nnx.split(cached, nnx.Param, nnx.Cache)[0]
+
+
+def decode_loop(cached_gdef, params, cache, logits_BV: jax.Array, next_pos_B1: np.ndarray,
+                sampling: SamplingConfig, *, eos_id: Optional[int],
+                stop: Optional[Callable[[list[int]], bool]] = None):
+  """The token loop after a prefill: chooses a token per row from `logits_BV`, feeds it back at
+  positions next_pos_B1, next_pos_B1 + 1, ... -> (new tokens per row, cache). A row ends at eos
+  (kept), when `stop(its new tokens)` is true, or after max_new_tokens; the loop stops when every
+  row has. The returned cache holds every new token but the last one chosen (never fed), i.e.
+  for one row: the prefilled ids + new[:-1]. Step i draws with fold_in(key(seed), i)."""
+  B = logits_BV.shape[0]
+  filters = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+  key = jax.random.key(sampling.seed)
+  outputs: list[list[int]] = [[] for _ in range(B)]
+  done = np.zeros(B, bool)
+  ones_B1 = np.ones((B, 1), np.int32)
+  for i in range(sampling.max_new_tokens):
+    next_B = np.asarray(_choose(logits_BV, jax.random.fold_in(key, i), **filters))
+    for b in np.flatnonzero(~done):
+      outputs[b].append(int(next_B[b]))
+      done[b] = (eos_id is not None and next_B[b] == eos_id) or (
+          stop is not None and stop(outputs[b]))
+    if done.all() or i + 1 == sampling.max_new_tokens:
+      break
+    logits_BV, cache = _decode(cached_gdef, params, cache, next_B[:, None], ones_B1,
+                               next_pos_B1 + i)
+  return outputs, cache
+
+
+def decoding_context(mesh: Optional[jax.sharding.Mesh], rules):
+  """The sharding context every decoding call runs in (the mesh's rules, or none)."""
+  return sharding_lib.activate(mesh, rules) if mesh is not None else sharding_lib.use_rules(())
+
+
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              eos_id: Optional[int], pad_id: int = 0, mesh: Optional[jax.sharding.Mesh] = None,
              rules=None, stop: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
@@ -116,30 +155,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], sampling: Samp
   B, P = tokens_BP.shape
   max_len = P + sampling.max_new_tokens
   graphdef, params = nnx.split(model, nnx.Param)
-  cached = nnx.eval_shape(lambda: _with_cache(nnx.merge(graphdef, params), B, max_len))
-  cached_graphdef = nnx.split(cached, nnx.Param, nnx.Cache)[0]
-  filters = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-  key = jax.random.key(sampling.seed)
-  outputs: list[list[int]] = [[] for _ in range(B)]
-  done = np.zeros(B, bool)
-  context = (sharding_lib.activate(mesh, rules) if mesh is not None
-             else sharding_lib.use_rules(()))
-  with context:
-    cache = _empty_cache(graphdef, params, B, max_len)
-    logits_BV, cache = _decode(cached_graphdef, params, cache, tokens_BP, segment_ids_BP,
+  cached_gdef = cached_graphdef(graphdef, params, B, max_len)
+  with decoding_context(mesh, rules):
+    cache = empty_cache(graphdef, params, B, max_len)
+    logits_BV, cache = _decode(cached_gdef, params, cache, tokens_BP, segment_ids_BP,
                                positions_BP)
-    next_pos_B1 = positions_BP[:, -1:] + 1
-    ones_B1 = np.ones((B, 1), np.int32)
-    for i in range(sampling.max_new_tokens):
-      next_B = np.asarray(_choose(logits_BV, jax.random.fold_in(key, i), **filters))
-      for b in np.flatnonzero(~done):
-        outputs[b].append(int(next_B[b]))
-        done[b] = (eos_id is not None and next_B[b] == eos_id) or (
-            stop is not None and stop(outputs[b]))
-      if done.all() or i + 1 == sampling.max_new_tokens:
-        break
-      logits_BV, cache = _decode(cached_graphdef, params, cache, next_B[:, None], ones_B1,
-                                 next_pos_B1 + i)
+    outputs, _ = decode_loop(cached_gdef, params, cache, logits_BV, positions_BP[:, -1:] + 1,
+                             sampling, eos_id=eos_id, stop=stop)
   return outputs
 
 
@@ -156,7 +178,19 @@ def sample_text(cfg: Config, model: nnx.Module, tokenizer, prompts: Sequence[str
   warning = context_warning([len(i) + len(o) for i, o in zip(ids, outs)], trained_context)
   if warning:
     print(warning, file=sys.stderr, flush=True)
-  return [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
+  return [text_without_eos(tokenizer, o) for o in outs]
+
+
+def text_without_eos(tokenizer, new_ids: Sequence[int]) -> str:
+  """The decoded new tokens, a final eos left out."""
+  eos = bool(new_ids) and new_ids[-1] == tokenizer.eos_id
+  return tokenizer.decode(list(new_ids[:-1]) if eos else list(new_ids))
+
+
+def reply_text(tokenizer, new_ids: Sequence[int], end: str) -> str:
+  """A reply's text: the new tokens without eos, cut at the end of turn `end` ('' : none)."""
+  text = text_without_eos(tokenizer, new_ids)
+  return text.split(end)[0] if end else text
 
 
 def context_warning(lengths: Sequence[int], trained_context: Optional[int]) -> Optional[str]:
@@ -184,8 +218,7 @@ def chat_replies(cfg: Config, model: nnx.Module, tokenizer, conversations: Seque
   outs = generate(model, ids, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                   mesh=mesh, rules=cfg.mesh.rules,
                   stop=turn_end_stop(tokenizer, end) if end else None)
-  texts = [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
-  return [t.split(end)[0] if end else t for t in texts]
+  return [reply_text(tokenizer, o, end) for o in outs]
 
 
 def turn_end_stop(tokenizer, end: str) -> Callable[[list[int]], bool]:
@@ -195,21 +228,3 @@ def turn_end_stop(tokenizer, end: str) -> Callable[[list[int]], bool]:
   spans at most one token per UTF-8 byte, plus one token it may share with the reply."""
   tail = len(end.encode("utf-8")) + 1
   return lambda ids: end in tokenizer.decode(ids[-tail:])
-
-
-def chat_session(cfg: Config, model: nnx.Module, tokenizer, lines, sampling: SamplingConfig,
-                 mesh: Optional[jax.sharding.Mesh] = None, system: str = ""):
-  """Yields the assistant's reply to each user line of `lines` (an iterable of strings; a blank
-  line ends the session), keeping the whole conversation as context. Each turn renders and
-  prefills the conversation again: the KV cache is not carried across turns, since the next
-  turn's tokens (the reply re-tokenized from its text, as in training) need not extend the
-  sampled ones, and a cache that does not match them would condition on other ids."""
-  messages = [{"role": "system", "content": system}] if system else []
-  for line in lines:
-    text = line.rstrip("\n")
-    if not text.strip():
-      return
-    messages.append({"role": "user", "content": text})
-    reply = chat_replies(cfg, model, tokenizer, [messages], sampling, mesh)[0]
-    messages.append({"role": "assistant", "content": reply})
-    yield reply

@@ -125,6 +125,7 @@ def test_an_unwritable_output(argv, place, capsys, monkeypatch):
      "--compile-devices 0 must be positive"),
     (["sample", "--workdir", "run", "--prompt", "x", "--max-new-tokens", "0"],
      "--max-new-tokens 0 must be positive"),
+    (["chat", "--workdir", "run", "--max-context", "0"], "--max-context 0 must be positive"),
     (["data", "tokenize", "--config", TINY, "--out", "cache", "--workers", "0"],
      "--workers 0 must be positive"),
     (["checkpoints", "--workdir", "run", "--step", "-1"], "--step -1 must be >= 0"),

@@ -176,6 +176,13 @@ class KVCache(nnx.Module):
                                            ("batch", "seq")))
     self.index = nnx.Cache(jnp.zeros((), jnp.int32))
 
+  def rewind(self, length) -> None:
+    """Keeps only slots [0, length) (an int or a traced int32 scalar): the next `attend` writes
+    from slot `length` on. Later slots are not erased, and need not be: the queries of a write
+    at slots [length, length + T) see key slots up to their own, which that write has just
+    overwritten, and stale slots further on are always later than every query."""
+    self.index[...] = jnp.full(self.index.shape, length, jnp.int32)
+
   def attend(self, q_BTHK: jax.Array, k_BTGK: jax.Array, v_BTGK: jax.Array,
              segment_ids_BT: jax.Array) -> jax.Array:
     """Appends the T new keys/values, then attends the T queries over the whole cache."""

@@ -194,6 +194,13 @@ class Decoder(nnx.Module):
         state = jax.tree.map(lambda x, lead=lead: jnp.broadcast_to(x, lead + x.shape), empty)
         module.cache = nnx.data(nnx.merge(graphdef, state))
 
+  def rewind_cache(self, length) -> None:
+    """Rolls every layer's KV cache back to its first `length` slots (see KVCache.rewind), e.g.
+    to the prefix a chat's next turn shares with what the cache holds."""
+    caches = [m for _, m in nnx.iter_graph(self) if isinstance(m, KVCache)]
+    for cache in caches:
+      cache.rewind(length)
+
   def decode(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array,
              positions_BT: jax.Array) -> jax.Array:
     """Logits of T new tokens given everything already in the KV cache, which they are appended to.
