@@ -17,9 +17,7 @@ CHARS = "\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?!.,'-"  # ids 4
 VOCAB = len(SPECIALS) + len(CHARS)
 USER_LINES = ["hi there", "why?", "bye"]
 GREEDY = sample.SamplingConfig(max_new_tokens=8, temperature=0)
-# The cache of the roll-back and fall-back tests (one set of compilations): the third turn of
-# USER_LINES does not fit it (the first test's cache of 128 holds all three).
-CAPACITY = 72
+CAPACITY = 128  # holds the three turns of USER_LINES (one set of compilations for the file)
 
 
 class CharTokenizer:
@@ -73,12 +71,12 @@ def re_prefilled(model):
   return replies
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_rewind_hides_the_slots_past_it(scan_layers, model):
+def test_rewind_hides_the_slots_past_it():
   """Prefill 4 tokens, roll back to 2, decode 2 others: the logits of the full forward on the
-  kept 2 and the new 2 (the stale slots are neither seen nor left behind), with one cache for
-  the stack of layers or one per layer."""
-  model = model if scan_layers else tiny_model(scan_layers=False)
+  kept 2 and the new 2 (the stale slots are neither seen nor left behind). With one cache per
+  layer (scan_layers=False; the stacked cache of the scanned layers is what the chats below
+  run on)."""
+  model = tiny_model(scan_layers=False)
   graphdef, params = nnx.split(model)
   ones_14 = jnp.ones((1, 4), jnp.int32)
 
@@ -97,7 +95,7 @@ def test_rewind_hides_the_slots_past_it(scan_layers, model):
 
 def test_the_kept_cache_gives_the_replies_of_a_re_prefill_and_prefills_less(model, re_prefilled):
   compiled = chat_session._prefill._cache_size()
-  replies, turns = _chat(model, CharTokenizer(), USER_LINES, max_context=128)
+  replies, turns = _chat(model, CharTokenizer(), USER_LINES, max_context=CAPACITY)
   assert replies == re_prefilled
   assert turns[0].reused == 0 and turns[0].prefilled == turns[0].prompt_tokens
   for turn in turns[1:]:
@@ -118,11 +116,19 @@ def test_a_reply_re_tokenized_to_other_ids_rolls_the_cache_back(model):
   assert turns[0].prompt_tokens <= turns[1].reused < turns[1].held, turns  # the case in point
 
 
-def test_a_conversation_past_the_cache_re_prefills_and_says_so_once(model, re_prefilled, capsys):
-  replies, turns = _chat(model, CharTokenizer(), USER_LINES, max_context=CAPACITY)
-  assert replies == re_prefilled
-  fits = [t.prompt_tokens + GREEDY.max_new_tokens <= CAPACITY for t in turns]
-  assert fits[0] and not fits[-1], turns
-  assert [t.padded_to == 0 for t in turns] == [not f for f in fits]
+def test_a_conversation_that_outgrows_the_cache_re_prefills_and_says_so_once(model, re_prefilled,
+                                                                              capsys):
+  tokenizer = CharTokenizer()
+  session = chat_session.ChatSession(Config(), model, tokenizer, GREEDY, max_context=CAPACITY)
+  replies = [session.reply(line) for line in USER_LINES + ["ok"]]
+  assert replies[:3] == re_prefilled
+  turns = session.turns
+  assert turns[2].prompt_tokens + GREEDY.max_new_tokens <= CAPACITY < (
+      turns[3].prompt_tokens + GREEDY.max_new_tokens)
+  assert [t.padded_to > 0 for t in turns] == [True, True, True, False]
+  # The kept cache is let go; the turns after this one re-prefill too (the conversation grows).
+  assert session.decoder.cache is None and session.decoder.outgrown
+  assert replies[3] == sample.chat_replies(Config(), model, tokenizer, [session.messages[:7]],
+                                           GREEDY)[0]  # the old path on the same conversation
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"does not fit the chat's {CAPACITY}-slot KV cache" in err
