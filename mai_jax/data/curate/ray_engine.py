@@ -113,8 +113,8 @@ ROWS_PER_PARTITION = 1 << 20
 
 
 def _partitions(rows: int) -> int:
-  """Hash-shuffle partitions for a group-by of `rows` rows: about a million rows each, at most
-  Ray Data's default (200 partitions of a few rows each cost more than the work)."""
+  """Shuffle partitions for a group-by of `rows` rows: about a million rows each, at most Ray
+  Data's default parallelism (its 200 partitions of a few rows each cost more than the work)."""
   most = _ray().data.DataContext.get_current().default_hash_shuffle_parallelism
   return max(1, min(most, -(-rows // ROWS_PER_PARTITION)))
 
@@ -152,7 +152,7 @@ def near_components(keys: list, members: np.ndarray, n: int, progress: Progress 
   if edges.count() == 0:
     return labels
   with progress(desc="near dedup", unit="round") as bar:
-    def on_round(rounds, changed):
+    def on_round(_, changed):
       bar.update(1)
       bar.set_postfix(rewired=changed)
     edges, _ = components.converge(edges, _run_round, _changed, n, on_round)
