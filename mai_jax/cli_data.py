@@ -40,6 +40,8 @@ def _add_curate_parser(tasks) -> None:
                       help="local: a process pool on this machine; ray: Ray Data on RAY_ADDRESS "
                       "or a local Ray instance (same output bytes)")
   curate.add_argument("--workers", type=int, default=0, help="processes (0: the config's workers)")
+  curate.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="no progress bars on stderr (they show only when it is a terminal)")
 
 
 def _run_curate(args) -> None:
@@ -48,7 +50,7 @@ def _run_curate(args) -> None:
   settings.register_rule(curate_perplexity.Perplexity)
   cfg = settings.load(args.curate_config)
   pipeline.curate(cfg, args.out, engine=args.engine, workers=args.workers or None,
-                  log=lambda msg: print(f"mai-jax: {msg}", flush=True))
+                  log=lambda msg: print(f"mai-jax: {msg}", flush=True), progress=args.progress)
   out = os.path.abspath(args.out)
   pattern = os.path.join(out, "data", f"*.{cfg.output.format}")
   print(f"mai-jax: wrote {out} (summary.txt, report.json); tokenize it with --config.data.sources="

@@ -1,6 +1,7 @@
 """Data curation (mai_jax/data/curate): each rule on hand-computed cases, MinHash LSH against the
 S-curve, and a messy corpus that must come out with exactly the expected survivors."""
 
+import io
 import json
 import os
 import random
@@ -438,7 +439,8 @@ def test_cli_two_workers_same_bytes_and_tokenize_reads_it(messy, curated, tmp_pa
   out, _ = curated
   out2 = tmp_path / "out_cli"
   proc = subprocess.run([sys.executable, "-m", "mai_jax", "data", "curate", "--config",
-                         messy["config"], "--out", str(out2), "--workers", "2"], cwd=REPO,
+                         messy["config"], "--out", str(out2), "--workers", "2",
+                         "--no-progress"], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "--config.data.sources=" in proc.stdout
@@ -572,19 +574,57 @@ def test_synthesize_cli_errors_are_one_line(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path)) == []
 
 
-@pytest.mark.slow
-def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
-  """The messy corpus through `--engine ray` on a local Ray instance: every output file equal."""
-  pytest.importorskip("ray.data")
-  out, _ = curated
-  out_ray = tmp_path / "out_ray"
-  pipeline.curate(settings.load(messy["config"]), str(out_ray), engine="ray", workers=2,
-                  log=lambda m: None)
+def _assert_same_files(out, other):
   names = sorted(os.listdir(out))
-  assert sorted(os.listdir(out_ray)) == names
+  assert sorted(os.listdir(other)) == names
   for name in ["data/" + n for n in sorted(os.listdir(out / "data"))] + names:
     if name != "data":
-      assert (out / name).read_bytes() == (out_ray / name).read_bytes(), name
+      assert (out / name).read_bytes() == (other / name).read_bytes(), name
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_bars_only_on_a_terminal_stderr_and_never_in_the_output(messy, curated,
+                                                                         tmp_path, monkeypatch,
+                                                                         capsys):
+  out, _ = curated
+  for progress in (True, False):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    other = tmp_path / f"progress_{progress}"
+    pipeline.curate(settings.load(messy["config"]), str(other), log=lambda m: None,
+                    progress=progress)
+    shown = terminal.getvalue()
+    if progress:
+      assert [stage in shown for stage in ("filter:", "near dedup:", "write:")] == [True] * 3
+    else:
+      assert shown == ""
+    _assert_same_files(out, other)
+  assert capsys.readouterr().out == ""
+
+
+@pytest.mark.slow  # starts a local Ray instance (~35 s on 2 busy cores)
+def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
+  """The messy corpus through `--engine ray` on a local Ray instance: every output file equal;
+  and Ray's connected components over random LSH buckets equal the local union-find's."""
+  pytest.importorskip("ray.data")
+  from mai_jax.data.curate import ray_engine
+  out, _ = curated
+  out_ray = tmp_path / "out_ray"
+  with ray_engine.session(2):  # one instance for both checks (curate joins it)
+    pipeline.curate(settings.load(messy["config"]), str(out_ray), engine="ray", workers=2,
+                    log=lambda m: None)
+    rng = np.random.default_rng(0)
+    n, members = 400, np.sort(rng.choice(500, 400, replace=False))  # like exact survivors
+    keys = [rng.integers(0, 800, n) for _ in range(3)]  # 3 bands: chains across buckets
+    want = dedup.local_components(keys, members, 500)
+    sizes = np.unique(want, return_counts=True)[1]
+    assert (sizes > 1).sum() > 20 and sizes.max() > 20  # many clusters, some long (6 rounds)
+    np.testing.assert_array_equal(ray_engine.near_components(keys, members, 500), want)
+  _assert_same_files(out, out_ray)
 
 
 @pytest.mark.slow  # compiles a tiny Decoder's forward (~30 s on 2 busy cores)

@@ -157,6 +157,35 @@ def test_sample_cli_is_deterministic_and_batched(trained_workdir, capsys):
   assert "=== 'def f(x):'\ndef f(x):" in first and "=== 'import'\nimport" in first
 
 
+@pytest.mark.slow
+def test_synthesize_cli_writes_provenance_shards_and_resumes_without_duplicates(
+    trained_workdir, tmp_path, capsys):
+  workdir, _ = trained_workdir
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+      {"id": "a", "prompt": "def f(x):"}, {"id": "b", "prompt": "import"},
+      {"prompt": "class A:"}]))
+  out = tmp_path / "syn"
+  args = ["data", "synthesize", "--workdir", str(workdir), "--prompts", str(prompts), "--out",
+          str(out), "--batch-size", "1", "--shard-prompts", "2", "--max-new-tokens", "4",
+          "--temperature", "0.8", "--seed", "3"]
+  assert cli.main(args) == 0
+  assert "2 new shards" in capsys.readouterr().out
+  assert sorted(os.listdir(out)) == ["part-00000.jsonl", "part-00001.jsonl", "synthesize.json"]
+  shards = {n: (out / n).read_bytes() for n in ("part-00000.jsonl", "part-00001.jsonl")}
+  rows = [json.loads(line) for n in sorted(shards) for line in shards[n].decode().splitlines()]
+  assert [(r["prompt_id"], r["prompt"], r["seed"]) for r in rows] == [
+      ("a", "def f(x):", 3), ("b", "import", 4), ("p.jsonl:3", "class A:", 5)]
+  assert {r["generator"] for r in rows} == {f"{os.path.abspath(workdir)}@step 2"}
+  assert rows[0]["sampling"] == {"max_new_tokens": 4, "temperature": 0.8, "top_k": 0,
+                                 "top_p": 1.0, "seed": 3}
+  assert all(isinstance(r["text"], str) for r in rows)
+  os.remove(out / "part-00001.jsonl")  # interrupted before the last shard: only it is made again
+  assert cli.main(args) == 0
+  assert "1 new shards" in capsys.readouterr().out
+  assert {n: (out / n).read_bytes() for n in shards} == shards  # same records, none twice
+
+
 def test_eval_and_sample_errors_are_one_line(tmp_path, capsys):
   assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
   assert "config.json" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """Exact and near-duplicate removal across every source, with one deterministic survivor.
 
 Documents are numbered in priority order (sources in config order, files sorted, records in file
-order; documents of earlier corpora loaded with `dedup.against` come first of all). Clusters are
-built by union-find where the smaller number always becomes the root, so each cluster's survivor
-is its first member in that order, whatever order the unions ran in: put the source you trust most
-first. Exact dedup (8-byte blake2b of the normalized text, textstats.normalize_for_hash) runs
-first; near dedup (MinHash LSH, minhash.py) runs on the exact survivors, any shared band joins two
-documents (FineWeb's rule, no pairwise Jaccard check).
+order; documents of earlier corpora loaded with `dedup.against` come first of all). Each cluster's
+survivor is its smallest number, its first member in that order, whatever order the edges come in:
+put the source you trust most first. Locally clusters are built by union-find where the smaller
+number always becomes the root; the Ray engine finds the same minima by rounds of Ray Data
+group-bys (components.py), as its edge list need not fit one machine. Exact dedup (8-byte
+blake2b of the normalized text, textstats.normalize_for_hash) runs first; near dedup (MinHash
+LSH, minhash.py) runs on the exact survivors, any shared band joins two documents (FineWeb's
+rule, no pairwise Jaccard check).
 
 Signatures of the output are saved (`signatures.npz`: ids, exact hashes, MinHash signatures, and
 the parameters, numpy arrays only, loaded with allow_pickle=False) so a later corpus dedups
@@ -23,6 +25,7 @@ import numpy as np
 
 from mai_jax.config import ConfigError
 from mai_jax.data.curate import minhash
+from mai_jax.data.curate.progress import OFF, Progress
 from mai_jax.data.curate.textstats import normalize_for_hash
 
 
@@ -67,16 +70,13 @@ class DedupResult:
 def same_key_pairs(keys: list[np.ndarray], members: np.ndarray) -> Iterable[tuple[int, int]]:
   """For each key array (a band, or the exact hashes), pairs of `members` sharing a key: enough
   edges to connect every group (consecutive members after a stable sort). The Ray engine
-  computes the same groups with a Ray Data groupby; any edges that connect each group give the
+  joins each group to its smallest member instead; any edges that connect each group give the
   same clusters, and so the same survivors."""
   for key_N in keys:
     order = np.argsort(key_N, kind="stable")
     same = np.nonzero(key_N[order][1:] == key_N[order][:-1])[0]
     for j in same.tolist():
       yield int(members[order[j]]), int(members[order[j + 1]])
-
-
-PairsFn = Callable[[list, np.ndarray], Iterable[tuple[int, int]]]
 
 
 def _roots(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
@@ -86,10 +86,22 @@ def _roots(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
   return np.array([uf.find(i) for i in range(n)], np.int64)
 
 
+# (band keys, their members, n, progress) -> each of 0..n-1's cluster minimum
+ComponentsFn = Callable[[list, np.ndarray, int, Progress], np.ndarray]
+
+
+def local_components(keys: list, members: np.ndarray, n: int, progress: Progress = OFF
+                     ) -> np.ndarray:
+  """The local engine's near clusters: union-find over same_key_pairs, one band at a time."""
+  return _roots(n, same_key_pairs(progress(keys, len(keys), "near dedup", "band"), members))
+
+
 def deduplicate(exact_N: np.ndarray, sig_NP: np.ndarray, *, exact: bool, near: bool,
-                bands: int, rows: int, pairs: PairsFn = same_key_pairs) -> DedupResult:
-  """Clusters documents 0..N-1 (priority order) and returns each one's survivor. `pairs` finds
-  the LSH band groups (locally, or on Ray); exact groups are one sort of N hashes, done here."""
+                bands: int, rows: int, components: ComponentsFn = local_components,
+                progress: Progress = OFF) -> DedupResult:
+  """Clusters documents 0..N-1 (priority order) and returns each one's survivor. `components`
+  clusters the LSH band groups (locally, or on Ray); exact groups are one sort of N hashes,
+  done here."""
   n = len(exact_N)
   all_N = np.arange(n)
   exact_survivor = all_N.copy()
@@ -100,7 +112,7 @@ def deduplicate(exact_N: np.ndarray, sig_NP: np.ndarray, *, exact: bool, near: b
     kept = np.nonzero(exact_survivor == all_N)[0]
     kept = kept[~np.all(sig_NP[kept] == np.iinfo(np.uint32).max, axis=1)]  # wordless: no shingles
     band_keys = minhash.band_keys(sig_NP[kept], bands, rows) if len(kept) else []
-    near_survivor = _roots(n, pairs(band_keys, kept))[exact_survivor]
+    near_survivor = components(band_keys, kept, n, progress)[exact_survivor]
   return DedupResult(exact_survivor, near_survivor)
 
 

@@ -4,12 +4,13 @@ Stages: (1) list every source's files (a source without files is an error before
 written); (2) `docfilter.filter_file` per file, each writing a staging file: engine 'local' runs
 it on `workers` processes (fork, so the evaluation index built once is shared), engine 'ray' as a
 Ray Data map (ray_engine.py); (3) exact + near dedup over all kept documents in priority order,
-plus the documents of `dedup.against` (groups found locally or by a Ray Data groupby);
-(4) one pass over the staging files in order writing the survivors to shards, the report and
-signatures.npz. Everything is written into OUT.partial (staging.py), renamed to OUT only when the
-run succeeds: a refused run or one with no documents left leaves nothing; an interrupted one
-leaves OUT.partial, and the same command resumes it file by file. Memory: the signatures (4 x bands x rows bytes a document) and ids of the
-kept documents; the texts stay on disk.
+plus the documents of `dedup.against` (clusters by union-find locally, by rounds of Ray Data
+group-bys on 'ray': components.py); (4) one pass over the staging files in order writing the
+survivors to shards, the report and signatures.npz. Everything is written into OUT.partial
+(staging.py), renamed to OUT only when the run succeeds: a refused run or one with no documents
+left leaves nothing; an interrupted one leaves OUT.partial, and the same command resumes it file
+by file. Stages 2-4 show progress bars on stderr (progress.py). Memory: the signatures (4 x bands
+x rows bytes a document) and ids of the kept documents; the texts stay on disk.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mai_jax.config import ConfigError
 from mai_jax.data import readers
 from mai_jax.data.curate import decontam, dedup, docfilter, records
 from mai_jax.data.curate import staging as staging_lib
+from mai_jax.data.curate.progress import Progress
 from mai_jax.data.curate.settings import CurateConfig
 
 _WORKER: dict = {}  # config and evaluation index, set before the pool forks
@@ -34,11 +36,6 @@ _WORKER: dict = {}  # config and evaluation index, set before the pool forks
 
 def _work(job: docfilter.FileJob) -> docfilter.FileResult:
   return docfilter.filter_file(_WORKER["cfg"], _WORKER["index"], job)
-
-
-def _progress(iterable, total: int, desc: str):
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(iterable, total=total, desc=desc, unit="file", disable=None, leave=False)
 
 
 def list_files(cfg: CurateConfig) -> list[tuple]:
@@ -70,8 +67,9 @@ ENGINES = ("local", "ray")
 
 
 def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Optional[int] = None,
-           log: Callable[[str], None] = print) -> dict:
-  """Curates cfg.sources into out_dir (which must not exist); returns the report as a dict."""
+           log: Callable[[str], None] = print, progress: bool = True) -> dict:
+  """Curates cfg.sources into out_dir (which must not exist); returns the report as a dict.
+  `progress`: bars on stderr for the long stages when it is a terminal (progress.py)."""
   if engine not in ENGINES:
     raise ConfigError(f"--engine {engine!r}; valid engines: {', '.join(ENGINES)}")
   out_dir = os.path.abspath(out_dir)
@@ -80,13 +78,15 @@ def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Opti
   priors = [dedup.load_signatures(p, cfg.dedup.signature_params()) for p in cfg.dedup.against]
   index = eval_index(cfg)
   workers = max(1, min(workers or cfg.workers, len(files)))
+  bars = Progress(progress)
   if engine == "ray":
     from mai_jax.data.curate import ray_engine  # pylint: disable=import-outside-toplevel
     ray_engine.check_installed()
-    connection, filter_files, pairs = (ray_engine.session(workers), ray_engine.filter_files,
-                                       ray_engine.same_key_pairs)
+    connection, filter_files, components = (ray_engine.session(workers, bars),
+                                            ray_engine.filter_files, ray_engine.near_components)
   else:
-    connection, filter_files, pairs = contextlib.nullcontext(), _filter_all, dedup.same_key_pairs
+    connection, filter_files, components = (contextlib.nullcontext(), _filter_all,
+                                            dedup.local_components)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   staging, resumed = staging_lib.open_staging(out_dir, staging_lib.fingerprint(cfg, files))
   try:
@@ -97,10 +97,11 @@ def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Opti
         + (f"; resuming {staging}: {len(done)} files already done" if resumed else ""))
     with connection:
       results = list(done.values())
-      for result in filter_files(cfg, index, [j for j in jobs if j.number not in done], workers):
+      todo = [j for j in jobs if j.number not in done]
+      for result in filter_files(cfg, index, todo, workers, bars):
         staging_lib.save_result(staging, result)
         results.append(result)
-      report = _finish(cfg, results, priors, index, staging, log, pairs)
+      report = _finish(cfg, results, priors, index, staging, log, components, bars)
     os.rename(staging, out_dir)
   except ConfigError:  # nothing to resume: the input or config must change first
     shutil.rmtree(staging, ignore_errors=True)
@@ -111,21 +112,21 @@ def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Opti
   return report
 
 
-def _filter_all(cfg, index, jobs, workers) -> Iterator[docfilter.FileResult]:
+def _filter_all(cfg, index, jobs, workers, progress: Progress) -> Iterator[docfilter.FileResult]:
   """docfilter.filter_file over jobs on `workers` processes, results in job order as they end."""
   _WORKER.update(cfg=cfg, index=index)
   try:
     if workers == 1:
-      yield from (_work(j) for j in _progress(jobs, len(jobs), "filter"))
+      yield from (_work(j) for j in progress(jobs, len(jobs), "filter", "file"))
       return
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-      yield from _progress(pool.imap(_work, jobs), len(jobs), "filter")
+      yield from progress(pool.imap(_work, jobs), len(jobs), "filter", "file")
   finally:
     _WORKER.clear()
 
 
 def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str, log,
-            pairs: dedup.PairsFn) -> dict:
+            components: dedup.ComponentsFn, progress: Progress) -> dict:
   report = docfilter.new_report(cfg)
   for r in sorted(results, key=lambda r: r.number):
     report.merge(r.report)
@@ -139,7 +140,7 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
                           + [np.zeros((0, num_perm), np.uint32)])
   d = cfg.dedup
   result = dedup.deduplicate(exact_N, sig_NP, exact=d.exact, near=d.near, bands=d.bands,
-                             rows=d.rows, pairs=pairs)
+                             rows=d.rows, components=components, progress=progress)
   removed_exact, removed_near = result.removed_exact(), result.removed_near()
   shutil.rmtree(os.path.join(staging, "data"), ignore_errors=True)  # a resumed run's partial shards
   writer = records.ShardWriter(os.path.join(staging, "data"), cfg.output.format,
@@ -147,7 +148,7 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
   keep = np.zeros(len(ids), bool)
   n = len(prior_ids)
   clusters = {"exact": set(), "near": set()}
-  for r in results:
+  for r in progress(results, len(results), "write", "file"):
     with open(r.staging_path, encoding="utf-8") as f:
       for line in f:
         rec = json.loads(line)
