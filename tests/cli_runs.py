@@ -9,10 +9,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "tiny.py") + ":smoke"
 
 
-def cli_env(cache_dir=None, devices: int = 8) -> dict:
+# The suite's programs are tiny, so XLA:CPU's LLVM optimization passes cost far more compile time
+# than they save at run time (cold cache, test_plan.py + test_sharding.py: 98 s -> 66 s wall,
+# 148 s -> 80 s CPU). tests/conftest.py sets these for the test process, xla_flags for children.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_llvm_disable_expensive_passes=true")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices=None, base: str = "") -> str:
+  """`base` (e.g. the caller's XLA_FLAGS) with `devices` fake CPU devices (None: no device-count
+  flag, one device) and the fast-compile flags, unless `base` already sets them."""
+  flags = [f for f in base.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  if devices is not None:
+    flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
+  names = {f.split("=")[0] for f in flags}
+  return " ".join(flags + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in names])
+
+
+def cli_env(cache_dir=None, devices=8) -> dict:
   """Environment for a CPU subprocess with `devices` fake devices and a compile cache: the suite's
   (tests/conftest.py), which every file's CLI runs share, else `cache_dir`."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices, os.environ.get("XLA_FLAGS", "")),
              JAX_PLATFORMS="cpu")
   if cache_dir is not None and not env.get("JAX_COMPILATION_CACHE_DIR"):
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),

@@ -1,10 +1,11 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported), a shared compilation cache and
-strict rank promotion."""
+"""Test setup: 8 fake CPU devices and fast-compile XLA flags (set before jax is imported), a
+shared compilation cache and strict rank promotion."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from cli_runs import xla_flags  # noqa: E402  (plain module, no jax)
+
+os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's CPU compiles are most of the suite's time, and many tests (and the CLI runs they start, which
 # inherit this environment) compile the same tiny programs: a persistent compilation cache in the

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import cli_env
 
 from mai_jax import cli
 
@@ -41,7 +42,7 @@ def test_split_overrides_accepts_both_forms():
 
 def test_impossible_mesh_through_the_real_entry_point(tmp_path):
   """The device count is only known once jax starts: still one line and exit 2."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = cli_env()
   proc = subprocess.run(
       [sys.executable, "-m", "mai_jax", "train", "--config", TINY, "--workdir", str(tmp_path / "w"),
        "--config.mesh.fsdp=3"], capture_output=True, text=True, env=env, timeout=300)

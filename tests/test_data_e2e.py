@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import cli_env
 
 from mai_jax import cli
 
@@ -16,8 +17,7 @@ SMOKE = os.path.join(REPO, "experiments", "tiny.py") + ":smoke"
 
 
 def _train(workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cli_env()
   return subprocess.run([sys.executable, "-m", "mai_jax", "train", "--config", SMOKE,
                          "--workdir", str(workdir), "--config.optim.schedule=constant",
                          "--config.checkpoint.every_steps=2", *extra],

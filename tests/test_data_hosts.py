@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from cli_runs import xla_flags
 
 from mai_jax import config as config_lib
 from mai_jax.config import Config, DataConfig, ModelConfig, TrainConfig
@@ -83,7 +84,7 @@ def test_two_processes_load_the_one_process_global_batch(setup, kind):
   expected = [next(whole) for _ in range(STEPS)]
 
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+         "XLA_FLAGS": xla_flags(4)}
   port = str(free_port())
   outs = [root / f"{kind}_{i}.npz" for i in range(2)]
   procs = [subprocess.Popen([sys.executable, "-c", WORKER, port, str(i), str(cfg_path), tok.path,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.py")
@@ -15,7 +16,7 @@ SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.py")
 
 @pytest.mark.slow
 def test_dry_run_writes_every_measurement(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a GPU
+  env = dict(os.environ, XLA_FLAGS=xla_flags())  # one CPU device, as on a GPU
   proc = subprocess.run([sys.executable, SUITE, "--dry-run", "--out", str(tmp_path), "--steps",
                          "2", "--warmup", "1", "--budget-s", "3000"],
                         capture_output=True, text=True, env=env, timeout=3000, cwd=REPO)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import cli_env
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -427,8 +428,7 @@ def test_train_step_updates_router_bias_from_load_and_reports_metrics():
 @pytest.mark.slow
 def test_tiny_moe_trains_from_the_cli(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cli_env()
   proc = subprocess.run(
       [sys.executable, "-m", "mai_jax", "train", "--config",
        os.path.join(REPO, "experiments", "tiny.py") + ":moe_quick", "--workdir", str(workdir),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -15,8 +16,7 @@ TINY = os.path.join(REPO, "experiments", "tiny.py")
 
 
 def _train(workdir, config, *extra, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = cli_env(devices=devices)
   proc = subprocess.run([sys.executable, "-m", "mai_jax", "train", "--config", config,
                          "--workdir", str(workdir), *extra],
                         capture_output=True, text=True, env=env, timeout=1200, cwd=REPO)
