@@ -17,21 +17,25 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-def xla_flags(devices=None, base: str = "") -> str:
+def xla_flags(devices=None, base: str = "", fast_compile: bool = True) -> str:
   """`base` (e.g. the caller's XLA_FLAGS) with `devices` fake CPU devices (None: no device-count
-  flag, one device) and the fast-compile flags, unless `base` already sets them."""
-  flags = [f for f in base.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  flag, one device) and the fast-compile flags (unless `base` already sets them; fast_compile=False
+  drops them, for a run whose compute, not its compiles, is the time)."""
+  names = {f.split("=")[0] for f in FAST_COMPILE_FLAGS}
+  flags = [f for f in base.split() if not f.startswith(DEVICE_COUNT_FLAG)
+           and (fast_compile or f.split("=")[0] not in names)]
   if devices is not None:
     flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
-  names = {f.split("=")[0] for f in flags}
-  return " ".join(flags + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in names])
+  present = {f.split("=")[0] for f in flags}
+  extra = [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in present] if fast_compile else []
+  return " ".join(flags + extra)
 
 
-def cli_env(cache_dir=None, devices=8) -> dict:
+def cli_env(cache_dir=None, devices=8, fast_compile: bool = True) -> dict:
   """Environment for a CPU subprocess with `devices` fake devices and a compile cache: the suite's
   (tests/conftest.py), which every file's CLI runs share, else `cache_dir`."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices, os.environ.get("XLA_FLAGS", "")),
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices, os.environ.get("XLA_FLAGS", ""),
+                                             fast_compile), JAX_PLATFORMS="cpu")
   if cache_dir is not None and not env.get("JAX_COMPILATION_CACHE_DIR"):
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
