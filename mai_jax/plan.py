@@ -553,7 +553,8 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
             With mesh.zero1 the moments are split over 'data' and the parameters are not:
             ZERO1_GRAD_COLLECTIVE of the gradient (overlapped), and after the update an
             all-gather of the updated parameters in the parameter dtype ('data_gather': the
-            step's last collective, nothing left to overlap it with, exposed).
+            step's last collective, nothing left to overlap it with, exposed); a leaf whose
+            moments no dim lets split stays all-reduced and is updated on every replica.
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
             2 more for the full-remat recompute, plus 2 for the vocab-sharded embedding/unembedding;
             on the critical path (not overlapped).
@@ -580,12 +581,17 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
                        + pp.head_broadcast_bytes(rows, cfg.data.seq_len, m.d_model, c, S,
                                                  layout.impl))
     stage_calls = M * (pp.p2p_sends(S, R, Mp, layout.impl) + 1)
-  grad_passes = 1 if layout.zero1 and ZERO1_GRAD_COLLECTIVE == "reduce_scatter" else 2
-  gather = shards.per_device * DTYPE_BYTES[m.param_dtype] * (d - 1) / d if layout.zero1 else 0.0
+  grad_elems, gather_elems = 2 * shards.per_device * (d - 1) / d, 0.0
+  if layout.zero1 and d > 1:
+    # the leaves whose moments split over data (the rest keep a replicated, all-reduced update)
+    split = (shards.per_device - shards.zero1_moment) * d / (d - 1)
+    gather_elems = split * (d - 1) / d
+    if ZERO1_GRAD_COLLECTIVE == "reduce_scatter":
+      grad_elems -= gather_elems
   plan = {
       "fsdp": (3 * M * G * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * G * Ld, True),
-      "data": (grad_passes * M * shards.per_device * w * (d - 1) / d, M * Ld, True),
-      "data_gather": (gather, Ld, False),
+      "data": (M * grad_elems * w, M * Ld, True),
+      "data_gather": (gather_elems * DTYPE_BYTES[m.param_dtype], Ld, False),
       "tensor": ((per_layer * Ld + 2) * M * 2 * n_tokens * m.d_model * c * (t - 1) / t,
                  (per_layer * Ld * Mp + 2) * M, False),
       "expert": (0.0, 0, False),
