@@ -34,6 +34,11 @@
     backwards): 120 layers x 8K-token rows do not fit.
   - With model.pipeline_gather_once=False (each iteration gathers its virtual stage: little
     memory, M times the traffic) the best layout is stage=2 x tensor=8 at 34.8%.
+  - mesh.zero1 (ZeRO-1: moments over data, float32 weights and gradients whole within a stage; no
+    FSDP gathers at fsdp=1) does not help this schedule: here it saves 1 GB (37.4%, 69.1 GB), and
+    Llama 3 405B's pattern, data=128 x stage=15 x tensor=8 with zero1, needs 121.6 GB at 1 repeat
+    (23.8%; each stage's weights + gradients are 37.8 GB and the replicated head's logits 32 GB)
+    and more with repeats. Under a Megatron-style 1F1B schedule it would fit at 68.3 GB, 45.0%.
   Global batch 3,840 x 8,192 = 31.5M tokens: twice Llama 3 405B's 16M, half DeepSeek-V3's 63M;
     DeepSeek LLM's batch-size law (0.292 C^0.327 tokens) gives ~63M at this run's 3e25 FLOPs, so
     31.5M is inside the flat optimum, and at 15.7M the bubble and the fixed per-step FSDP traffic

@@ -55,6 +55,13 @@ REMATS = ("none", "dots", "full")
 # cast (bf16). Unverified on GPU: XLA:CPU runs every bf16 op in f32, so its HLO gathers f32 either
 # way. With 'param' (float32 on the wire) MAI-1 dense drops from ~31% to ~16% MFU.
 WIRE_DTYPE = "compute"
+# How the step reduces the gradient over 'data' under mesh.zero1 (moments split over 'data'):
+# 'reduce_scatter' (each replica receives the 1/data slice its moments update) or 'all_reduce'.
+# The SPMD partitioner's output for the zero1 step on 8 CPU devices (data 4 x tensor 2) has no
+# reduce-scatter: the whole gradient is all-reduced (the global-norm clip reads all of it), each
+# replica slices its moments' part, and the updated float32 parameters are all-gathered. GPU XLA
+# may rewrite an all-reduce + slice into a reduce-scatter; unverified, so modelled as emitted.
+ZERO1_GRAD_COLLECTIVE = "all_reduce"
 # Mesh axes from the innermost (fastest links) outwards: the order a hybrid mesh fills a node.
 AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "stage", "data")
 
@@ -63,13 +70,15 @@ AXES_INNER_FIRST = ("tensor", "expert", "fsdp", "stage", "data")
 class Layout:
   """One way to run a config: mesh sizes (all resolved), remat policy, gradient-accumulation
   microbatches and, with mesh stage > 1, the pipeline schedule (repeats R, pipeline microbatches M
-  per accumulation microbatch) and the implementation whose costs are modelled."""
+  per accumulation microbatch) and the implementation whose costs are modelled; zero1 is
+  mesh.zero1 (the optimizer moments also split over 'data', train/state.py)."""
   mesh: tuple[tuple[str, int], ...]  # ((axis, size), ...) in config.MESH_AXES order
   remat: str
   microbatches: int
   repeats: int = 1
   pipeline_microbatches: int = 1
   impl: pp.PipelineImpl = pp.THIS_CODEBASE
+  zero1: bool = False
 
   def size(self, axis: str) -> int:
     return dict(self.mesh).get(axis, 1)
@@ -84,7 +93,8 @@ def layout_of(cfg: Config, num_gpus: int) -> Layout:
   stages = sizes["stage"]
   return Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), cfg.model.remat,
                 cfg.train.microbatches, cfg.model.pipeline_repeats if stages > 1 else 1,
-                config_lib.pipeline_microbatches(cfg, stages) if stages > 1 else 1)
+                config_lib.pipeline_microbatches(cfg, stages) if stages > 1 else 1,
+                zero1=cfg.mesh.zero1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +162,9 @@ class ParamShards:
   # matmuls (with MoE, the MoE blocks' local experts outweigh a dense block)
   per_layer_gathered: int
   stacked: int = 0  # elements (per device) of the scanned block stacks
+  # elements (per device) of one optimizer moment under mesh.zero1: each leaf's parameter shard
+  # further split over 'data' along the first dim that divides (train/state.zero1_spec)
+  zero1_moment: int = 0
 
 
 def param_shards(cfg: Config, layout: Layout) -> ParamShards:
@@ -164,18 +177,19 @@ def _param_shards(model: ModelConfig, rules, mesh_sizes) -> ParamShards:
   """param_shards, cached per mesh (--search plans many layouts of one mesh)."""
   from jax.sharding import AbstractMesh
   from mai_jax.sharding import logical_to_spec
+  from mai_jax.train.state import zero1_spec
   layout = Layout(mesh_sizes, "full", 1)
   mesh = AbstractMesh(tuple(s for _, s in mesh_sizes), tuple(a for a, _ in mesh_sizes))
-  per_device = gathered = sharded = stacked = 0
+  per_device = gathered = sharded = stacked = zero1_moment = 0
   unit_elems: dict[tuple, float] = {}
   for shape, names, unit in _abstract_params(model):
     spec = logical_to_spec(names, rules, mesh, shape)
-    axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
-    elems = math.prod(shape) // math.prod(layout.size(a) for a in axes)
-    if unit is not None and len(unit) == 1 and layout.stages > 1 and "stage" not in axes:
-      # a stack the stages do not divide (126 layers over 16): the fullest stage's share
-      elems = elems * -(-shape[0] // layout.stages) // shape[0]
+    axes = _spec_axes(spec)
+    elems = _shard_elems(shape, axes, unit, layout)
     per_device += elems
+    moment_spec = zero1_spec(tuple(spec), shape, dict(mesh_sizes))
+    zero1_moment += elems if moment_spec is None else _shard_elems(
+        shape, _spec_axes(moment_spec), unit, layout)
     fsdp = layout.size("fsdp") if "fsdp" in axes else 1
     if fsdp > 1:
       gathered += elems * fsdp
@@ -185,7 +199,20 @@ def _param_shards(model: ModelConfig, rules, mesh_sizes) -> ParamShards:
       stacked += elems if len(unit) == 1 else 0
       unit_elems[unit] = unit_elems.get(unit, 0) + elems * fsdp / units
   return ParamShards(per_device, gathered, sharded, int(max(unit_elems.values(), default=0)),
-                     stacked)
+                     stacked, zero1_moment)
+
+
+def _spec_axes(spec) -> list[str]:
+  return [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+
+
+def _shard_elems(shape, axes, unit, layout: Layout) -> int:
+  """Elements of one device's shard of a leaf split over `axes`."""
+  elems = math.prod(shape) // math.prod(layout.size(a) for a in axes)
+  if unit is not None and len(unit) == 1 and layout.stages > 1 and "stage" not in axes:
+    # a stack the stages do not divide (126 layers over 16): the fullest stage's share
+    elems = elems * -(-shape[0] // layout.stages) // shape[0]
+  return elems
 
 
 def flops_per_token(cfg: Config) -> float:
@@ -465,7 +492,10 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
   params, grads, optimizer: exact shard sizes x dtype. The step keeps gradients in the parameter
   dtype (plus float32 accumulators when microbatches > 1); optax.adamw keeps both moments in the
   parameter dtype (mu_dtype=None). master_params is 0: this codebase has no separate master copy,
-  a float32 param_dtype *is* the master and bfloat16 params are updated in place.
+  a float32 param_dtype *is* the master and bfloat16 params are updated in place. With mesh.zero1
+  only the moments are split further over 'data' (ParamShards.zero1_moment); the parameters
+  (float32 masters included) and their gradients stay replicated over 'data', as
+  train/state.state_shardings lays them out.
   temporaries: two blocks' gathered weights in the compute dtype (the one in use and the one being
   prefetched) plus one block's unreduced weight gradient, and `workspace`; the largest block
   (an MoE block's local experts) sets the size.
@@ -481,7 +511,7 @@ def memory_per_device(cfg: Config, layout: Layout, attention: str = "flash",
   out = {
       "params": shards.per_device * p,
       "grads": shards.per_device * grad_bytes,
-      "optimizer": 2 * shards.per_device * p,
+      "optimizer": 2 * (shards.zero1_moment if layout.zero1 else shards.per_device) * p,
       "master_params": 0,
       "activations": int(activation_bytes(cfg, layout, attention, expert_ffn)),
       "temporaries": int(_gathered_layers(cfg, layout) * shards.per_layer_gathered * c
@@ -523,6 +553,11 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
             per repeat (each layer belongs to one repeat), or once per pipeline microbatch when
             each iteration gathers its virtual stage (fsdp_gather_scope).
     data:   all-reduce of the gradient shards, in WIRE_DTYPE; overlapped with the backward.
+            With mesh.zero1 the moments are split over 'data' and the parameters are not:
+            ZERO1_GRAD_COLLECTIVE of the gradient (overlapped), and after the update an
+            all-gather of the updated parameters in the parameter dtype ('data_gather': the
+            step's last collective, nothing left to overlap it with, exposed); a leaf whose
+            moments no dim lets split stays all-reduced and is updated on every replica.
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
             2 more for the full-remat recompute, plus 2 for the vocab-sharded embedding/unembedding;
             on the critical path (not overlapped).
@@ -549,9 +584,17 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
                        + pp.head_broadcast_bytes(rows, cfg.data.seq_len, m.d_model, c, S,
                                                  layout.impl))
     stage_calls = M * (pp.p2p_sends(S, R, Mp, layout.impl) + 1)
+  grad_elems, gather_elems = 2 * shards.per_device * (d - 1) / d, 0.0
+  if layout.zero1 and d > 1:
+    # the leaves whose moments split over data (the rest keep a replicated, all-reduced update)
+    split = (shards.per_device - shards.zero1_moment) * d / (d - 1)
+    gather_elems = split * (d - 1) / d
+    if ZERO1_GRAD_COLLECTIVE == "reduce_scatter":
+      grad_elems -= gather_elems
   plan = {
       "fsdp": (3 * M * G * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * G * Ld, True),
-      "data": (2 * M * shards.per_device * w * (d - 1) / d, M * Ld, True),
+      "data": (M * grad_elems * w, M * Ld, True),
+      "data_gather": (gather_elems * DTYPE_BYTES[m.param_dtype], Ld, False),
       "tensor": ((per_layer * Ld + 2) * M * 2 * n_tokens * m.d_model * c * (t - 1) / t,
                  (per_layer * Ld * Mp + 2) * M, False),
       "expert": (0.0, 0, False),
@@ -560,7 +603,8 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   if is_moe(m):
     plan["expert"] = moe_communication(cfg, layout)
   out = {}
-  for axis, (nbytes, calls, overlapped) in plan.items():
+  for key, (nbytes, calls, overlapped) in plan.items():
+    axis = key.split("_")[0]
     size = layout.size(axis)
     link = axis_link(layout, axis, gpu)
     bandwidth = gpu.nvlink_bandwidth if link == "nvlink" else gpu.internode_bandwidth
@@ -569,7 +613,7 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
       hops = 1 if axis == "stage" else math.ceil(math.log2(size))  # point-to-point sends
       seconds = (nbytes / (bandwidth * COLLECTIVE_EFFICIENCY)
                  + calls * COLLECTIVE_LATENCY_S[link] * hops)
-    out[axis] = {"size": size, "bytes": int(nbytes), "link": link, "time_s": seconds,
+    out[key] = {"size": size, "bytes": int(nbytes), "link": link, "time_s": seconds,
                  "overlapped": overlapped}
   return out
 
@@ -633,6 +677,7 @@ class Plan:
     return {
         "gpu": self.gpu, "num_gpus": self.num_gpus, "mesh": dict(self.layout.mesh),
         "remat": self.layout.remat, "microbatches": self.layout.microbatches,
+        "zero1": self.layout.zero1,
         "params_total": self.params_total, "params_active": self.params_active,
         "flops_per_token": self.flops_per_token,
         "memory_per_device_bytes": dict(self.memory),
@@ -701,7 +746,9 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
     head:        the unembedding GEMM (6 V D / t per token) and the float32 cross-entropy
                  (4 passes over V / t logits), on every stage when the head is replicated over
                  stages, once (1 / S of it per device) when it sits on the last stage;
-    optimizer:   AdamW reads p, g, mu, nu and writes p, mu, nu: 7 p bytes per local parameter.
+    optimizer:   AdamW reads p, g, mu, nu and writes p, mu, nu: 7 p bytes per local parameter;
+                 with mesh.zero1 on the moments' 1/data slice, plus reading the gathered update
+                 and p and writing p on the whole replicated shard (3 p bytes per parameter).
   The block terms are stretched by the bubble, 1 / (1 - (S-1)/(R M + S - 1)).
   """
   m, S, R = cfg.model, layout.stages, layout.repeats
@@ -734,7 +781,10 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   head_share = 1.0 / S if layout.impl.head_on_last_stage else 1.0
   out["head"] = head_share * tokens * (6 * head_params / t / gemm_rate
                                        + 4 * 4 * m.vocab_size / t / hbm)
-  out["optimizer"] = 7 * param_shards(cfg, layout).per_device * DTYPE_BYTES[m.param_dtype] / hbm
+  shards = param_shards(cfg, layout)
+  updated = (7 * shards.zero1_moment + 3 * shards.per_device if layout.zero1
+             else 7 * shards.per_device)
+  out["optimizer"] = updated * DTYPE_BYTES[m.param_dtype] / hbm
   stretch = pp.stretch(S, R, layout.pipeline_microbatches) if S > 1 else 1.0
   out["bubble"] = (stretch - 1.0) * (out["gemm"] + out["attention"] + out["elementwise"])
   out["total"] = sum(out.values())

@@ -64,7 +64,14 @@ def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
   """Every candidate mesh x remat x microbatches whose batch split is even; with stages, every
   repeat count that divides the layers per stage (up to MAX_REPEATS) x the smallest pipeline
   microbatch counts >= S that divide the rows, under a few gradient-accumulation counts
-  (_accumulation_choices)."""
+  (_accumulation_choices). Each with and without mesh.zero1 where data > 1."""
+  for layout in _layouts_without_zero1(cfg, num_gpus, gpu):
+    yield layout
+    if layout.size("data") > 1:
+      yield dataclasses.replace(layout, zero1=True)
+
+
+def _layouts_without_zero1(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
   batch = cfg.train.global_batch_size
   for sizes in candidate_meshes(cfg, num_gpus, gpu):
     shards, stage = batch_shards(cfg, sizes), sizes["stage"]
@@ -155,7 +162,7 @@ def format_plan(p: Plan) -> str:
   mesh = " ".join(f"{a}={s}" for a, s in p.layout.mesh)
   lines = [
       f"{p.num_gpus} x {hardware.GPUS[p.gpu].name}   mesh {mesh}   remat={p.layout.remat}   "
-      f"microbatches={p.layout.microbatches}",
+      f"microbatches={p.layout.microbatches}{'   zero1' if p.layout.zero1 else ''}",
       *([f"pipeline: {p.layout.stages} stages x {p.layout.repeats} repeats, "
          f"{p.layout.pipeline_microbatches} pipeline microbatches, bubble "
          f"{p.bubble_fraction:.1%}"] if p.layout.stages > 1 else []),
@@ -187,14 +194,15 @@ def format_search(plans: list[Plan]) -> str:
   if not plans:
     return "no layout fits"
   header = (f"{'rank':>4} {'data':>5} {'stage':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} {'rep':>3} "
-            f"{'pmb':>4} {'remat':>5} {'micro':>5} {'mem/dev':>10} {'step s':>8} {'bubble':>6} "
-            f"{'MFU':>6} {'days':>7}")
+            f"{'pmb':>4} {'remat':>5} {'micro':>5} {'z1':>2} {'mem/dev':>10} {'step s':>8} "
+            f"{'bubble':>6} {'MFU':>6} {'days':>7}")
   rows = [header]
   for i, p in enumerate(plans, 1):
     s = dict(p.layout.mesh)
     rows.append(f"{i:>4} {s['data']:>5} {s['stage']:>5} {s['fsdp']:>5} {s['expert']:>4} "
                 f"{s['tensor']:>3} {p.layout.repeats:>3} {p.layout.pipeline_microbatches:>4} "
-                f"{p.layout.remat:>5} {p.layout.microbatches:>5} {_gb(p.memory['total']):>10} "
+                f"{p.layout.remat:>5} {p.layout.microbatches:>5} "
+                f"{'y' if p.layout.zero1 else '-':>2} {_gb(p.memory['total']):>10} "
                 f"{p.step_time_s:>8.3f} {p.bubble_fraction:>6.1%} {p.mfu:>6.1%} "
                 f"{p.days_to_train:>7.1f}")
   return "\n".join(rows)

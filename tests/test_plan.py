@@ -68,6 +68,30 @@ def test_param_shards_equal_the_trainers_shardings():
     assert P.param_shards(cfg, P.layout_of(cfg, 8)).per_device == real, extra
 
 
+@pytest.mark.parametrize("extra", [
+    {},  # data 2 x fsdp 2 x tensor 2
+    {"mesh.data": "4", "mesh.fsdp": "1", "model.d_model": "90"},
+    {"mesh.data": "2", "mesh.stage": "2", "mesh.fsdp": "1"},
+], ids=["data2-fsdp2", "data4-odd-width", "data2-stage2"])
+def test_zero1_moment_shards_equal_the_trainers_shardings(extra):
+  """mesh.zero1: each Adam moment's per-device elements are the trainer's own (train/state.py
+  adds 'data' to the first dim it divides; at d_model 90 the norms' dims do not divide 4 ways),
+  the parameters' are those without zero1, and the planned optimizer bytes are 2 such moments."""
+  cfg = small_cfg(**{"mesh.zero1": "True", **extra})
+  trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:8]))
+  state = trainer.abstract_state()
+  moments = sum(math.prod(x.sharding.shard_shape(x.shape))
+                for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  params = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(state.params))
+  layout = P.layout_of(cfg, 8)
+  assert layout.zero1
+  shards = P.param_shards(cfg, layout)
+  assert 2 * shards.zero1_moment == moments < 2 * params
+  assert shards.per_device == params
+  mem = P.memory_per_device(cfg, layout)
+  assert mem["optimizer"] == moments * 4 and mem["params"] == mem["grads"] == params * 4
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory against the compiled step
 
@@ -78,7 +102,9 @@ def test_param_shards_equal_the_trainers_shardings():
     pytest.param({"model.remat": "dots"}, marks=pytest.mark.slow),
     pytest.param({"mesh.data": "1", "mesh.fsdp": "8", "mesh.tensor": "1"}, marks=pytest.mark.slow),
     pytest.param({"model.compute_dtype": "bfloat16"}, marks=pytest.mark.slow),
-], ids=["full", "microbatches", "dots", "fsdp8", "bf16"])
+    # ZeRO-1 over data 4 (moments split 4 ways, weights and gradients replicated over data)
+    {"mesh.zero1": "True", "mesh.fsdp": "1", "mesh.data": "4"},
+], ids=["full", "microbatches", "dots", "fsdp8", "bf16", "zero1"])
 def test_memory_model_against_memory_analysis(extra):
   """params + optimizer + batch are the step's arguments: exact up to the step counter, RNG key
   and Adam's count (a few dozen bytes). The total is a model of XLA's buffer assignment: within 20%
@@ -139,6 +165,39 @@ def test_communication_bytes_by_hand():
   assert comm["data"]["bytes"] == pytest.approx(2 * shard * 2 * (d - 1) / d, rel=1e-9)
   assert comm["fsdp"]["overlapped"] and not comm["tensor"]["overlapped"]
   assert comm["expert"]["time_s"] == 0
+  assert comm["data_gather"]["bytes"] == 0  # no zero1
+
+
+def test_zero1_communication_and_memory_by_hand():
+  """MAI-1 dense on Llama 3 405B's pattern (data 128 x stage 15 x tensor 8, no fsdp) with zero1:
+  each GPU holds 1/(15 x 8) of the blocks (norms: 1/15) and 1/8 of the embedding and unembedding,
+  in float32, and the same again as gradient; each moment is 1/128 of that where a dim divides;
+  over 'data' the bf16 gradient is all-reduced (overlapped; the compiled step emits no
+  reduce-scatter) and the updated float32 parameters all-gathered (exposed), over InfiniBand."""
+  cfg = C.apply_overrides(C.load_experiment(MAI1), {
+      "mesh.data": "128", "mesh.stage": "15", "mesh.fsdp": "1", "mesh.tensor": "8",
+      "mesh.zero1": "True", "model.pipeline_repeats": "1", "model.pipeline_microbatches": "30"})
+  layout = P.layout_of(cfg, 15360)
+  assert layout.zero1 and layout.size("data") == 128
+  L, D, H, KV, K, F, V = 120, 18432, 144, 8, 128, 61440, 131072
+  per_layer = 2 * D * H * K + 2 * D * KV * K + 3 * D * F
+  local = L * per_layer // (15 * 8) + 2 * L * D // 15 + 2 * V * D // 8 + D
+  shards = P.param_shards(cfg, layout)
+  assert shards.per_device == local
+  mem = P.memory_per_device(cfg, layout)
+  assert mem["params"] == mem["grads"] == 4 * local
+  # q/k/v/o ([layers, D, heads, K] etc.: 120 / 15 = 8 rows, 18432 % 128 == 0 splits on D) and
+  # everything else divides by 128 somewhere, except the final norm [D]: 18432 = 128 x 144
+  assert shards.zero1_moment == local // 128
+  assert mem["optimizer"] == 2 * 4 * local // 128
+  comm = P.communication(cfg, layout, hardware.GPUS["h100"])
+  assert comm["data"]["bytes"] == int(2 * local * 2 * 127 / 128)
+  assert comm["data_gather"]["bytes"] == int(local * 4 * 127 / 128)
+  assert comm["data"]["overlapped"] and not comm["data_gather"]["overlapped"]
+  assert comm["data"]["link"] == comm["data_gather"]["link"] == "internode"
+  assert comm["fsdp"]["bytes"] == 0
+  without = P.communication(cfg, dataclasses.replace(layout, zero1=False), hardware.GPUS["h100"])
+  assert without["data"] == comm["data"] and without["data_gather"]["bytes"] == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +230,8 @@ def test_json_keys_are_stable(capsys):
   assert set(breakdown) == {"params", "grads", "optimizer", "master_params", "activations",
                             "temporaries", "batch", "total"}
   assert breakdown["total"] == sum(v for k, v in breakdown.items() if k != "total")
-  assert set(out["communication"]) == {"data", "fsdp", "expert", "tensor", "stage"}
+  assert set(out["communication"]) == {"data", "data_gather", "fsdp", "expert", "tensor",
+                                       "stage"}
   assert out["gpu"] == "h200" and out["num_gpus"] == 1024
 
 
@@ -400,10 +460,11 @@ def test_search_covers_stages_repeats_and_pipeline_microbatches(mai1_ranked):
   ranked = mai1_ranked
   assert ranked[0].layout.stages > 1
   assert {p.layout.repeats for p in ranked} - {1} and all(p.fits for p in ranked)
+  assert {p.layout.zero1 for p in ranked} == {False, True}
   for p in ranked[:3]:
     sizes = dict(p.layout.mesh)
     over = {f"mesh.{a}": str(s) for a, s in sizes.items()}
-    over.update({"model.remat": p.layout.remat,
+    over.update({"model.remat": p.layout.remat, "mesh.zero1": str(p.layout.zero1),
                  "model.pipeline_repeats": str(p.layout.repeats),
                  "model.pipeline_microbatches": str(p.layout.pipeline_microbatches)})
     C.validate(C.apply_overrides(cfg, over), 15360)

@@ -10,7 +10,7 @@ NNX graph definition is kept outside), so optax, orbax and `jax.tree` see an ord
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -70,17 +70,23 @@ def zero1_sharding(sharding: NamedSharding, shape) -> NamedSharding:
   """`sharding` with 'data' added to the first dimension it splits evenly (and does not already
   use): a parameter's optimizer moment under ZeRO-1, so each data-parallel replica keeps 1/data
   of it while the parameter itself stays replicated over 'data'. Unchanged if no dim divides."""
-  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  data = mesh.shape.get("data", 1)
+  spec = zero1_spec(tuple(sharding.spec), shape, dict(sharding.mesh.shape))
+  return sharding if spec is None else NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def zero1_spec(spec: tuple, shape, axis_sizes: dict) -> Optional[tuple]:
+  """zero1_sharding on plain values (the planner counts moment shards with it, no mesh needed):
+  the spec entries with 'data' prepended to the first dim it divides, or None if unchanged."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+  data = axis_sizes.get("data", 1)
   used = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
   if data == 1 or "data" in used:
-    return sharding
+    return None
   for i, entry in enumerate(spec):
     axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    if shape[i] % (data * int(np.prod([mesh.shape[a] for a in axes]))) == 0:
-      spec = spec[:i] + (("data",) + axes,) + spec[i + 1:]
-      return NamedSharding(mesh, PartitionSpec(*spec))
-  return sharding
+    if shape[i] % (data * int(np.prod([axis_sizes[a] for a in axes]))) == 0:
+      return spec[:i] + (("data",) + axes,) + spec[i + 1:]
+  return None
 
 
 def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, abstract_params: Params,
