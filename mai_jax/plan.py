@@ -586,9 +586,9 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
     stage_calls = M * (pp.p2p_sends(S, R, Mp, layout.impl) + 1)
   grad_elems, gather_elems = 2 * shards.per_device * (d - 1) / d, 0.0
   if layout.zero1 and d > 1:
-    # the leaves whose moments split over data (the rest keep a replicated, all-reduced update)
-    split = (shards.per_device - shards.zero1_moment) * d / (d - 1)
-    gather_elems = split * (d - 1) / d
+    # each replica receives the (d-1)/d of the split leaves it did not update (the leaves whose
+    # moments no dim lets split keep a replicated, all-reduced update): per_device - zero1_moment
+    gather_elems = float(shards.per_device - shards.zero1_moment)
     if ZERO1_GRAD_COLLECTIVE == "reduce_scatter":
       grad_elems -= gather_elems
   plan = {

@@ -3,7 +3,7 @@ shared compilation cache and strict rank promotion."""
 
 import os
 
-from cli_runs import xla_flags  # noqa: E402  (plain module, no jax)
+from cli_runs import xla_flags  # a plain module: importing it does not import jax
 
 os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
