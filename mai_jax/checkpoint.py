@@ -84,6 +84,18 @@ def _files(step_dir: str) -> list[str]:
   return sorted(out)
 
 
+def _bytes_on_disk(step_dir: str) -> int:
+  """Total size of a step directory's files. A save still running (or a failed one that orbax is
+  cleaning up) may delete a file between the walk and its stat: it no longer counts."""
+  total = 0
+  for rel in _files(step_dir):
+    try:
+      total += os.path.getsize(os.path.join(step_dir, rel))
+    except FileNotFoundError:
+      pass
+  return total
+
+
 def _crc32(path: str) -> int:
   crc = 0
   with open(path, "rb") as f:
@@ -146,7 +158,7 @@ def list_checkpoints(directory: str) -> list[StepStatus]:
     step = int(head) if head.isdigit() else None
     if step is None:
       continue
-    size = sum(os.path.getsize(os.path.join(path, f)) for f in _files(path))
+    size = _bytes_on_disk(path)
     if name.isdigit():
       status, detail = verify_step(path)
     elif name.endswith(CORRUPT_SUFFIX):
