@@ -15,9 +15,17 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mai_jax.config import ModelConfig
 from mai_jax.sharding import shard_act
+
+# Names of the projection outputs (checkpoint_name tags): what remat 'dots' saves
+# (model/transformer.py REMAT_POLICIES). Named rather than "every dot without batch dims"
+# because under the pipeline's vmap over stages every dot gains a batch dimension, and a
+# shape-based policy would then save nothing.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down",
+               "router_logits")
 
 # The only logical names parameters may use (the mesh rules in mai_jax.config map them).
 PARAM_AXES = ("embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "experts", "layers",
@@ -239,9 +247,12 @@ class Attention(nnx.Module):
                positions_BT: jax.Array) -> jax.Array:
     dt = self.dtype
     x_BTD = x_BTD.astype(dt)
-    q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt))
-    k_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.k_proj[...].astype(dt))  # G = kv heads
-    v_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, self.v_proj[...].astype(dt))
+    q_BTHK = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)),
+                             "q_proj")
+    k_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", x_BTD, self.k_proj[...].astype(dt)),
+                             "k_proj")  # G = kv heads
+    v_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", x_BTD, self.v_proj[...].astype(dt)),
+                             "v_proj")
     q_BTHK = shard_act(apply_rope(q_BTHK, positions_BT, self.rope_theta, self.rope_scaling),
                        ("batch", "seq", "heads", "head_dim"))
     k_BTGK = shard_act(apply_rope(k_BTGK, positions_BT, self.rope_theta, self.rope_scaling),
@@ -268,7 +279,8 @@ class Attention(nnx.Module):
     out_BTHK = dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, is_causal=True,
                                      implementation=self.implementation)
     out_BTHK = shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
-    return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt))
+    return checkpoint_name(jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt)),
+                           "o_proj")
 
 
 class MLP(nnx.Module):
@@ -287,10 +299,13 @@ class MLP(nnx.Module):
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = self.dtype
     x_BTD = x_BTD.astype(dt)
-    gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate_proj[...].astype(dt))
-    up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up_proj[...].astype(dt))
+    gate_BTF = checkpoint_name(
+        jnp.einsum("btd,df->btf", x_BTD, self.gate_proj[...].astype(dt)), "mlp_gate")
+    up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", x_BTD, self.up_proj[...].astype(dt)),
+                             "mlp_up")
     h_BTF = shard_act(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    return jnp.einsum("btf,fd->btd", h_BTF, self.down_proj[...].astype(dt))
+    return checkpoint_name(jnp.einsum("btf,fd->btd", h_BTF, self.down_proj[...].astype(dt)),
+                           "mlp_down")
 
 
 class Embed(nnx.Module):

@@ -41,6 +41,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from mai_jax import sharding as sharding_lib
@@ -477,8 +478,8 @@ class MoE(nnx.Module):
     cfg, dt = self.cfg, self.dtype
     B, T, D = x_BTD.shape
     E, K = cfg.num_experts, cfg.experts_per_token
-    logits_NE = jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32),
-                        self.router[...].astype(jnp.float32))
+    logits_NE = checkpoint_name(jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32),
+                                        self.router[...].astype(jnp.float32)), "router_logits")
     bias_E = None
     if cfg.router == "sigmoid_bias":
       bias_E = jax.lax.stop_gradient(self.router_bias[...])
