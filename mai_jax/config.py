@@ -107,6 +107,12 @@ class ModelConfig:
   # or inside every iteration, i.e. once per pipeline microbatch (False: less memory, M x the
   # all-gather traffic).
   pipeline_gather_once: bool = True
+  # Checkpoint each pipeline iteration's whole stage (True: the scan keeps only the stage inputs
+  # and the backward recomputes the stage forward, so any remat policy costs a full extra
+  # forward) or not (False: the blocks' own `remat` policy decides what is kept, per iteration;
+  # 'dots' then recomputes only the attention core, at the memory of every iteration's saved
+  # projections).
+  pipeline_stage_remat: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,9 +55,12 @@ def _grad_fn(cfg: C.Config, model_spec):
   return jax.jit(loss_and_grads)
 
 
+_FLOPS = {}  # per-device FLOPs of each compiled step (XLA's cost analysis), by config
+
+
 def _pipelined_loss_and_grads(cfg: C.Config, host_params):
   """(loss, grads, MoE statistics) of summed_loss on cfg's mesh, the params and batch in their
-  shardings."""
+  shardings; and the compiled HLO text."""
   mesh = S.make_mesh(cfg.mesh)
   layout = state_lib.make_layout(cfg, mesh, lambda r: Decoder(cfg.model, rngs=r),
                                  optax.identity())
@@ -67,6 +70,8 @@ def _pipelined_loss_and_grads(cfg: C.Config, host_params):
   with S.activate(mesh, cfg.mesh.rules):
     compiled = _grad_fn(cfg, layout.model_spec).lower(params, batch).compile()
     loss, grads, moe = compiled(params, batch)
+  cost = compiled.cost_analysis()
+  _FLOPS[cfg] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
   return (float(loss), jax.device_get(grads), jax.device_get(moe)), compiled.as_text()
 
 
@@ -171,6 +176,37 @@ def test_pipelined_loss_and_grads_equal_the_plain_step(kind, stage, repeats, mic
   if kind == "dense" and mesh.get("fsdp", 1) > 1:
     inside, outside = collectives_in_loops(hlo, "all-gather")
     assert inside == 0 and outside > 0, (inside, outside)
+
+
+FAST_CASE_CFG = dict(mesh=C.MeshConfig(stage=2, fsdp=2, tensor=2), pipeline_repeats=2,
+                     pipeline_microbatches=4, remat="full")
+
+
+def test_without_the_stage_checkpoint_the_step_is_equal_and_recomputes_less(reference):
+  """model.pipeline_stage_remat=False: the blocks' own remat policy alone (here full: one
+  recompute of each block instead of the stage's plus the block's), same loss and gradients."""
+  plain = _cfg(**FAST_CASE_CFG)
+  if plain not in _FLOPS:
+    _pipelined_loss_and_grads(plain, reference[0])
+  cfg = dataclasses.replace(plain, model=dataclasses.replace(plain.model,
+                                                             pipeline_stage_remat=False))
+  got, _ = _pipelined_loss_and_grads(cfg, reference[0])
+  _assert_close(got, reference[1:])
+  assert _FLOPS[cfg] < 0.95 * _FLOPS[plain], (_FLOPS[cfg], _FLOPS[plain])
+
+
+def test_the_stages_split_the_rows_for_the_output_layer(reference):
+  """After the schedule the logits are sharded over 'stage' too (each stage scores 1/S of the
+  rows, not all of them); a batch the stages do not divide keeps the plain batch sharding."""
+  cfg = _cfg(C.MeshConfig(stage=2, fsdp=4), pipeline_microbatches=2)
+  mesh = S.make_mesh(cfg.mesh)
+  with S.activate(mesh, cfg.mesh.rules):
+    graphdef, state = nnx.split(Decoder(cfg.model, rngs=nnx.Rngs(0)))
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    logits = forward(state, _batch()["inputs"])
+    assert logits.sharding.spec[0] == ("fsdp", "stage"), logits.sharding.spec
+    odd = forward(state, _batch()["inputs"][:4])  # 4 rows: fsdp x stage (8) do not divide them
+    assert odd.sharding.spec[0] == "fsdp", odd.sharding.spec
 
 
 @pytest.mark.slow

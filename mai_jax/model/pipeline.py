@@ -1,7 +1,7 @@
 """Pipeline parallelism: a stack of blocks run as S stages over the 'stage' mesh axis.
 
 One SPMD program, no per-stage programs: every stacked-block weight [L, ...] is viewed as
-[R, S, Lc, ...] (R repeats, S stages, Lc = L / (R S) layers per virtual stage) with the S axis on
+[S, Lc, R, ...] (R repeats, S stages, Lc = L / (R S) layers per virtual stage) with the S axis on
 the 'stage' mesh axis, so device row s holds the layers of virtual stages s, S + s, 2S + s, ...
 (R = 1 is GPipe; R > 1 the circular / interleaved schedule). A batch is cut into M pipeline
 microbatches; one `lax.scan` runs N = R M + S - 1 iterations, and in each iteration every stage
@@ -16,17 +16,22 @@ next repeat, M - S + 1 iterations later; after the last repeat it holds the stac
 
 Parameters keep their canonical [L, ...] layout (checkpoints do not depend on S or R): with
 R = 1 the view is a free reshape of the contiguous 'stage' shards; with R > 1 a device's layers
-are not contiguous in [L], so each step moves the weights into the [R, S, Lc] view with one
+are not contiguous in [L], so each step moves the weights into the [S, Lc, R] view with one
 all_to_all over 'stage' (and the gradients back with its transpose; `_regroup_for_repeats`).
+Each layer function gets its layer's weights of every repeat [R, ...] and selects the current
+repeat's itself (`select_repeat`), inside its own checkpoint: so an iteration's residuals never
+include a per-iteration copy of the weights.
 
 Per-layer statistics (the MoE router's) are collected per (stage, repeat, microbatch) outside the
 bubble and returned as [L, M, ...] for the caller to merge. FSDP inside a stage: with gather_once
-(model.pipeline_gather_once) the [R, S, Lc] views are whole along the FSDP axes, so the weights are
+(model.pipeline_gather_once) the [S, Lc, R] views are whole along the FSDP axes, so the weights are
 gathered once per step instead of in every iteration (see `stage_view`).
 
-With remat on, each iteration's stage computation is checkpointed: the scan saves only the stage
-inputs [S, Bm, T, D] per iteration, and the backward pass recomputes the stage (whose layers use
-the model's own remat policy inside).
+With remat on (model.pipeline_stage_remat and a model remat policy), each iteration's stage
+computation is checkpointed: the scan saves only the stage inputs [S, Bm, T, D] per iteration, and
+the backward pass recomputes the stage (whose layers use the model's own remat policy inside).
+Without it the layers' own policy decides what every iteration keeps (remat 'dots': the
+projection outputs; 'none': everything): no second stage forward, at that memory per iteration.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from mai_jax.sharding import active_rules, logical_to_spec, shard_act, use_rules
@@ -43,7 +49,13 @@ from mai_jax.sharding import active_rules, logical_to_spec, shard_act, use_rules
 # Logical axes of the pipeline buffers: 'layers' maps to the 'stage' mesh axis in the rules.
 STAGE_ACT = ("layers", "batch", "seq", "embed")
 
-LayerFn = Callable  # (x_BTD, layer_state, segment_ids_BT, positions_BT) -> (x_BTD, aux)
+# (x_BTD, layer_state_R, repeat, segment_ids_BT, positions_BT) -> (x_BTD, aux): layer_state_R's
+# leaves are the layer's weights in every repeat [R, ...]; the function selects `repeat`'s with
+# select_repeat inside its checkpoint (the weights tagged REPEAT_WEIGHTS are never saved).
+LayerFn = Callable
+# checkpoint_name of the repeat's weights picked by select_repeat: a remat policy that saves
+# everything else still recomputes them (from the loop-invariant [R, ...] weights).
+REPEAT_WEIGHTS = "pipeline_repeat_weights"
 
 
 def active_stages() -> int:
@@ -52,6 +64,15 @@ def active_stages() -> int:
   if mesh is None or mesh.empty or "stage" not in mesh.axis_names:
     return 1
   return mesh.shape["stage"]
+
+
+def head_rules() -> tuple:
+  """The active rules with 'batch' also over 'stage': after the schedule the stages split the
+  rows between them for the output layer and the loss (model/transformer.py), instead of each
+  stage scoring the whole batch (S times the head's FLOPs and float32 logits). 'stage' comes last,
+  so a batch the stages do not divide keeps the plain batch sharding."""
+  return tuple((name, tuple(axes) + ("stage",) if name == "batch" else axes)
+               for name, axes in active_rules())
 
 
 def bubble_fraction(stages: int, repeats: int, microbatches: int) -> float:
@@ -74,7 +95,7 @@ def merge_microbatches(x_M: jax.Array) -> jax.Array:
 
 def stage_view(w_L, logical: PartitionSpec, stages: int, repeats: int,
                gather_once: bool = False):
-  """Canonical [L, ...] weight -> [R, S, Lc, ...] with S on 'stage', other dims as their rules.
+  """Canonical [L, ...] weight -> [S, Lc, R, ...] with S on 'stage', other dims as their rules.
 
   gather_once: the view is also whole along the FSDP axes (those the 'embed' rule maps to), so
   the weights are all-gathered once per step, before the iteration scan, instead of inside every
@@ -85,8 +106,8 @@ def stage_view(w_L, logical: PartitionSpec, stages: int, repeats: int,
   if repeats > 1:
     w = _regroup_for_repeats(w_L, ("layers",) + rest, stages, repeats)
   else:
-    w = w_L.reshape(1, stages, w_L.shape[0] // stages, *w_L.shape[1:])
-  view = (None, "layers", None) + rest
+    w = w_L.reshape(stages, w_L.shape[0] // stages, 1, *w_L.shape[1:])
+  view = ("layers", None, None) + rest
   if not gather_once:
     return shard_act(w, view)
   return jax.lax.with_sharding_constraint(
@@ -143,7 +164,7 @@ def _pick(onehot_KN: jax.Array, x_N: jax.Array) -> jax.Array:
 
 
 def _regroup_for_repeats(w_L: jax.Array, logical: tuple, stages: int, repeats: int):
-  """[L, ...] (contiguous 'stage' shards) -> [R, S, Lc, ...] with S on 'stage'.
+  """[L, ...] (contiguous 'stage' shards) -> [S, Lc, R, ...] with S on 'stage'.
 
   With R > 1 a device's canonical shard holds other devices' virtual stages; left to the SPMD
   partitioner, the reshape all-gathers every weight over 'stage' (each device would briefly
@@ -168,19 +189,21 @@ def _regroup_for_repeats(w_L: jax.Array, logical: tuple, stages: int, repeats: i
     send = _pick(send_SKR[s], groups)  # [S C, Lc, ...], block d for device d
     recv = jax.lax.all_to_all(send, "stage", 0, 0, tiled=True)  # [S C (from, slot), Lc, ...]
     mine = _pick(recv_SRK[s], recv)  # [R, Lc, ...]: my virtual stages, by repeat
-    return mine[:, None]
+    return jnp.swapaxes(mine, 0, 1)[None]  # [1, Lc, R, ...]
 
   return jax.shard_map(body, mesh=mesh, in_specs=spec,
-                       out_specs=PartitionSpec(None, "stage", None, *tuple(spec)[1:]))(w_L)
+                       out_specs=PartitionSpec("stage", None, None, *tuple(spec)[1:]))(w_L)
 
 
-def _select_repeat(w_RS: jax.Array, repeat_S: jax.Array) -> jax.Array:
-  """[R, S, ...] -> [S, ...]: stage s's slice of repeat repeat_S[s]."""
-  pick = lambda r: (repeat_S == r).reshape((-1,) + (1,) * (w_RS.ndim - 2))  # noqa: E731
-  out = w_RS[0]
-  for r in range(1, w_RS.shape[0]):
-    out = jnp.where(pick(r), w_RS[r], out)
-  return out
+def select_repeat(w_R: jax.Array, repeat: jax.Array) -> jax.Array:
+  """[R, ...] -> [...]: the weights of repeat `repeat` (a traced scalar), tagged REPEAT_WEIGHTS.
+
+  By selects, not a gather: a gather indexed per stage makes the partitioner all-gather the
+  weights over fsdp and tensor first."""
+  out = w_R[0]
+  for r in range(1, w_R.shape[0]):
+    out = jnp.where(repeat == r, w_R[r], out)
+  return checkpoint_name(out, REPEAT_WEIGHTS)
 
 
 def shift_to_next_stage(y_S: jax.Array) -> jax.Array:
@@ -209,7 +232,8 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
   PartitionSpecs (nnx.get_partition_spec), leaf for leaf. layer_fn returns (x_BTD, aux), aux a
   pytree of per-layer statistics ({} for dense blocks). -> (x_BTD, aux_LM): each aux leaf gains
   leading [L, M] axes (canonical layer order, pipeline microbatch), for the caller to merge.
-  gather_once: see `stage_view`.
+  gather_once: see `stage_view`. remat: checkpoint each iteration's stage as a whole (see the
+  module docstring).
   """
   S, R, M = stages, repeats, num_micro
   B, T, D = x_BTD.shape
@@ -217,39 +241,37 @@ def run(layer_fn: LayerFn, stacked_state, logical_specs, x_BTD: jax.Array,
     raise ValueError(f"pipeline: batch {B} rows do not split into {M} pipeline microbatches")
   leaves, treedef = jax.tree.flatten(stacked_state)
   specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  weights_RS = [stage_view(w, spec, S, R, gather_once) for w, spec in zip(leaves, specs)]
+  weights_SLR = [stage_view(w, spec, S, R, gather_once) for w, spec in zip(leaves, specs)]
 
   x_MbTD = shard_act(split_microbatches(x_BTD, M), (None,) + STAGE_ACT[1:])
   seg_MbT = None if segment_ids_BT is None else split_microbatches(segment_ids_BT, M)
   pos_MbT = split_microbatches(positions_BT, M)
 
-  def one_stage(w_Lc, x_bTD, seg_bT, pos_bT):
-    def body(carry_bTD, layer_leaves):
-      return layer_fn(carry_bTD, jax.tree.unflatten(treedef, layer_leaves), seg_bT, pos_bT)
-    return jax.lax.scan(body, x_bTD, w_Lc)
+  def one_stage(w_LcR, repeat, x_bTD, seg_bT, pos_bT):
+    def body(carry_bTD, layer_leaves_R):
+      return layer_fn(carry_bTD, jax.tree.unflatten(treedef, layer_leaves_R), repeat, seg_bT,
+                      pos_bT)
+    return jax.lax.scan(body, x_bTD, w_LcR)
 
-  def all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT):
-    # Each stage's weights for its current repeat, by selects (a gather indexed per stage would
-    # make the partitioner all-gather the weights over fsdp and tensor). Inside the checkpoint,
-    # so the backward pass keeps only the loop-invariant [R, S, ...] weights, not a copy per
-    # iteration.
-    w_S = [w[0] if R == 1 else _select_repeat(w, repeat_S) for w in weights_RS]
-    return jax.vmap(one_stage, spmd_axis_name="stage")(w_S, x_SbTD, seg_SbT, pos_SbT)
+  def all_stages(weights_SLR, repeat_S, x_SbTD, seg_SbT, pos_SbT):
+    return jax.vmap(one_stage, spmd_axis_name="stage")(weights_SLR, repeat_S, x_SbTD, seg_SbT,
+                                                       pos_SbT)
 
   if remat:
     all_stages = jax.checkpoint(all_stages, policy=jax.checkpoint_policies.nothing_saveable,
                                 prevent_cse=False)
   lc = leaves[0].shape[0] // (S * R)
   with use_rules(_gathered_rules() if gather_once else active_rules()):
-    return _schedule(one_stage, all_stages, weights_RS, x_MbTD, seg_MbT, pos_MbT, lc, S, R, M)
+    return _schedule(one_stage, all_stages, weights_SLR, x_MbTD, seg_MbT, pos_MbT, lc, S, R, M)
 
 
-def _schedule(one_stage, all_stages, weights_RS, x_MbTD, seg_MbT, pos_MbT, lc, S, R, M):
+def _schedule(one_stage, all_stages, weights_SLR, x_MbTD, seg_MbT, pos_MbT, lc, S, R, M):
   """The iteration scan of `run` (see the module docstring); -> (x_BTD, aux_LM)."""
   stage_S = jnp.arange(S)
   aux_shapes = jax.eval_shape(
-      lambda w, x: one_stage(w, x, None if seg_MbT is None else seg_MbT[0], pos_MbT[0])[1],
-      [jax.ShapeDtypeStruct(w.shape[2:], w.dtype) for w in weights_RS],
+      lambda w, x: one_stage(w, jnp.int32(0), x, None if seg_MbT is None else seg_MbT[0],
+                             pos_MbT[0])[1],
+      [jax.ShapeDtypeStruct(w.shape[1:], w.dtype) for w in weights_SLR],
       jax.ShapeDtypeStruct(x_MbTD.shape[1:], x_MbTD.dtype))
   # aux of stage s, repeat r, microbatch m in aux_SRM[s, r, m] ([S, R, M, Lc, ...], tiny).
   aux0 = jax.tree.map(lambda a: jnp.zeros((S, R, M) + a.shape, a.dtype), aux_shapes)
@@ -265,7 +287,7 @@ def _schedule(one_stage, all_stages, weights_RS, x_MbTD, seg_MbT, pos_MbT, lc, S
     repeat_S = jnp.clip(item_S // M, 0, R - 1)
     seg_SbT = None if seg_MbT is None else shard_act(seg_MbT[micro_S], STAGE_ACT[:3])
     pos_SbT = shard_act(pos_MbT[micro_S], STAGE_ACT[:3])
-    y_SbTD, aux_S = all_stages(weights_RS, repeat_S, x_SbTD, seg_SbT, pos_SbT)
+    y_SbTD, aux_S = all_stages(weights_SLR, repeat_S, x_SbTD, seg_SbT, pos_SbT)
     # A stage's statistics count only when it worked on a real item (not in the bubble).
     slot_SRM = ((repeat_S[:, None, None] == jnp.arange(R)[None, :, None])
                 & (micro_S[:, None, None] == jnp.arange(M)[None, None, :])

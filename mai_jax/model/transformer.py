@@ -15,18 +15,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mai_jax.config import ModelConfig
-from mai_jax.model.layers import (MLP, Attention, Embed, KVCache, RMSNorm, compute_dtype,
+from mai_jax.model.layers import (MLP, PROJECTIONS, Attention, Embed, KVCache, RMSNorm, compute_dtype,
                                   create_param, float32_logits)
 from mai_jax.model import pipeline
 from mai_jax.model.moe import (MoE, expert_d_ff, is_moe_layer, mean_over_microbatches,
                                num_moe_layers)
-from mai_jax.sharding import shard_act
+from mai_jax.sharding import shard_act, use_rules
 
 RESIDUAL = ("batch", "seq", "embed")
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The projection outputs (layers.PROJECTIONS: the dots without batch dimensions of a block,
+    # by name, so the pipeline's vmap over stages does not hide them).
+    "dots": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
 }
 
 
@@ -154,6 +156,8 @@ class Decoder(nnx.Module):
           and B % (cfg.pipeline_microbatches or stages) == 0):
         x_BTD, aux = _pipeline_blocks(self.blocks, cfg, stages, x_BTD, segment_ids_BT,
                                       positions_BT)
+        with use_rules(pipeline.head_rules()):  # the stages split the rows for the head
+          return self._logits(x_BTD), aux
       else:
         x_BTD, aux = _scan_blocks(self.blocks, cfg.remat, x_BTD, segment_ids_BT, positions_BT)
     else:
@@ -170,7 +174,7 @@ class Decoder(nnx.Module):
 
   def _logits(self, x_BTD: jax.Array) -> jax.Array:
     cfg = self.cfg
-    x_BTD = self.final_norm(x_BTD)
+    x_BTD = self.final_norm(shard_act(x_BTD, RESIDUAL))
     if cfg.tie_embeddings:
       logits_BTV = self.embed.attend(x_BTD)
     else:
@@ -228,6 +232,21 @@ def _scan_blocks(stacked_blocks: nnx.Module, remat: str, x_BTD, segment_ids_BT, 
   return x_BTD, aux
 
 
+def _pipeline_layer_fn(graphdef: nnx.GraphDef, remat: str):
+  """pipeline.LayerFn of one block: (x, state_R, repeat, segment_ids, positions) -> (x, aux).
+
+  The repeat's weights are selected inside the checkpoint, so the policy decides what a pipeline
+  iteration keeps and the weights are never among it: 'none' saves everything except them,
+  'dots' the projection outputs, 'full' nothing."""
+  def apply(x_BTD, state_R, repeat, segment_ids_BT, positions_BT):
+    state = jax.tree.map(lambda w_R: pipeline.select_repeat(w_R, repeat), state_R)
+    return nnx.merge(graphdef, state).forward_with_aux(x_BTD, segment_ids_BT, positions_BT)
+
+  policy = (REMAT_POLICIES[remat] if remat != "none" else
+            jax.checkpoint_policies.save_anything_except_these_names(pipeline.REPEAT_WEIGHTS))
+  return jax.checkpoint(apply, policy=policy, prevent_cse=False)
+
+
 def _pipeline_blocks(stacked_blocks: nnx.Module, cfg: ModelConfig, stages: int, x_BTD,
                      segment_ids_BT, positions_BT):
   """The block stack as an S-stage pipeline (model/pipeline.py); -> (x_BTD, stacked aux).
@@ -235,13 +254,11 @@ def _pipeline_blocks(stacked_blocks: nnx.Module, cfg: ModelConfig, stages: int, 
   MoE router statistics come back per pipeline microbatch and are merged into the whole batch's
   (moe.mean_over_microbatches), so the aux losses equal the plain scan's."""
   graphdef, stacked = nnx.split(stacked_blocks)
-  block_fn = _block_fn(graphdef, cfg.remat, in_scan=True)
-  layer_fn = lambda x, state, seg, pos: block_fn(x, state, seg, pos)[:2]  # noqa: E731
   num_micro = cfg.pipeline_microbatches or stages
-  x_BTD, aux_LM = pipeline.run(layer_fn, stacked, nnx.get_partition_spec(stacked), x_BTD,
+  x_BTD, aux_LM = pipeline.run(_pipeline_layer_fn(graphdef, cfg.remat), stacked, nnx.get_partition_spec(stacked), x_BTD,
                                segment_ids_BT, positions_BT, stages=stages,
                                repeats=cfg.pipeline_repeats, num_micro=num_micro,
-                               remat=cfg.remat != "none",
+                               remat=cfg.remat != "none" and cfg.pipeline_stage_remat,
                                gather_once=cfg.pipeline_gather_once)
   return x_BTD, (mean_over_microbatches(aux_LM, cfg.experts_per_token) if aux_LM else {})
 
