@@ -94,7 +94,12 @@ def layout_of(cfg: Config, num_gpus: int) -> Layout:
   return Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), cfg.model.remat,
                 cfg.train.microbatches, cfg.model.pipeline_repeats if stages > 1 else 1,
                 config_lib.pipeline_microbatches(cfg, stages) if stages > 1 else 1,
-                zero1=cfg.mesh.zero1)
+                impl=codebase_impl(cfg), zero1=cfg.mesh.zero1)
+
+
+def codebase_impl(cfg: Config) -> pp.PipelineImpl:
+  """The pipeline implementation this codebase runs for `cfg` (plan_pipeline.this_codebase)."""
+  return pp.this_codebase(cfg.model.pipeline_stage_remat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,9 +419,9 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
     with saved = none / carry / carry + dots and live = 0 / one layer's none / core for remat
     none / full / dots; without 1F1B add the inbox, M carry (the microbatches waiting for their
     next repeat; it ends as the stack's output).
-  plus the head: with the head replicated over stages (this codebase) every stage keeps the
-  float32 logits of all its rows and the embedded input and final hidden state [rows, T, D];
-  with the head on the last stage, one pipeline microbatch's logits.
+  plus the head: the embedded input [rows, T, D] and the float32 logits and final hidden state of
+  the rows the stage scores: 1 / S of them with the head split over stages (this codebase), all
+  with it replicated; with the head on the last stage, one pipeline microbatch's logits.
   """
   m, S, R, M = cfg.model, layout.stages, layout.repeats, layout.pipeline_microbatches
   if is_moe(m):
@@ -434,10 +439,13 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
     blocks = in_flight * Lc * saved[layout.remat] + live[layout.remat]
   if not layout.impl.one_f_one_b:
     blocks += M * per["carry"]  # the inbox
-  if layout.impl.head_on_last_stage:
+  if layout.impl.head == "last_stage":
     return blocks + logits_bytes(cfg, layout, rows=b)
-  n = rows_per_device(cfg, layout) * cfg.data.seq_len
-  return blocks + logits_bytes(cfg, layout) + 2 * n * m.d_model * DTYPE_BYTES[m.compute_dtype]
+  rows = rows_per_device(cfg, layout)
+  head_rows = rows / S if layout.impl.head == "split" else rows
+  # the embedded input (on every stage) and the stack's output where the head reads it
+  hidden = (rows + head_rows) * cfg.data.seq_len * m.d_model * DTYPE_BYTES[m.compute_dtype]
+  return blocks + logits_bytes(cfg, layout, rows=head_rows) + hidden
 
 
 def logits_bytes(cfg: Config, layout: Layout, rows: Optional[int] = None) -> float:
@@ -456,7 +464,7 @@ def fsdp_gather_scope(cfg: Config, layout: Layout) -> str:
   idealized schedule the calibration rows' implementation stands for."""
   if layout.stages == 1:
     return "layer"
-  if layout.impl is not pp.THIS_CODEBASE:
+  if not layout.impl.this_codebase:
     return "repeat"
   return "step" if cfg.model.pipeline_gather_once else "iteration"
 
@@ -479,7 +487,7 @@ def _regrouped_weights(layout: Layout, shards: ParamShards, p: int) -> float:
   CPU devices compiles to a peak ~14 stacked-weight copies above the plan without this term
   (R = 15), at d_model 256 ~15 (R = 15) and ~1.6 (R = 3). pipeline._regroup_for_repeats (the
   [L] -> [R, S, Lc] all_to_all and its one-hot selects) is the suspect; docs/planner.md."""
-  if layout.stages == 1 or layout.repeats == 1 or not layout.impl.stage_checkpointed:
+  if layout.stages == 1 or layout.repeats == 1 or not layout.impl.this_codebase:
     return 0.0
   return (layout.repeats - 1) * shards.stacked * p
 
@@ -559,11 +567,12 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
             step's last collective, nothing left to overlap it with, exposed); a leaf whose
             moments no dim lets split stays all-reduced and is updated on every replica.
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
-            2 more for the full-remat recompute, plus 2 for the vocab-sharded embedding/unembedding;
+            2 more per recomputed forward (recompute_forwards: full remat, the pipeline's stage
+            checkpoint), plus 2 for the vocab-sharded embedding/unembedding;
             on the critical path (not overlapped).
     expert: MoE all-to-all (moe_communication), on the critical path.
-    stage:  the stage-to-stage sends (plan_pipeline.p2p_bytes) and, with the head replicated over
-            stages, the broadcast of the last stage's output; exposed unless the implementation
+    stage:  the stage-to-stage sends (plan_pipeline.p2p_bytes) and the move of the stack's
+            output to the head (plan_pipeline.head_broadcast_bytes); exposed unless the implementation
             overlaps its sends (plan_pipeline.PipelineImpl).
   """
   m, c = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype]
@@ -574,7 +583,7 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   rows = rows_per_device(cfg, layout)
   n_tokens = rows * cfg.data.seq_len
   f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
-  per_layer = 6 if layout.remat == "full" else 4
+  per_layer = 4 + 2 * recompute_forwards(layout)[0]
   # A virtual stage gathered in every iteration that runs it is gathered once per microbatch.
   G = Mp if fsdp_gather_scope(cfg, layout) == "iteration" else 1
   stage_bytes, stage_calls = 0.0, 0
@@ -778,7 +787,7 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
       "attention": tokens * share * attention_flops / t / (peak * ATTENTION_EFFICIENCY),
       "elementwise": tokens * Ld * elementwise_per_layer * passes / hbm,
   }
-  head_share = 1.0 / S if layout.impl.head_on_last_stage else 1.0
+  head_share = 1.0 if layout.impl.head == "replicated" else 1.0 / S
   out["head"] = head_share * tokens * (6 * head_params / t / gemm_rate
                                        + 4 * 4 * m.vocab_size / t / hbm)
   shards = param_shards(cfg, layout)

@@ -15,7 +15,7 @@ from typing import Optional
 from mai_jax import config as config_lib
 from mai_jax import hardware
 from mai_jax.config import Config
-from mai_jax.plan import (REMATS, USABLE_HBM_FRACTION, Layout, Plan, gpu_spec, is_moe,
+from mai_jax.plan import (REMATS, USABLE_HBM_FRACTION, Layout, Plan, codebase_impl, gpu_spec, is_moe,
                           memory_per_device, plan)
 
 
@@ -86,7 +86,7 @@ def _layouts_without_zero1(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
         for pipe in micros[:MAX_PIPELINE_MICROBATCH_CHOICES]:
           for r in repeats:
             for remat in REMATS:
-              yield Layout(mesh, remat, accumulate, r, pipe)
+              yield Layout(mesh, remat, accumulate, r, pipe, impl=codebase_impl(cfg))
       continue
     for micro in _divisors(batch):
       if (batch // micro) % shards:
