@@ -272,7 +272,7 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 # GPU types the planner has data sheets for (mai_jax.hardware.GPUS is keyed by these).
-GPU_TYPES = ("h100", "h200", "b200")
+GPU_TYPES = ("h100", "h200", "h800", "b200")
 
 CHOICES = {
     ("model", "remat"): ("none", "full", "dots"),
