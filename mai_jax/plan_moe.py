@@ -47,7 +47,7 @@ def expected_nodes_per_token(num_experts: int, nodes: int, k: int, groups: int =
   return N * (1 - missed)
 
 
-def expert_nodes(cfg: Config, layout, gpu: hardware.GpuSpec) -> int:
+def expert_nodes(layout, gpu: hardware.GpuSpec) -> int:
   """Nodes the `expert` mesh axis spans: the hybrid mesh fills a node from the innermost axis
   (tensor, then expert: plan.AXES_INNER_FIRST), so a node holds gpus_per_node / tensor expert
   positions once tensor x expert exceeds it."""
@@ -63,7 +63,7 @@ def routing(cfg: Config, layout, gpu: hardware.GpuSpec) -> dict[str, Optional[fl
   else None)}. Informational: the flat all-to-all's bytes and time do not depend on them (module
   docstring)."""
   m = cfg.model
-  N = expert_nodes(cfg, layout, gpu)
+  N = expert_nodes(layout, gpu)
   G, M = m.router_groups, m.router_topk_groups
   grouped = G > 1 and not (G % N and N % G)
   limit = None
