@@ -5,8 +5,8 @@
   mai-jax data train-tokenizer|tokenize|inspect ...   (tokenizers and token caches)
   mai-jax data curate --config CURATE.toml --out DIR [--engine local|ray] [--workers N]
   mai-jax data synthesize --workdir W --prompts P.jsonl --out DIR [--batch-size B] [sampling flags]
-  mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|b200] [--json]
-                [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
+  mai-jax plan  --config experiments/NAME.py[:VARIANT] [--gpus N] [--gpu h100|h200|h800|b200]
+                [--json] [--search] [--compile [--compile-layers N]] [--config.SECTION.KEY=VALUE ...]
   mai-jax eval --workdir DIR [--tasks T1,T2 --include-path DIR]   (lm-eval tasks: mai_jax/harness)
   mai-jax sample --workdir DIR --prompt TEXT [--chat] [...]
   mai-jax chat --workdir DIR [--system TEXT] [...]   (multi-turn chat on stdin/stdout)
@@ -154,7 +154,8 @@ def _add_plan_parser(sub) -> None:
                     help="experiments/NAME.py[:VARIANT]")
   plan.add_argument("--gpus", type=int, default=None,
                     help="GPU count (default: the config's mesh.target_num_gpus)")
-  plan.add_argument("--gpu", default=None, help="h100, h200 or b200 (default: mesh.target_gpu)")
+  plan.add_argument("--gpu", default=None,
+                    help="h100, h200, h800 or b200 (default: mesh.target_gpu)")
   plan.add_argument("--json", action="store_true", help="print one JSON object")
   plan.add_argument("--search", action="store_true",
                     help="also rank the mesh/remat/microbatch layouts that fit")

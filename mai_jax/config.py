@@ -87,6 +87,12 @@ class ModelConfig:
   # 'sigmoid_bias' (DeepSeek-V3: sigmoid scores, a bias added for selection only, updated from the
   # realized load outside the gradient by router_bias_update_rate * sign(mean load - load)).
   router: str = "softmax_topk"
+  # Node-limited (group-limited) routing (DeepSeek-V2/V3): the experts form router_groups contiguous
+  # groups of num_experts / router_groups (a group = the experts of one node, as the 'expert' mesh
+  # axis places them); each token keeps its router_topk_groups best groups, then picks its top-k
+  # experts inside them. 0 or 1: off (ungrouped routing).
+  router_groups: int = 0
+  router_topk_groups: int = 0
   capacity_factor: Optional[float] = None  # None: dropless
   router_z_loss_weight: float = 0.0
   load_balance_loss_weight: float = 0.0
@@ -272,7 +278,7 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 # GPU types the planner has data sheets for (mai_jax.hardware.GPUS is keyed by these).
-GPU_TYPES = ("h100", "h200", "b200")
+GPU_TYPES = ("h100", "h200", "h800", "b200")
 
 CHOICES = {
     ("model", "remat"): ("none", "full", "dots"),
@@ -527,6 +533,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_data_sources(d)
   _validate_plan_target(cfg)
   _validate_moe(m)
+  _validate_router_groups(m)
   _validate_expert_buffer(m)
   _validate_init_from(t)
   for key in ("pipeline_repeats", "pipeline_microbatches"):
@@ -866,6 +873,31 @@ def _validate_moe(m: ModelConfig) -> None:
   if m.router_bias_update_rate and m.router != "sigmoid_bias":
     raise ConfigError(f"model.router_bias_update_rate={m.router_bias_update_rate} needs "
                       f"model.router='sigmoid_bias' (only that router has a selection bias)")
+
+
+def _validate_router_groups(m: ModelConfig) -> None:
+  """Group-limited routing needs groups that split the experts and room for k experts in the kept
+  groups (both routers support it: model/moe.py group_limit)."""
+  G, M = m.router_groups, m.router_topk_groups
+  if G < 0 or M < 0:
+    raise ConfigError(f"model.router_groups={G} and model.router_topk_groups={M} must be >= 0 "
+                      f"(router_groups 0 or 1: ungrouped routing)")
+  if G <= 1:
+    if M:
+      raise ConfigError(f"model.router_topk_groups={M} needs model.router_groups > 1 (it is "
+                        f"{G}: routing is ungrouped); set both or neither")
+    return
+  if not m.num_experts:
+    raise ConfigError(f"model.router_groups={G} needs an MoE model (model.num_experts > 0)")
+  if m.num_experts % G:
+    raise ConfigError(f"model.router_groups={G} must divide model.num_experts={m.num_experts}")
+  if not 1 <= M <= G:
+    raise ConfigError(f"model.router_topk_groups={M} must be in [1, model.router_groups={G}] "
+                      f"when router_groups is set")
+  if m.experts_per_token > M * (m.num_experts // G):
+    raise ConfigError(f"model.experts_per_token={m.experts_per_token} exceeds the "
+                      f"{M * (m.num_experts // G)} experts of model.router_topk_groups={M} groups "
+                      f"of {m.num_experts // G}; raise router_topk_groups")
 
 
 def _validate_expert_buffer(m: ModelConfig) -> None:

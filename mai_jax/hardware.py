@@ -25,6 +25,15 @@ H200_PEAK_FP8_FLOPS = 1978.9e12
 H200_HBM_BYTES = 141 * 10**9
 H200_HBM_BANDWIDTH = 4.8e12
 H200_NVLINK_BANDWIDTH = 450e9
+# NVIDIA H800: the export variant of the H100 SXM5 with the same tensor-core compute, 80 GB HBM3 at
+# 3.35 TB/s, and NVLink cut to 400 GB/s (NVIDIA H800 product listing; bidirectional total like the
+# H100's 900, so 200 GB/s each way). DeepSeek-V3 (arXiv:2412.19437, sec. 3.2.2) measures 160 GB/s of
+# NVLink ("roughly 3.2 times that of IB (50 GB/s)") on its H800 nodes: 0.8 x 200, the planner's
+# COLLECTIVE_EFFICIENCY. The IB figure, 50 GB/s per GPU, is one 400 Gb/s NIC per GPU as below.
+H800_PEAK_FP8_FLOPS = H100_PEAK_FP8_FLOPS
+H800_HBM_BYTES = H100_HBM_BYTES
+H800_HBM_BANDWIDTH = H100_HBM_BANDWIDTH
+H800_NVLINK_BANDWIDTH = 200e9
 # NVIDIA DGX B200 datasheet: 72 PFLOPS FP8 training / 8 GPUs = 9 PFLOPS sparse, 4.5 dense per GPU
 # (BF16 2.25 dense), 1,440 GB HBM3e / 8 = 180 GB at 8 TB/s per GPU (HGX B200 spec), fifth-
 # generation NVLink 1.8 TB/s per GPU (900 GB/s each way).
@@ -56,6 +65,9 @@ GPUS = {
                     CONNECTX7_NDR_BANDWIDTH),
     "h200": GpuSpec("H200 SXM 141GB", PEAK_BF16_FLOPS["H200"], H200_PEAK_FP8_FLOPS,
                     H200_HBM_BYTES, H200_HBM_BANDWIDTH, H200_NVLINK_BANDWIDTH,
+                    CONNECTX7_NDR_BANDWIDTH),
+    "h800": GpuSpec("H800 SXM5 80GB", PEAK_BF16_FLOPS["H800"], H800_PEAK_FP8_FLOPS,
+                    H800_HBM_BYTES, H800_HBM_BANDWIDTH, H800_NVLINK_BANDWIDTH,
                     CONNECTX7_NDR_BANDWIDTH),
     "b200": GpuSpec("B200 180GB", PEAK_BF16_FLOPS["B200"], B200_PEAK_FP8_FLOPS, B200_HBM_BYTES,
                     B200_HBM_BANDWIDTH, B200_NVLINK_BANDWIDTH, CONNECTX7_NDR_BANDWIDTH),

@@ -24,10 +24,11 @@ from mai_jax import config as config_lib
 from mai_jax.config import ModelConfig
 
 # Dense (non-sparse) bf16 tensor-core peak per device, FLOP/s, from the vendors' data sheets
-# (H100 SXM5 / H200 SXM: 989.4 TFLOP/s; B200: 2.25 PFLOP/s; A100 SXM: 312 TFLOP/s).
+# (H100 SXM5 / H200 SXM / H800 SXM5: 989.4 TFLOP/s; B200: 2.25 PFLOP/s; A100 SXM: 312 TFLOP/s).
 PEAK_BF16_FLOPS = {
     "H100": 989.4e12,
     "H200": 989.4e12,
+    "H800": 989.4e12,
     "B200": 2250e12,
     "A100": 312e12,
 }

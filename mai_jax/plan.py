@@ -17,6 +17,7 @@ from typing import Optional
 
 from mai_jax import config as config_lib
 from mai_jax import hardware, metrics
+from mai_jax import plan_moe
 from mai_jax import plan_pipeline as pp
 from mai_jax.model.pipeline import bubble_fraction
 from mai_jax.config import Config, ConfigError, ModelConfig
@@ -570,7 +571,9 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
             2 more per recomputed forward (recompute_forwards: full remat, the pipeline's stage
             checkpoint), plus 2 for the vocab-sharded embedding/unembedding;
             on the critical path (not overlapped).
-    expert: MoE all-to-all (moe_communication), on the critical path.
+    expert: MoE all-to-all (moe_communication), on the critical path; its entry also carries
+            plan_moe.routing (nodes the expert axis spans, expected nodes per token with and
+            without node-limited routing), which the flat all-to-all's bytes do not depend on.
     stage:  the stage-to-stage sends (plan_pipeline.p2p_bytes) and the move of the stack's
             output to the head (plan_pipeline.head_broadcast_bytes); exposed unless the implementation
             overlaps its sends (plan_pipeline.PipelineImpl).
@@ -624,6 +627,8 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
                  + calls * COLLECTIVE_LATENCY_S[link] * hops)
     out[key] = {"size": size, "bytes": int(nbytes), "link": link, "time_s": seconds,
                  "overlapped": overlapped}
+  if is_moe(m):
+    out["expert"].update(plan_moe.routing(cfg, layout, gpu))
   return out
 
 
@@ -635,6 +640,9 @@ def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
   (moe_buffer_rows: ~capacity_factor x n x experts_per_token in capacity mode, ep x that without
   expert_buffer_factor when dropless: padding travels too) x D in the compute dtype, of which
   (e-1)/e leave the device. On the critical path (the experts wait for their tokens).
+  Node-limited routing (model.router_groups) changes none of this: the buffers are fixed-size and
+  every device sends one to every device; it only bounds the nodes a token's rows reach
+  (plan_moe, whose docstring says what a hierarchical dispatch would save).
   """
   from mai_jax.model.moe import num_moe_layers
   m, e = cfg.model, layout.size("expert")

@@ -178,6 +178,12 @@ def format_plan(p: Plan) -> str:
   for axis, v in p.communication.items():
     lines.append(f"  {axis:<7} size {v['size']:<6} {_gb(v['bytes']):>12} over {v['link']:<9} "
                  f"{v['time_s']:8.3f} s {'(overlapped)' if v['overlapped'] else '(exposed)'}")
+    limit = v.get("nodes_per_token_limit")
+    if v.get("expert_nodes", 1) > 1 or limit is not None:  # plan_moe.routing
+      lines.append(f"          routing: experts on {v['nodes_per_token']:.2f} of "
+                   f"{v['expert_nodes']} nodes per token (expected"
+                   f"{f', at most {limit}' if limit is not None else ''}); flat all-to-all: "
+                   f"bytes independent of it")
   parts = "  ".join(f"{k} {v:.3f}" for k, v in p.compute_times.items()
                     if k not in ("total", "pipeline_stretch"))
   lines += [

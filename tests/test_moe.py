@@ -53,6 +53,35 @@ def swiglu(x, w_gate, w_up, w_down):
   return ((g / (1 + np.exp(-g))) * (x @ w_up)) @ w_down
 
 
+def reference_route(logits, k, router, bias=None, groups=0, topk_groups=0):
+  """One token's routing, written out: (chosen experts best first, their weights, the kept groups'
+  scores sorted). Ties go to the lower index (stable argsort), groups and experts alike.
+
+  Node-limited (groups > 1, DeepSeek-V2/V3): a group is `groups` contiguous experts; its score is
+  its best selection score (softmax) or the sum of its best two (sigmoid_bias: scores + bias); the
+  best `topk_groups` groups are kept and the top-k is taken among their experts only."""
+  E = logits.shape[0]
+  if router == "softmax_topk":
+    gate = np.exp(logits - logits.max())
+    gate /= gate.sum()
+    select, best = gate, 1
+  else:
+    gate = 1 / (1 + np.exp(-logits))
+    select, best = gate + (0.0 if bias is None else bias), 2
+  allowed = np.ones(E, bool)
+  group_scores = np.zeros(0)
+  if groups > 1:
+    size = E // groups
+    group_scores = np.array([sum(sorted(select[g * size:(g + 1) * size], reverse=True)[:best])
+                             for g in range(groups)])
+    allowed[:] = False
+    for g in np.argsort(-group_scores, kind="stable")[:topk_groups]:
+      allowed[g * size:(g + 1) * size] = True
+  chosen = np.array([e for e in np.argsort(-select, kind="stable") if allowed[e]][:k])
+  top = gate[chosen]
+  return chosen, top / top.sum(), np.sort(group_scores)[::-1]
+
+
 def moe_reference(layer, cfg, x_BTD, shards=1, ep=1):
   """Per-token loop. Dropless with cfg.expert_buffer_factor: the batch is `shards` contiguous row
   chunks (one per device), and each chunk sends at most ceil(factor x its assignments / ep) of its
@@ -78,17 +107,9 @@ def moe_reference(layer, cfg, x_BTD, shards=1, ep=1):
       used = np.zeros(E, int)
     if n % chunk == 0:
       sent = np.zeros(ep, int)
-    logits = x[n] @ router
-    if cfg.router == "softmax_topk":
-      probs = np.exp(logits - logits.max())
-      probs /= probs.sum()
-      chosen = np.argsort(-probs, kind="stable")[:K]
-      top = probs[chosen]
-    else:
-      scores = 1 / (1 + np.exp(-logits))
-      chosen = np.argsort(-(scores + np.asarray(layer.router_bias[...])), kind="stable")[:K]
-      top = scores[chosen]
-    weights = top / top.sum()
+    bias = np.asarray(layer.router_bias[...]) if cfg.router == "sigmoid_bias" else None
+    chosen, weights, _ = reference_route(x[n] @ router, K, cfg.router, bias, cfg.router_groups,
+                                         cfg.router_topk_groups)
     for e, w in zip(chosen, weights):
       if cap is not None and used[e] >= cap:
         dropped += 1
@@ -112,6 +133,8 @@ CASES = [
     dict(router="sigmoid_bias"),
     dict(router="sigmoid_bias", capacity_factor=0.5, num_shared_experts=1, d_ff_expert=12),
     dict(router="softmax_topk", experts_per_token=3, num_shared_experts=2),
+    # node-limited routing: the capacity drops still counted exactly
+    dict(router="sigmoid_bias", router_groups=4, router_topk_groups=2, capacity_factor=0.5),
 ]
 
 
@@ -143,6 +166,10 @@ MESHES = [
      dict(router="softmax_topk", num_shared_experts=1), "ragged_dot"),
     (C.MeshConfig(data=2, fsdp=1, expert=2, tensor=2),
      dict(router="sigmoid_bias", capacity_factor=0.5), "tiled"),
+    # node-limited routing, one group of 2 experts per expert device
+    (C.MeshConfig(data=2, fsdp=1, expert=4, tensor=1),
+     dict(router="softmax_topk", router_groups=4, router_topk_groups=1, capacity_factor=1.0),
+     "tiled"),
 ]
 
 
@@ -283,6 +310,60 @@ def test_sigmoid_bias_selects_with_bias_but_weights_without():
 
 
 # ------------------------------------------------------------------------------------------------
+# Node-limited (group-limited) routing against reference_route
+
+# Logits drawn from a few values (no pair x, -x: sigmoid(x) + sigmoid(-x) = 1 would tie two
+# different pairs only up to rounding) give exact ties between experts and between groups.
+TIE_VALUES = np.array([-1.1, -0.4, 0.0, 0.3, 0.7, 1.5, 2.2])
+
+
+def tied_and_random_logits(n, num_experts, seed):
+  rng = np.random.default_rng(seed)
+  tied = TIE_VALUES[rng.integers(0, len(TIE_VALUES), (n, num_experts))]
+  return np.concatenate([tied, 2 * rng.normal(size=(n, num_experts))]).astype(np.float32)
+
+
+@pytest.mark.parametrize("router,E,G,M,k", [
+    ("softmax_topk", 16, 4, 2, 3), ("softmax_topk", 12, 3, 1, 4),
+    ("sigmoid_bias", 16, 4, 2, 4), ("sigmoid_bias", 16, 8, 3, 6),
+])
+def test_group_limited_routing_matches_the_numpy_reference(router, E, G, M, k):
+  logits = tied_and_random_logits(48, E, seed=E + G + k)
+  bias = None
+  if router == "sigmoid_bias":  # the same pattern in every group, so that groups can still tie
+    bias = np.tile(np.random.default_rng(1).choice([-0.25, 0.0, 0.25], E // G), G)
+    bias = bias.astype(np.float32)
+  route = jax.jit(moe_lib.route, static_argnums=(1, 2, 4, 5))
+  experts, weights, probs = route(jnp.asarray(logits), k, router,
+                                  None if bias is None else jnp.asarray(bias), G, M)
+  experts, weights = np.asarray(experts), np.asarray(weights)
+  boundary_ties = changed = 0
+  for n in range(logits.shape[0]):
+    want, want_w, group_scores = reference_route(logits[n].astype(np.float64), k, router,
+                                                 bias, G, M)
+    np.testing.assert_array_equal(experts[n], want, err_msg=f"token {n}")
+    np.testing.assert_allclose(weights[n], want_w, rtol=2e-6, err_msg=f"token {n}")
+    assert len(set(experts[n] // (E // G))) <= M
+    boundary_ties += group_scores[M - 1] == group_scores[M]  # the kept/dropped groups tie
+    changed += set(reference_route(logits[n].astype(np.float64), k, router, bias)[0]) != set(want)
+  assert boundary_ties > 0 and changed > 0  # ties are exercised and the group limit binds
+  ungrouped = moe_lib.route(jnp.asarray(logits), k, router,
+                            None if bias is None else jnp.asarray(bias))
+  np.testing.assert_array_equal(np.asarray(probs), np.asarray(ungrouped[2]))
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias"])
+def test_keeping_every_group_is_ungrouped_routing_exactly(router):
+  logits = jnp.asarray(tied_and_random_logits(32, 8, seed=3))
+  bias = jnp.linspace(-0.3, 0.3, 8) if router == "sigmoid_bias" else None
+  want = moe_lib.route(logits, 3, router, bias)
+  for groups, kept in ((4, 4), (8, 8), (1, 0)):
+    got = moe_lib.route(logits, 3, router, bias, groups, kept)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------------
 # Decoder layout, shardings and parameter counts
 
 
@@ -373,6 +454,15 @@ def test_mixtral_8x7b_counts():
     (dict(expert_buffer_factor=0.0), r"model.expert_buffer_factor=0.0 must be positive"),
     (dict(expert_buffer_factor=1.5, capacity_factor=1.0),
      r"model.expert_buffer_factor=1.5 bounds dropless buffers only"),
+    (dict(router_groups=3, router_topk_groups=1), r"router_groups=3 must divide .*num_experts=8"),
+    (dict(router_groups=4, router_topk_groups=5), r"router_topk_groups=5 must be in \[1, "),
+    (dict(router_groups=4), r"router_topk_groups=0 must be in \[1, model.router_groups=4\]"),
+    (dict(router_groups=4, router_topk_groups=1, experts_per_token=3),
+     r"experts_per_token=3 exceeds the 2 experts of model.router_topk_groups=1 groups of 2"),
+    (dict(router_topk_groups=2), r"router_topk_groups=2 needs model.router_groups > 1"),
+    (dict(router_groups=-1), r"router_groups=-1 and model.router_topk_groups=0 must be >= 0"),
+    (dict(num_experts=0, router_groups=4, router_topk_groups=2),
+     r"router_groups=4 needs an MoE model"),
 ])
 def test_bad_moe_config_is_a_clear_error(kw, match):
   with pytest.raises(C.ConfigError, match=match):

@@ -28,6 +28,11 @@ this device's tokens x k rows per destination (ep x the balanced load) unless
 token order) counted as dropped. `ragged_all_to_all` (variable-size exchange without padding) is
 the next step for dropless runs at scale.
 
+Node-limited routing (model.router_groups, DeepSeek-V2/V3; `group_limit`): each token picks its
+top-k experts inside its router_topk_groups best groups of contiguous experts only, so with a group
+per node its rows go to at most that many nodes. The flat all-to-all above still sends the same
+fixed-size buffers to every device, so it bounds the nodes a token reaches, not the bytes moved.
+
 Routing math is float32. Aux outputs per layer: expert load (fraction of assignments per expert),
 dropped fraction, router z-loss (ST-MoE) and load-balancing loss (Switch / HF Mixtral).
 """
@@ -99,26 +104,55 @@ def expert_buffer_rows(buffer_factor: Optional[float], assignments: int, ep: int
 # Routing
 
 
-def route(logits_NE: jax.Array, k: int, router: str, bias_E: Optional[jax.Array] = None):
+def route(logits_NE: jax.Array, k: int, router: str, bias_E: Optional[jax.Array] = None,
+          groups: int = 0, topk_groups: int = 0):
   """float32 router logits -> (experts_NK int32, weights_NK, probs_NE for the balance loss).
 
   softmax_topk (HF MixtralSparseMoeBlock): softmax over all experts, top-k, weights renormalized
   over the chosen k. sigmoid_bias (DeepSeek-V3): sigmoid scores; top-k of scores + bias (the bias
   only selects), weights are the chosen scores renormalized; probs are scores normalized over E.
+  groups > 1 (model.router_groups): the top-k is taken inside each token's `topk_groups` best
+  groups only (group_limit); the weights are still the chosen experts' unmasked probabilities or
+  scores, renormalized over the k as above, and probs_NE is unchanged.
   """
   if router == "softmax_topk":
     probs_NE = jax.nn.softmax(logits_NE, axis=-1)
-    top_NK, experts_NK = jax.lax.top_k(probs_NE, k)
+    gate_NE = select_NE = probs_NE
   elif router == "sigmoid_bias":
-    scores_NE = jax.nn.sigmoid(logits_NE)
-    select_NE = scores_NE if bias_E is None else scores_NE + bias_E[None, :]
-    _, experts_NK = jax.lax.top_k(select_NE, k)
-    top_NK = jnp.take_along_axis(scores_NE, experts_NK, axis=-1)
-    probs_NE = scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True)
+    gate_NE = jax.nn.sigmoid(logits_NE)
+    select_NE = gate_NE if bias_E is None else gate_NE + bias_E[None, :]
+    probs_NE = gate_NE / jnp.sum(gate_NE, axis=-1, keepdims=True)
   else:
     raise ValueError(f"model.router={router!r} is not 'softmax_topk' or 'sigmoid_bias'")
+  if groups > 1:
+    select_NE = group_limit(select_NE, groups, topk_groups, GROUP_SCORE_TOP[router])
+  _, experts_NK = jax.lax.top_k(select_NE, k)
+  top_NK = jnp.take_along_axis(gate_NE, experts_NK, axis=-1)
   weights_NK = top_NK / jnp.sum(top_NK, axis=-1, keepdims=True)
   return experts_NK.astype(jnp.int32), weights_NK, probs_NE
+
+
+# A group's affinity is the sum of its top-j selection scores, j per router, as in DeepSeek's own
+# Gate (deepseek-ai/DeepSeek-V3, inference/model.py): with the selection bias (sigmoid_bias;
+# DeepSeek-V3, arXiv:2412.19437, "Node-Limited Routing": nodes "selected according to the sum of the
+# highest K_r/M affinity scores of the experts distributed on each node", K_r/M = 8/4 = 2) the top-2
+# sum of scores + bias; without it (softmax; DeepSeek-V2, arXiv:2405.04434, "Device-Limited
+# Routing": the M devices "that have experts with the highest affinity scores") the max (top-1).
+GROUP_SCORE_TOP = {"softmax_topk": 1, "sigmoid_bias": 2}
+
+
+def group_limit(select_NE: jax.Array, groups: int, topk_groups: int, top: int) -> jax.Array:
+  """Node-limited routing's mask: select_NE with every expert outside the token's `topk_groups`
+  best groups set to -inf, so a top-k over it never leaves them (k <= topk_groups x E / groups,
+  config-checked). Groups are contiguous blocks of E / groups experts, the order the 'expert' mesh
+  axis places them in; a group's score is the sum of its `top` best selection scores (ties:
+  lax.top_k keeps the lower index, groups and experts alike)."""
+  N, E = select_NE.shape
+  select_NGS = select_NE.reshape(N, groups, E // groups)
+  best_NGj, _ = jax.lax.top_k(select_NGS, min(top, E // groups))
+  _, kept_NM = jax.lax.top_k(jnp.sum(best_NGj, axis=-1), topk_groups)
+  keep_NG = jnp.zeros((N, groups), bool).at[jnp.arange(N)[:, None], kept_NM].set(True)
+  return jnp.where(keep_NG[:, :, None], select_NGS, -jnp.inf).reshape(N, E)
 
 
 def expert_counts(experts_NK: jax.Array, num_experts: int) -> jax.Array:
@@ -483,7 +517,8 @@ class MoE(nnx.Module):
     bias_E = None
     if cfg.router == "sigmoid_bias":
       bias_E = jax.lax.stop_gradient(self.router_bias[...])
-    experts_NK, weights_NK, probs_NE = route(logits_NE, K, cfg.router, bias_E)
+    experts_NK, weights_NK, probs_NE = route(logits_NE, K, cfg.router, bias_E, cfg.router_groups,
+                                             cfg.router_topk_groups)
     cap = capacity(cfg, T)
     w_gate, w_up, w_down = (self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt),
                             self.down_proj[...].astype(dt))
