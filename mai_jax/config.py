@@ -540,6 +540,9 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_objective(cfg)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
+    if name == "residual_seq":
+      raise ConfigError("mesh.rules: 'residual_seq' is derived from 'seq' and "
+                        "model.sequence_parallel (sharding.residual_rules); drop it from the rules")
     for axis in axes:
       if axis not in MESH_AXES:
         raise ConfigError(f"mesh.rules: logical axis {name!r} maps to unknown mesh axis {axis!r}"

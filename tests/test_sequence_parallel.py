@@ -79,6 +79,9 @@ def test_a_sequence_the_tensor_axis_does_not_divide_is_a_one_line_error():
   assert "data.seq_len=18" in message and "mesh.tensor=4" in message and "\n" not in message
   C.validate(dataclasses.replace(bad, model=dataclasses.replace(cfg.model,
                                                                  sequence_parallel=False)), 8)
+  rules = C.DEFAULT_RULES + (("residual_seq", ("tensor",)),)
+  with pytest.raises(C.ConfigError, match="'residual_seq' is derived"):
+    C.validate(dataclasses.replace(cfg, mesh=C.MeshConfig(fsdp=2, tensor=4, rules=rules)), 8)
 
 
 def test_residual_rules_derive_residual_seq_from_seq_and_heads():
