@@ -66,8 +66,12 @@ def test_pipelined_step_with_sequence_parallelism_equals_the_plain_step(referenc
   C.validate(cfg, 8)
   got, hlo = tp._pipelined_loss_and_grads(cfg, reference[0])
   tp._assert_close(got, reference[1:])
-  # The stage buffers [S, B/M, T, D] hold [1, B/(M fsdp), T/tensor, D] per device.
-  assert _count_shape(hlo, (1, tp.ROWS // 4, tp.SEQ // 2, tp.MODEL.d_model)) > 0
+  # Each device sends its [1, B/(M fsdp), T/tensor, D] part of the stage buffer (forward and
+  # backward), not the [.., T, D] whole of it.
+  sends = re.findall(r"= (f32\[[\d,]+\])\S* collective-permute(?:-start)?\(", hlo)
+  split = "f32[%d,%d,%d,%d]" % (1, tp.ROWS // 4, tp.SEQ // 2, tp.MODEL.d_model)
+  assert sends.count(split) >= 2, sends
+  assert not [s for s in sends if s.count(",") == 3 and s != split], sends
 
 
 def test_a_sequence_the_tensor_axis_does_not_divide_is_a_one_line_error():
