@@ -119,6 +119,16 @@ class ModelConfig:
   # 'dots' then recomputes only the attention core, at the memory of every iteration's saved
   # projections).
   pipeline_stage_remat: bool = True
+  # Sequence parallelism (Megatron-LM, Korthikanti et al. 2022): the residual stream [B, T, D]
+  # between sub-layers (and the pipeline's stage buffers) splits T over the axes 'heads' maps to
+  # ('tensor'), so the norms, residual adds and the activations saved for backward shrink with the
+  # tensor size; attention and the MLP still see the whole sequence (an all-gather before, a
+  # reduce-scatter after, instead of one all-reduce). A ModelConfig key, not a MeshConfig one,
+  # because the model applies it where it constrains the residual (sharding.sequence_parallelism),
+  # like remat: the function computed is the same; only activation memory and elementwise time
+  # change. data.seq_len must divide by the tensor shards; shorter inputs (decoding steps of one
+  # token) keep the sequence whole.
+  sequence_parallel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -543,6 +553,9 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_objective(cfg)
   known = {name for name, _ in DEFAULT_RULES}
   for name, axes in cfg.mesh.rules:
+    if name == "residual_seq":
+      raise ConfigError("mesh.rules: 'residual_seq' is derived from 'seq' and "
+                        "model.sequence_parallel (sharding.residual_rules); drop it from the rules")
     for axis in axes:
       if axis not in MESH_AXES:
         raise ConfigError(f"mesh.rules: logical axis {name!r} maps to unknown mesh axis {axis!r}"
@@ -555,6 +568,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
     mesh_shape(cfg.mesh, num_devices)
     _validate_expert_mesh(cfg, num_devices)
     _validate_head_split(cfg, num_devices)
+    _validate_sequence_parallel(cfg, num_devices)
     _validate_pipeline(cfg, num_devices)
     per_step = t.global_batch_size // t.microbatches
     batch_shards = 1
@@ -944,6 +958,24 @@ def _validate_head_split(cfg: Config, num_devices: int) -> None:
                       f"devices the heads are sharded over (mesh axes {tuple(axes)}); otherwise "
                       f"attention is replicated on every one of them. Lower mesh.tensor or use "
                       f"more heads")
+
+
+def _validate_sequence_parallel(cfg: Config, num_devices: int) -> None:
+  """model.sequence_parallel splits the training sequence over the 'heads' axes; a length they do
+  not divide would stay whole (as for a decoding step of one token), i.e. sequence parallelism
+  silently off, so it is refused for data.seq_len."""
+  if not cfg.model.sequence_parallel:
+    return
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  rules = dict(cfg.mesh.rules)
+  seq = tuple(rules.get("seq", ()))
+  axes = seq + tuple(a for a in rules.get("heads", ()) if a not in seq)  # sharding.residual_rules
+  shards = math.prod(sizes[a] for a in axes)
+  if cfg.data.seq_len % shards:
+    raise ConfigError(f"model.sequence_parallel: data.seq_len={cfg.data.seq_len} must be divisible "
+                      f"by the {shards} devices the sequence is split over (mesh.tensor="
+                      f"{cfg.mesh.tensor}, mesh axes {tuple(axes)}); change data.seq_len or "
+                      f"mesh.tensor, or turn sequence_parallel off")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -72,7 +72,8 @@ class Layout:
   """One way to run a config: mesh sizes (all resolved), remat policy, gradient-accumulation
   microbatches and, with mesh stage > 1, the pipeline schedule (repeats R, pipeline microbatches M
   per accumulation microbatch) and the implementation whose costs are modelled; zero1 is
-  mesh.zero1 (the optimizer moments also split over 'data', train/state.py)."""
+  mesh.zero1 (the optimizer moments also split over 'data', train/state.py); sequence_parallel is
+  model.sequence_parallel (the residual stream split over 'tensor' along the sequence)."""
   mesh: tuple[tuple[str, int], ...]  # ((axis, size), ...) in config.MESH_AXES order
   remat: str
   microbatches: int
@@ -80,6 +81,7 @@ class Layout:
   pipeline_microbatches: int = 1
   impl: pp.PipelineImpl = pp.THIS_CODEBASE
   zero1: bool = False
+  sequence_parallel: bool = False
 
   def size(self, axis: str) -> int:
     return dict(self.mesh).get(axis, 1)
@@ -95,12 +97,28 @@ def layout_of(cfg: Config, num_gpus: int) -> Layout:
   return Layout(tuple((a, sizes[a]) for a in config_lib.MESH_AXES), cfg.model.remat,
                 cfg.train.microbatches, cfg.model.pipeline_repeats if stages > 1 else 1,
                 config_lib.pipeline_microbatches(cfg, stages) if stages > 1 else 1,
-                impl=codebase_impl(cfg), zero1=cfg.mesh.zero1)
+                impl=codebase_impl(cfg), zero1=cfg.mesh.zero1,
+                sequence_parallel=cfg.model.sequence_parallel)
 
 
 def codebase_impl(cfg: Config) -> pp.PipelineImpl:
   """The pipeline implementation this codebase runs for `cfg` (plan_pipeline.this_codebase)."""
   return pp.this_codebase(cfg.model.pipeline_stage_remat)
+
+
+def residual_split(layout: Layout) -> int:
+  """Devices each D-sized activation of the residual stream is split over: tensor with sequence
+  parallelism (Korthikanti et al. 2022), else 1 (replicated over 'tensor')."""
+  return layout.size("tensor") if layout.sequence_parallel else 1
+
+
+def p2p_impl(layout: Layout) -> pp.PipelineImpl:
+  """layout.impl as far as its stage-to-stage sends go: with sequence parallelism this codebase's
+  stage buffers carry the sequence split over 'tensor' (model/pipeline.py STAGE_ACT), so each
+  tensor rank sends 1/t of them, as Megatron's scatter/gather does."""
+  if layout.sequence_parallel and not layout.impl.p2p_split_over_tensor:
+    return dataclasses.replace(layout.impl, p2p_split_over_tensor=True)
+  return layout.impl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,11 +295,14 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
   """Bytes one block keeps for its backward pass on one device, per remat policy.
 
   Korthikanti et al. 2022 (34 s b h + 5 a s^2 b for GPT) adapted to this model's ops, with
-  n = rows x seq tokens per device, c bytes per compute-dtype element, t = tensor size:
-    none: n c (4 D + (2 H + 2 KV) K / t + 3 F / t) + attention core
+  n = rows x seq tokens per device, c bytes per compute-dtype element, t = tensor size and
+  s = residual_split (t with sequence parallelism, else 1):
+    none: n c (4 D / s + (2 H + 2 KV) K / t + 3 F / t) + attention core
           (norm in/out twice, q k v after RoPE, attention output, gate, up, silu(gate)*up)
-    dots: n c (2 D + (H + 2 KV) K / t + 2 F / t)   (projection outputs only)
-    carry: n c D                                    (the residual stream between blocks)
+    dots: n c (2 D / s + (H + 2 KV) K / t + 2 F / t)   (projection outputs only)
+    carry: n c D / s                                    (the residual stream between blocks)
+  Without sequence parallelism the D-sized terms are replicated over 'tensor' and do not shrink
+  with t: at MAI-1's D = 18,432 they are most of a block's activations.
   attention core: 'flash' keeps a float32 log-sum-exp per head; 'xla' materializes the float32
   logits and probabilities [b, H/t, T, T] and the boolean causal/document masks [b, T, T].
   F is `d_ff` (default: ffn_width, the average over the layers); an MoE block passes the shared
@@ -294,15 +315,16 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
   n = rows * T
   D, H, KV, K = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
   F = ffn_width(m) if d_ff is None else d_ff
+  r = residual_split(layout)
   Ht = H // t if H % t == 0 else H
   if attention == "flash":
     core = n * Ht * 4
   else:
     core = 2 * rows * Ht * T * T * 4 + 2 * rows * T * T
   return {
-      "none": n * c * (4 * D + (2 * H + 2 * KV) * K / t + 3 * F / t) + core,
-      "dots": n * c * (2 * D + (H + 2 * KV) * K / t + 2 * F / t),
-      "carry": n * c * D,
+      "none": n * c * (4 * D / r + (2 * H + 2 * KV) * K / t + 3 * F / t) + core,
+      "dots": n * c * (2 * D / r + (H + 2 * KV) * K / t + 2 * F / t),
+      "carry": n * c * D / r,
       "core": core,
   }
 
@@ -445,7 +467,8 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
   rows = rows_per_device(cfg, layout)
   head_rows = rows / S if layout.impl.head == "split" else rows
   # the embedded input (on every stage) and the stack's output where the head reads it
-  hidden = (rows + head_rows) * cfg.data.seq_len * m.d_model * DTYPE_BYTES[m.compute_dtype]
+  hidden = ((rows + head_rows) * cfg.data.seq_len * m.d_model * DTYPE_BYTES[m.compute_dtype]
+            / residual_split(layout))
   return blocks + logits_bytes(cfg, layout, rows=head_rows) + hidden
 
 
@@ -570,13 +593,17 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
             2 more per recomputed forward (recompute_forwards: full remat, the pipeline's stage
             checkpoint), plus 2 for the vocab-sharded embedding/unembedding;
-            on the critical path (not overlapped).
+            on the critical path (not overlapped). With sequence parallelism each all-reduce
+            becomes a reduce-scatter (sub-layer output) and an all-gather (next sub-layer's
+            input), which together move the same bytes, so the bytes are unchanged (the calls,
+            i.e. the latency term, are still counted as one per all-reduce).
     expert: MoE all-to-all (moe_communication), on the critical path; its entry also carries
             plan_moe.routing (nodes the expert axis spans, expected nodes per token with and
             without node-limited routing), which the flat all-to-all's bytes do not depend on.
     stage:  the stage-to-stage sends (plan_pipeline.p2p_bytes) and the move of the stack's
             output to the head (plan_pipeline.head_broadcast_bytes); exposed unless the implementation
-            overlaps its sends (plan_pipeline.PipelineImpl).
+            overlaps its sends (plan_pipeline.PipelineImpl; split over tensor with sequence
+            parallelism, p2p_impl).
   """
   m, c = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype]
   w = DTYPE_BYTES[cfg.model.compute_dtype if WIRE_DTYPE == "compute" else cfg.model.param_dtype]
@@ -592,7 +619,8 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   stage_bytes, stage_calls = 0.0, 0
   if S > 1:
     b = pipeline_rows_per_device(cfg, layout)
-    stage_bytes = M * (pp.p2p_bytes(b, cfg.data.seq_len, m.d_model, c, t, S, R, Mp, layout.impl)
+    stage_bytes = M * (pp.p2p_bytes(b, cfg.data.seq_len, m.d_model, c, t, S, R, Mp,
+                                    p2p_impl(layout))
                        + pp.head_broadcast_bytes(rows, cfg.data.seq_len, m.d_model, c, S,
                                                  layout.impl))
     stage_calls = M * (pp.p2p_sends(S, R, Mp, layout.impl) + 1)
@@ -694,7 +722,7 @@ class Plan:
     return {
         "gpu": self.gpu, "num_gpus": self.num_gpus, "mesh": dict(self.layout.mesh),
         "remat": self.layout.remat, "microbatches": self.layout.microbatches,
-        "zero1": self.layout.zero1,
+        "zero1": self.layout.zero1, "sequence_parallel": self.layout.sequence_parallel,
         "params_total": self.params_total, "params_active": self.params_active,
         "flops_per_token": self.flops_per_token,
         "memory_per_device_bytes": dict(self.memory),
@@ -758,8 +786,9 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
                  / (peak GEMM_EFFICIENCY m / (m + GEMM_HALF_DIM)), m the smallest GEMM dimension
                  (pipeline microbatch tokens, D, H K / t, F / t);
     attention:   tokens (Ld / L) (6 + 2 with remat) L T H K / t / (peak ATTENTION_EFFICIENCY);
-    elementwise: tokens Ld c (10 D + 2 (H + KV) K / t + 3 F / t) x (3 passes: forward and
-                 backward; 4 with remat) / (HBM bandwidth HBM_EFFICIENCY);
+    elementwise: tokens Ld c (10 D / s + 2 (H + KV) K / t + 3 F / t) x (3 passes: forward and
+                 backward; 4 with remat) / (HBM bandwidth HBM_EFFICIENCY), s = residual_split
+                 (the norms and residual adds run on 1/t of the tokens with sequence parallelism);
     head:        the unembedding GEMM (6 V D / t per token) and the float32 cross-entropy
                  (4 passes over V / t logits), on every stage when the head is replicated over
                  stages, once (1 / S of it per device) when it sits on the last stage;
@@ -788,7 +817,8 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   gemm_rate = peak * GEMM_EFFICIENCY * smallest / (smallest + GEMM_HALF_DIM)
   hbm = gpu.hbm_bandwidth * HBM_EFFICIENCY
   passes = 3 + (1 if layout.remat != "none" else 0)
-  elementwise_per_layer = c * (10 * m.d_model + 2 * (m.num_heads + m.num_kv_heads) * m.head_dim / t
+  elementwise_per_layer = c * (10 * m.d_model / residual_split(layout)
+                               + 2 * (m.num_heads + m.num_kv_heads) * m.head_dim / t
                                + 3 * F / t)
   out = {
       "gemm": tokens * share * gemm_flops / t / gemm_rate,

@@ -72,10 +72,15 @@ def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
 
 
 def _layouts_without_zero1(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
+  """The candidates, model.sequence_parallel as the config has it (where the tensor size divides
+  data.seq_len): not searched, because the planner charges sequence parallelism nothing (the
+  same bytes over 'tensor', less memory and elementwise time), so a searched option would always
+  come out on."""
   batch = cfg.train.global_batch_size
   for sizes in candidate_meshes(cfg, num_gpus, gpu):
     shards, stage = batch_shards(cfg, sizes), sizes["stage"]
     mesh = tuple((a, sizes[a]) for a in config_lib.MESH_AXES)
+    sp = cfg.model.sequence_parallel and cfg.data.seq_len % sizes["tensor"] == 0
     if stage > 1:
       if batch % shards:
         continue
@@ -86,13 +91,14 @@ def _layouts_without_zero1(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
         for pipe in micros[:MAX_PIPELINE_MICROBATCH_CHOICES]:
           for r in repeats:
             for remat in REMATS:
-              yield Layout(mesh, remat, accumulate, r, pipe, impl=codebase_impl(cfg))
+              yield Layout(mesh, remat, accumulate, r, pipe, impl=codebase_impl(cfg),
+                           sequence_parallel=sp)
       continue
     for micro in _divisors(batch):
       if (batch // micro) % shards:
         continue
       for remat in REMATS:
-        yield Layout(mesh, remat, micro)
+        yield Layout(mesh, remat, micro, sequence_parallel=sp)
 
 
 def _accumulation_choices(rows: int, stages: int) -> list[int]:
@@ -162,7 +168,8 @@ def format_plan(p: Plan) -> str:
   mesh = " ".join(f"{a}={s}" for a, s in p.layout.mesh)
   lines = [
       f"{p.num_gpus} x {hardware.GPUS[p.gpu].name}   mesh {mesh}   remat={p.layout.remat}   "
-      f"microbatches={p.layout.microbatches}{'   zero1' if p.layout.zero1 else ''}",
+      f"microbatches={p.layout.microbatches}{'   zero1' if p.layout.zero1 else ''}"
+      f"{'   sequence_parallel' if p.layout.sequence_parallel else ''}",
       *([f"pipeline: {p.layout.stages} stages x {p.layout.repeats} repeats, "
          f"{p.layout.pipeline_microbatches} pipeline microbatches, bubble "
          f"{p.bubble_fraction:.1%}"] if p.layout.stages > 1 else []),

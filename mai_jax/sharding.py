@@ -87,11 +87,38 @@ def named_sharding(mesh: Mesh, rules: Rules, logical: LogicalAxes,
 _active = threading.local()
 
 
+# The residual stream's sequence dimension ([B, T, D] between sub-layers, model/transformer.py
+# RESIDUAL, and the pipeline's stage buffers). Not a key of mesh.rules: its rule is derived from
+# 'seq' and model.sequence_parallel by `residual_rules`.
+RESIDUAL_SEQ = "residual_seq"
+
+
+def residual_rules(rules: Rules, sequence_parallel: bool) -> tuple:
+  """`rules` with the derived 'residual_seq' rule: the 'seq' axes, and with sequence parallelism
+  also the axes 'heads' maps to ('tensor' by default; Megatron-LM's sequence parallelism,
+  Korthikanti et al. 2022).
+
+  Attention and the MLP need the whole sequence on every tensor rank (heads / mlp are split
+  instead), but between sub-layers each token is independent, so the residual (and the norms,
+  the residual adds, the saved scan carry, the pipeline sends) can be split over the tensor ranks:
+  the partitioner then turns each sub-layer's output all-reduce over 'tensor' into a
+  reduce-scatter and its input into an all-gather (the same bytes) and every D-sized activation
+  shrinks by the tensor size. Off, 'residual_seq' is exactly 'seq', so nothing changes.
+  """
+  rules = tuple((name, tuple(axes)) for name, axes in rules if name != RESIDUAL_SEQ)
+  table = dict(rules)
+  seq = table.get("seq", ())
+  extra = tuple(a for a in table.get("heads", ()) if a not in seq) if sequence_parallel else ()
+  return rules + ((RESIDUAL_SEQ, seq + extra),)
+
+
 @contextlib.contextmanager
 def use_rules(rules: Rules):
-  """Makes `rules` the logical-axis rules for `shard_act` within the block."""
+  """Makes `rules` the logical-axis rules for `shard_act` within the block ('residual_seq', when
+  `rules` lack it, derived without sequence parallelism; see `residual_rules`)."""
   previous = getattr(_active, "rules", None)
-  _active.rules = tuple((name, tuple(axes)) for name, axes in rules)
+  rules = tuple((name, tuple(axes)) for name, axes in rules)
+  _active.rules = rules if RESIDUAL_SEQ in dict(rules) else residual_rules(rules, False)
   try:
     yield
   finally:
@@ -101,6 +128,18 @@ def use_rules(rules: Rules):
 def active_rules() -> Optional[tuple]:
   """The rules set by `use_rules` for the code being traced (None outside)."""
   return getattr(_active, "rules", None)
+
+
+@contextlib.contextmanager
+def sequence_parallelism(on: bool):
+  """Within the block, the residual's 'residual_seq' axis is (on) or is not split over the axes
+  'heads' maps to; the model sets it from model.sequence_parallel. No-op outside `use_rules`."""
+  rules = active_rules()
+  if rules is None:
+    yield
+    return
+  with use_rules(residual_rules(rules, on)):
+    yield
 
 
 @contextlib.contextmanager

@@ -68,10 +68,12 @@ def test_greedy_moe_decoding_equals_no_cache_argmax_path(moe, scan_layers):
   assert got == [greedy_without_cache(model, p, 5) for p in PROMPTS]
 
 
-def test_cached_logits_equal_full_forward_on_8_devices():
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_cached_logits_equal_full_forward_on_8_devices(sequence_parallel):
   """Prefill + decode logits equal the full forward for left-padded rows, on a sharded mesh;
-  the cache is sharded like activations."""
-  model = tiny_model()
+  the cache is sharded like activations. With sequence parallelism the 4-token prefill's
+  residual is split over tensor=2 and the one-token step's stays whole."""
+  model = tiny_model(sequence_parallel=sequence_parallel)
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
   tokens_BP, seg_BP, pos_BP = sample.left_pad([[3, 4, 5, 6], [9, 8, 7, 6], [1, 2]], pad_id=0)
   tokens_BP, seg_BP, pos_BP = (np.concatenate([x, x[:1]]) for x in (tokens_BP, seg_BP, pos_BP))

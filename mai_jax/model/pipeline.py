@@ -44,10 +44,14 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from mai_jax.sharding import active_rules, logical_to_spec, shard_act, use_rules
+from mai_jax.sharding import RESIDUAL_SEQ, active_rules, logical_to_spec, shard_act, use_rules
 
-# Logical axes of the pipeline buffers: 'layers' maps to the 'stage' mesh axis in the rules.
-STAGE_ACT = ("layers", "batch", "seq", "embed")
+# Logical axes of the pipeline buffers: 'layers' maps to the 'stage' mesh axis in the rules. The
+# activations are the residual stream (split over 'tensor' with model.sequence_parallel, so each
+# tensor rank sends 1/t of them to the next stage, as Megatron-LM's scatter/gather of p2p sends);
+# the segment ids and positions keep the sequence whole (attention reads all of it).
+STAGE_ACT = ("layers", "batch", RESIDUAL_SEQ, "embed")
+STAGE_IDS = ("layers", "batch", "seq")
 
 # (x_BTD, layer_state_R, repeat, segment_ids_BT, positions_BT) -> (x_BTD, aux): layer_state_R's
 # leaves are the layer's weights in every repeat [R, ...]; the function selects `repeat`'s with
@@ -285,8 +289,8 @@ def _schedule(one_stage, all_stages, weights_SLR, x_MbTD, seg_MbT, pos_MbT, lc, 
     first_SbTD = jax.lax.dynamic_index_in_dim(inbox_SMbTD, jnp.mod(t, M), axis=1, keepdims=False)
     x_SbTD = jnp.where((stage_S == 0)[:, None, None, None], first_SbTD, x_SbTD)
     repeat_S = jnp.clip(item_S // M, 0, R - 1)
-    seg_SbT = None if seg_MbT is None else shard_act(seg_MbT[micro_S], STAGE_ACT[:3])
-    pos_SbT = shard_act(pos_MbT[micro_S], STAGE_ACT[:3])
+    seg_SbT = None if seg_MbT is None else shard_act(seg_MbT[micro_S], STAGE_IDS)
+    pos_SbT = shard_act(pos_MbT[micro_S], STAGE_IDS)
     y_SbTD, aux_S = all_stages(weights_SLR, repeat_S, x_SbTD, seg_SbT, pos_SbT)
     # A stage's statistics count only when it worked on a real item (not in the bubble).
     slot_SRM = ((repeat_S[:, None, None] == jnp.arange(R)[None, :, None])

@@ -20,9 +20,11 @@ from mai_jax.model.layers import (MLP, PROJECTIONS, Attention, Embed, KVCache, R
 from mai_jax.model import pipeline
 from mai_jax.model.moe import (MoE, expert_d_ff, is_moe_layer, mean_over_microbatches,
                                num_moe_layers)
-from mai_jax.sharding import shard_act, use_rules
+from mai_jax.sharding import RESIDUAL_SEQ, sequence_parallelism, shard_act, use_rules
 
-RESIDUAL = ("batch", "seq", "embed")
+# The residual stream between sub-layers; its sequence axis is split over 'tensor' with
+# model.sequence_parallel (sharding.residual_rules), inside attention and the MLP it is whole.
+RESIDUAL = ("batch", RESIDUAL_SEQ, "embed")
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -54,13 +56,16 @@ class Block(nnx.Module):
   def forward_with_aux(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
                        positions_BT: jax.Array):
     """-> (x_BTD, aux): aux is the MoE layer's dict of router statistics, {} for a dense block."""
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT)
-    x_BTD = shard_act(x_BTD, RESIDUAL)
+    # The norms' outputs are constrained like the residual, so with sequence parallelism they are
+    # computed on the local part of the sequence and all-gathered only as the sub-layer's input.
+    h_BTD = shard_act(self.attn_norm(x_BTD), RESIDUAL)
+    x_BTD = shard_act(x_BTD + self.attn(h_BTD, segment_ids_BT, positions_BT), RESIDUAL)
     aux = {}
+    h_BTD = shard_act(self.mlp_norm(x_BTD), RESIDUAL)
     if hasattr(self, "moe"):
-      y_BTD, aux = self.moe(self.mlp_norm(x_BTD))
+      y_BTD, aux = self.moe(h_BTD)
     else:
-      y_BTD = self.mlp(self.mlp_norm(x_BTD))
+      y_BTD = self.mlp(h_BTD)
     return shard_act(x_BTD + y_BTD, RESIDUAL), aux
 
 
@@ -139,6 +144,10 @@ class Decoder(nnx.Module):
     """-> (float32 logits_BTV, aux): aux maps router statistic names ('load' [L_moe, E],
     'dropped_fraction', 'z_loss', 'balance_loss' [L_moe]) to arrays over the MoE layers in depth
     order; {} for a dense model."""
+    with sequence_parallelism(self.cfg.sequence_parallel):
+      return self._forward(tokens_BT, segment_ids_BT, positions_BT)
+
+  def _forward(self, tokens_BT, segment_ids_BT, positions_BT):
     cfg = self.cfg
     B, T = tokens_BT.shape
     if positions_BT is None:
