@@ -45,6 +45,21 @@ def piece(path: str, first: int, count: int, prefix: str = "", file: int = -1) -
   return {"path": path, "first": first, "count": count, "prefix": prefix, "file": file}
 
 
+def layout(priors: list[tuple[str, int]], files: list[tuple[str, int]]
+           ) -> tuple[list[dict], list[dict], int]:
+  """Pieces numbered in priority order from (path, documents) of the earlier outputs and of
+  the staged files: (all pieces, the files' pieces, documents before the first file)."""
+  pieces, first = [], 0
+  for path, count in priors:
+    pieces.append(piece(os.path.abspath(path), first, count, "prior:"))
+    first += count
+  n_prior = first
+  for number, (path, count) in enumerate(files):
+    pieces.append(piece(path, first, count, file=number))
+    first += count
+  return pieces, pieces[len(priors):], n_prior
+
+
 def key_columns(rows: int) -> list[str]:
   return [f"k{i}" for i in range((rows + 1) // 2)]
 

@@ -263,17 +263,8 @@ def run(cfg, jobs: list, done: set, priors: list, index, staging: str, workers: 
   report = docfilter.new_report(cfg)
   for number in sorted(parts):
     report.merge(parts[number])
-  pieces, first = [], 0
-  for path, count in priors:
-    pieces.append(cluster_stages.piece(os.path.abspath(path), first, count, "prior:"))
-    first += count
-  n_prior = first
-  files = []
-  for j in jobs:
-    files.append(cluster_stages.piece(staging_lib.result_path(staging, j.number), first,
-                                      counts[j.number], file=j.number))
-    first += counts[j.number]
-  pieces += files
+  pieces, files, n_prior = cluster_stages.layout(
+      priors, [(staging_lib.result_path(staging, j.number), counts[j.number]) for j in jobs])
   staging_paths = [j.staging_path for j in jobs]
   blank = docfilter.new_report(cfg)  # what the tasks' report parts look like
   kept, clusters, dedup_parts = _decide(cfg, pieces, files, staging_paths, n_prior, blank,
