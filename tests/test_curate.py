@@ -617,7 +617,7 @@ def test_cluster_plan_shards_by_hand():
 
 def _cluster_stages_curate(cfg, staging, priors):
   """The Ray engine's per-group and per-task functions (cluster_stages) run in this process on
-  the local engine's staged files: (report, shard names)."""
+  the local engine's staged files: (report, shard names, shard plan, staged file paths)."""
   from mai_jax.data.curate import cluster_stages, staging as staging_lib
   index = pipeline.eval_index(cfg)
   os.makedirs(staging / "stage")
@@ -633,8 +633,8 @@ def _cluster_stages_curate(cfg, staging, priors):
   pieces, files, n_prior = cluster_stages.layout(priors, staged)
   paths = [j.staging_path for j in jobs]
   kept, clusters = cluster_stages.in_memory(pieces, paths, cfg, report, n_prior)
-  names = []
-  for number, segments in enumerate(cluster_stages.plan_shards(kept, cfg.output.shard_docs)):
+  names, plan = [], cluster_stages.plan_shards(kept, cfg.output.shard_docs)
+  for number, segments in enumerate(plan):
     out = cluster_stages.write_shard(number, segments, paths, str(staging), cfg.output.format,
                                      docfilter.new_report(cfg))
     report.merge(report.from_json(json.loads(out["report"]), report.examples_per_rule))
@@ -642,17 +642,29 @@ def _cluster_stages_curate(cfg, staging, priors):
   cluster_stages.write_signatures(str(staging / "signatures.npz"), files, paths,
                                   cfg.dedup.signature_params())
   report.extra.update(clusters)
-  return report.to_json(), names
+  return report.to_json(), names, plan, paths
 
 
 def test_cluster_stages_decide_and_write_as_the_local_engine(messy, curated, tmp_path):
   """Survivors, removal reports, shard boundaries and bytes, signatures.npz: the Ray engine's
   functions against the local engine's output, without Ray; then against an earlier corpus."""
+  from mai_jax.data.curate import cluster_stages
   out, want = curated
-  got, names = _cluster_stages_curate(settings.load(messy["config"]), tmp_path / "s", [])
+  cfg = settings.load(messy["config"])
+  got, names, plan, paths = _cluster_stages_curate(cfg, tmp_path / "s", [])
   assert names == sorted(os.listdir(out / "data"))
   for name in names:
     assert (tmp_path / "s" / "data" / name).read_bytes() == (out / "data" / name).read_bytes()
+  # resuming: a finished shard is not written again, a half-written one is
+  first, second = (tmp_path / "s" / "data" / n for n in names)
+  stamp = first.stat().st_mtime_ns
+  second.write_bytes(second.read_bytes()[:10])
+  again = [cluster_stages.write_shard(k, plan[k], paths, str(tmp_path / "s"), "jsonl",
+                                      docfilter.new_report(cfg)) for k in (0, 1)]
+  assert first.stat().st_mtime_ns == stamp
+  assert second.read_bytes() == (out / "data" / names[1]).read_bytes()
+  assert [sum(s["out"]["docs"] for s in json.loads(a["report"])["sources"].values())
+          for a in again] == [4, 3]
   assert (tmp_path / "s" / "signatures.npz").read_bytes() == (out / "signatures.npz").read_bytes()
   for key in ("sources", "stages", "duplicate_clusters_exact", "duplicate_clusters_near"):
     assert got[key] == want[key], key
@@ -663,7 +675,7 @@ def test_cluster_stages_decide_and_write_as_the_local_engine(messy, curated, tmp
                         "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
   want = pipeline.curate(cfg, str(tmp_path / "local"), log=lambda m: None)
   priors = [(str(out / "signatures.npz"), len(messy["kept"]))]
-  got, names = _cluster_stages_curate(cfg, tmp_path / "s2", priors)
+  got, names, _, _ = _cluster_stages_curate(cfg, tmp_path / "s2", priors)
   assert names == ["part-00000.jsonl"] and (tmp_path / "s2" / "data" / names[0]).read_bytes() == \
       (tmp_path / "local" / "data" / names[0]).read_bytes()
   assert got["stages"] == want["stages"] and got["duplicate_clusters_exact"] == 1

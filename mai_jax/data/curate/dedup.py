@@ -4,8 +4,9 @@ Documents are numbered in priority order (sources in config order, files sorted,
 order; documents of earlier corpora loaded with `dedup.against` come first of all). Each cluster's
 survivor is its smallest number, its first member in that order, whatever order the edges come in:
 put the source you trust most first. Locally clusters are built by union-find where the smaller
-number always becomes the root; the Ray engine finds the same minima by rounds of Ray Data
-group-bys (components.py), as its edge list need not fit one machine. Exact dedup (8-byte
+number always becomes the root; the Ray engine finds the same minima by Ray Data group-bys (the
+exact hash's, then rounds over the LSH edges: cluster_stages.py, components.py), as its
+documents need not fit one machine. Exact dedup (8-byte
 blake2b of the normalized text, textstats.normalize_for_hash) runs first; near dedup (MinHash
 LSH, minhash.py) runs on the exact survivors, any shared band joins two documents (FineWeb's
 rule, no pairwise Jaccard check).

@@ -1,16 +1,18 @@
 """A curation run, on either engine: list files, filter per file, global dedup, write the shards.
 
 Stages: (1) list every source's files (a source without files is an error before anything is
-written); (2) `docfilter.filter_file` per file, each writing a staging file: engine 'local' runs
-it on `workers` processes (fork, so the evaluation index built once is shared), engine 'ray' as a
-Ray Data map (ray_engine.py); (3) exact + near dedup over all kept documents in priority order,
-plus the documents of `dedup.against` (clusters by union-find locally, by rounds of Ray Data
-group-bys on 'ray': components.py); (4) one pass over the staging files in order writing the
-survivors to shards, the report and signatures.npz. Everything is written into OUT.partial
-(staging.py), renamed to OUT only when the run succeeds: a refused run or one with no documents
-left leaves nothing; an interrupted one leaves OUT.partial, and the same command resumes it file
-by file. Stages 2-4 show progress bars on stderr (progress.py). Memory: the signatures (4 x bands
-x rows bytes a document) and ids of the kept documents; the texts stay on disk.
+written); (2) `docfilter.filter_file` per file, each writing a staging file; (3) exact + near
+dedup over all kept documents in priority order, plus the documents of `dedup.against`; (4) the
+survivors written to shards in that order, the report and signatures.npz. Engine 'local' runs
+(2) on `workers` processes (fork, so the evaluation index built once is shared) and (3)-(4) on
+this process (union-find, one pass over the staging files); engine 'ray' runs every stage on
+the cluster (ray_engine.py, cluster_stages.py), the driver keeping only per-file and per-shard
+counts and reports. Everything is written into OUT.partial (staging.py), renamed to OUT only
+when the run succeeds: a refused run or one with no documents left leaves nothing; an
+interrupted one leaves OUT.partial, and the same command resumes it file by file (and, on
+'ray', shard by shard). Stages 2-4 show progress bars on stderr (progress.py). Memory of the
+local engine: the signatures (4 x bands x rows bytes a document) and ids of the kept documents;
+the texts stay on disk.
 """
 
 from __future__ import annotations
