@@ -685,7 +685,8 @@ def test_cluster_stages_decide_and_write_as_the_local_engine(messy, curated, tmp
 @pytest.mark.slow  # starts a local Ray instance (~35 s on 2 busy cores)
 def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
   """The messy corpus through `--engine ray` on a local Ray instance: every output file equal;
-  and Ray's connected components over random LSH buckets equal the local union-find's."""
+  Ray's connected components over random LSH buckets equal the local union-find's; and a later
+  corpus deduplicated against the output the same on both engines."""
   pytest.importorskip("ray.data")
   from mai_jax.data.curate import ray_engine
   out, _ = curated
@@ -700,7 +701,14 @@ def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
     sizes = np.unique(want, return_counts=True)[1]
     assert (sizes > 1).sum() > 20 and sizes.max() > 20  # many clusters, some long (6 rounds)
     np.testing.assert_array_equal(ray_engine.near_components(keys, members, 500), want)
+    later = tmp_path / "later.jsonl"  # against the earlier output: priors read by the workers
+    _write_jsonl(later, [{"text": messy["good"][0] + " "}, {"text": _good_doc(100)}])
+    cfg = settings.parse({"sources": [{"name": "later", "path": str(later)}],
+                          "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
+    for engine in ("local", "ray"):
+      pipeline.curate(cfg, str(tmp_path / f"later_{engine}"), engine=engine, log=lambda m: None)
   _assert_same_files(out, out_ray)
+  _assert_same_files(tmp_path / "later_local", tmp_path / "later_ray")
 
 
 @pytest.mark.slow  # compiles a tiny Decoder's forward (~30 s on 2 busy cores)

@@ -13,9 +13,9 @@ every node shares, so only counts and partial reports cross to the driver:
      and for each survivor with words its LSH band rows (band, k0.., doc), the band's values
      packed two uint32 per int64 so equal keys mean equal bands (no hashing: as
      minhash.band_keys);
-  3. `band_edges` over each (band, k0..) group, then components.py's rounds: star edges
+  3. `band_edges` over whole (band, k0..) groups, then components.py's rounds: star edges
      (cluster minimum, member), the near-removed rows;
-  4. `decide_file`, over the removed rows of one file: writes `stage/NNNNNN.removed.npz` (the
+  4. `decide_file`, over the removed rows of one file (`decide_files`: of whole files): writes `stage/NNNNNN.removed.npz` (the
      file's removed positions, survivors and stages) and the file's dedup report part;
   5. `plan_shards`, on the driver from the per-file survivor counts only: output shard k holds
      the survivors ranked k*shard_docs .. (k+1)*shard_docs-1 in priority order, as segments
@@ -76,12 +76,17 @@ def piece_rows(p: dict, num_perm: int, exact: bool) -> Batch:
   return out
 
 
-def _whole_groups(key_N: np.ndarray, doc_N: np.ndarray):
-  """Rows sorted by (key, doc); each row's group minimum doc."""
-  order = np.lexsort((doc_N, key_N))
-  key_N, doc_N = key_N[order], doc_N[order]
-  starts = np.concatenate([[0], np.nonzero(key_N[1:] != key_N[:-1])[0] + 1]).astype(np.int64)
-  return order, doc_N, np.repeat(doc_N[starts], np.diff(np.append(starts, len(key_N))))
+def _whole_groups(keys: list[np.ndarray], doc_N: np.ndarray):
+  """Rows sorted by (keys.., doc): the order, the sorted docs, each row's group minimum doc."""
+  order = np.lexsort((doc_N, *reversed(keys)))
+  doc_N = doc_N[order]
+  new = np.zeros(len(doc_N), bool)
+  new[:1] = True
+  for key in keys:
+    key = np.asarray(key)[order]
+    new[1:] |= key[1:] != key[:-1]
+  starts = np.nonzero(new)[0]
+  return order, doc_N, np.repeat(doc_N[starts], np.diff(np.append(starts, len(doc_N))))
 
 
 def exact_groups(batch: Batch, bands: int, rows: int, n_prior: int) -> Batch:
@@ -89,7 +94,7 @@ def exact_groups(batch: Batch, bands: int, rows: int, n_prior: int) -> Batch:
   on one row of each group that removes a document of this run: report.json's
   duplicate_clusters_exact) and the survivors' band rows (kind BAND: band, k0.., doc)."""
   doc_N = np.asarray(batch["doc"], np.int64)
-  order, doc_N, survivor_N = _whole_groups(np.asarray(batch["exact"], np.int64), doc_N)
+  order, doc_N, survivor_N = _whole_groups([np.asarray(batch["exact"], np.int64)], doc_N)
   gone = doc_N != survivor_N
   # one row per group: the group's last removed member, counted when it is of this run
   last = gone & np.append(survivor_N[1:] != survivor_N[:-1], True)
@@ -119,10 +124,14 @@ def exact_groups(batch: Batch, bands: int, rows: int, n_prior: int) -> Batch:
   return {k: np.concatenate([removed[k], *band_rows[k]]) for k in removed}
 
 
-def band_edges(batch: Batch) -> Batch:
-  """One (band, k0..) group -> edges (its smallest doc, each other doc)."""
-  docs = np.sort(np.asarray(batch["doc"], np.int64))
-  return {"a": np.full(len(docs) - 1, docs[0], np.int64), "b": docs[1:]}
+def band_edges(batch: Batch, keys: list[str]) -> Batch:
+  """Whole groups of band rows by (band, keys..) -> edges (the group's smallest doc, each other
+  doc of the group)."""
+  doc_N = np.asarray(batch["doc"], np.int64)
+  _, doc_N, low_N = _whole_groups([np.asarray(batch[k], np.int64) for k in ["band", *keys]],
+                                  doc_N)
+  other = doc_N != low_N
+  return {"a": low_N[other], "b": doc_N[other]}
 
 
 def removed_rows(batch: Batch, stage: int) -> Batch:
@@ -189,6 +198,22 @@ def decide_file(batch: Batch, files: list[dict], staging_paths: list[str], ids: 
         report.removed(name, "duplicate", rec["id"], rec["text"],
                        docfilter.doc_counts(rec["text"]), detail=detail)
   return {"file": f, "removed": len(local), "report": json.dumps(report.to_json())}
+
+
+def decide_files(batch: Batch, files: list[dict], staging_paths: list[str], ids: Ids,
+                 blank: Report) -> dict:
+  """decide_file over each file whose removed rows `batch` holds (all of them: whole groups by
+  file); columns file, removed, report."""
+  file_N = np.asarray(batch["file"], np.int64)
+  outs = [decide_file({k: np.asarray(v)[file_N == f] for k, v in batch.items()}, files,
+                      staging_paths, ids, blank) for f in np.unique(file_N).tolist()]
+  return {k: [o[k] for o in outs] for k in ("file", "removed", "report")}
+
+
+def distinct(batch: Batch, column: str) -> Batch:
+  """The number of distinct values of `column` in whole groups by it (summed over batches: the
+  number in the dataset)."""
+  return {"distinct": np.array([len(np.unique(np.asarray(batch[column])))], np.int64)}
 
 
 def plan_shards(kept_F: list[int], shard_docs: int) -> list[list[tuple[int, int, int]]]:
@@ -277,52 +302,37 @@ def write_signatures(path: str, files: list[dict], staging_paths: list[str], par
   return len(ids)
 
 
-def _by_group(batch: Batch, keys: list[str], fn) -> list:
-  """fn over each group of `batch` by `keys`, as Ray Data's groupby(keys).map_groups(fn)."""
-  if not len(batch[keys[0]]):
-    return []
-  rows = np.stack([np.asarray(batch[k], np.int64) for k in keys], axis=1)
-  _, inverse = np.unique(rows, axis=0, return_inverse=True)
-  return [fn({k: np.asarray(v)[inverse.ravel() == g] for k, v in batch.items()})
-          for g in range(inverse.max() + 1)]
-
-
-def _concat(batches: list[Batch], columns: list[str]) -> Batch:
-  return {c: np.concatenate([np.asarray(b[c]) for b in batches] + [np.zeros(0, np.int64)])
-          for c in columns}
-
-
 def in_memory(pieces: list[dict], staging_paths: list[str], cfg, report: Report,
               n_prior: int) -> tuple[list[int], dict]:
-  """Steps 1-4 in one process over every piece (priors first, then the files): each file's
-  survivor count, and the duplicate cluster counts; `report` gets the dedup removals."""
+  """Steps 1-4 in one process, every piece's rows one batch of whole groups (priors first, then
+  the files): each file's survivor count, and the duplicate cluster counts; `report` gets the
+  files' dedup removals."""
   d = cfg.dedup
   num_perm = d.bands * d.rows if d.near else 0
-  parts = [piece_rows(p, num_perm, d.exact) for p in pieces]
+  parts = [piece_rows(p, num_perm, d.exact) for p in pieces if p["count"]]
+  files = pieces[len(pieces) - len(staging_paths):]
+  kept = [p["count"] for p in files]
+  if not parts:
+    return kept, {"duplicate_clusters_exact": 0, "duplicate_clusters_near": 0}
   rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  grouped = _concat(_by_group(rows, ["exact"], lambda g: exact_groups(
-      g, d.bands if d.near else 0, d.rows, n_prior)),
-      ["kind", "doc", "survivor", "cluster", "band", *key_columns(d.rows)])
+  grouped = exact_groups(rows, d.bands if d.near else 0, d.rows, n_prior)
   gone = grouped["kind"] == REMOVED
   removed = [removed_rows({k: v[gone] for k, v in grouped.items()}, 0)]
-  bands = {k: v[~gone] for k, v in grouped.items()}
-  edges = _concat(_by_group(bands, ["band", *key_columns(d.rows)], band_edges), ["a", "b"])
+  edges = band_edges({k: v[~gone] for k, v in grouped.items()}, key_columns(d.rows))
   near_clusters = 0
   if len(edges["a"]):
-    n = int(max(rows["doc"].max(), 0)) + 1
+    n = int(rows["doc"].max()) + 1
     labels, _ = components.in_memory(n, edges["a"], edges["b"])
     member = np.nonzero(labels != np.arange(n))[0]
     removed.append(removed_rows({"a": labels[member], "b": member}, 1))
     near_clusters = len(np.unique(labels[member[member >= n_prior]]))
-  files = pieces[len(pieces) - len(staging_paths):]
-  firsts = np.array([p["first"] for p in files], np.int64)
-  table = locate(_concat(removed, ["doc", "survivor", "stage"]), firsts)
+  table = locate({c: np.concatenate([r[c] for r in removed]) for c in removed[0]},
+                 np.array([p["first"] for p in files], np.int64))
   table = {k: v[table["doc"] >= n_prior] for k, v in table.items()}
-  ids, kept = Ids(pieces), [p["count"] for p in files]
-  for out in _by_group(table, ["file"], lambda g: decide_file(g, files, staging_paths, ids,
-                                                              report)):
-    kept[out["file"]] -= out["removed"]
-    report.merge(Report.from_json(json.loads(out["report"]), report.examples_per_rule))
-  exact_clusters = int(grouped["cluster"][gone].sum())
-  return kept, {"duplicate_clusters_exact": exact_clusters,
+  if len(table["doc"]):
+    out = decide_files(table, files, staging_paths, Ids(pieces), report)
+    for f, count, part in zip(out["file"], out["removed"], out["report"]):
+      kept[f] -= count
+      report.merge(Report.from_json(json.loads(part), report.examples_per_rule))
+  return kept, {"duplicate_clusters_exact": int(grouped["cluster"][gone].sum()),
                 "duplicate_clusters_near": near_clusters}
