@@ -6,9 +6,10 @@ time next to `--engine local`, on a synthetic corpus with exact and near duplica
 
 Counted: everything Ray Data hands back to the engine on the driver (rows of iter_rows, also
 under take/take_all, batches of iter_batches, count/sum results), as the bytes of the values
-(str/bytes lengths, array nbytes, 8 per number), not Ray's serialization or its own metadata. `--code DIR`
-runs another copy of mai_jax (e.g. `git archive <commit> mai_jax | tar -x -C DIR`, and run from
-DIR so Ray's workers import it too): the engine before a change, measured the same way. The outputs of both engines must be equal.
+(str/bytes lengths, array nbytes, 8 per number), not Ray's serialization or its own metadata.
+`--code DIR` runs another copy of mai_jax (e.g. `git archive <commit> mai_jax | tar -x -C DIR`,
+and run from DIR so Ray's workers import it too): the engine before a change, measured the same
+way. `same_output`: both engines wrote the same files, byte for byte.
 """
 
 from __future__ import annotations

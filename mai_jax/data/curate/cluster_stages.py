@@ -15,8 +15,9 @@ every node shares, so only counts and partial reports cross to the driver:
      minhash.band_keys);
   3. `band_edges` over whole (band, k0..) groups, then components.py's rounds: star edges
      (cluster minimum, member), the near-removed rows;
-  4. `decide_file`, over the removed rows of one file (`decide_files`: of whole files): writes `stage/NNNNNN.removed.npz` (the
-     file's removed positions, survivors and stages) and the file's dedup report part;
+  4. `decide_file`, over the removed rows of one file (`decide_files`: of whole files): writes
+     `stage/NNNNNN.removed.npz` (the file's removed positions, survivors and stages) and the
+     file's dedup report part;
   5. `plan_shards`, on the driver from the per-file survivor counts only: output shard k holds
      the survivors ranked k*shard_docs .. (k+1)*shard_docs-1 in priority order, as segments
      (file, first, end) of each file's survivors, so any task can write shard k alone and the
@@ -273,7 +274,8 @@ def write_shard(number: int, segments: list, staging_paths: list[str], staging: 
     if state["bytes"] == os.path.getsize(path):
       return {"name": name, "report": json.dumps(state["report"])}
   part = Report(list(blank.sources), list(blank.stages), blank.examples_per_rule)
-  rows = [rec for f, start, end in segments for rec in _survivor_lines(staging_paths[f], start, end)]
+  rows = [rec for f, start, end in segments
+          for rec in _survivor_lines(staging_paths[f], start, end)]
   for rec in rows:
     part.doc_out(rec["source"], docfilter.doc_counts(rec["text"]))
   tmp = os.path.join(staging, "data", f".{name}.tmp")

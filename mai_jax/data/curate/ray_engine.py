@@ -5,12 +5,13 @@
     hashes and MinHash signatures go straight to the staging folder (a stopped run resumes file
     by file, as locally); the driver gets the file's document count and partial report;
   * dedup (cluster_stages.py steps 1-4): workers read the staged arrays into rows (doc, exact,
-    sig); a Ray Data `groupby("exact").map_groups` picks each group's smallest doc and emits the
-    others as removed and the survivors' LSH band rows; `groupby(band, k0..).map_groups` emits
-    edges from each bucket's smallest doc; connected components run as rounds of large-star /
-    small-star group-bys (components.py) to the star edges (cluster minimum, member), the
-    near-removed; a `groupby("file").map_groups` writes each file's removed positions next to
-    its staged file (`NNNNNN.removed.npz`) with that file's dedup report part;
+    sig); grouped by the exact hash (a Ray Data sort, then one call per block of whole groups:
+    `_grouped`), each group's smallest doc survives, the others are removed, and the survivors'
+    LSH band rows are emitted; grouped by (band, k0..), each bucket gives edges from its
+    smallest doc; connected components run as rounds of large-star / small-star groupings
+    (components.py) to the star edges (cluster minimum, member), the near-removed; grouped by
+    file, each file's removed positions are written next to its staged file
+    (`NNNNNN.removed.npz`) with that file's dedup report part;
   * write (steps 5-6): the driver plans the shards from the per-file survivor counts alone
     (shard k = survivors ranked k*shard_docs.. in priority order, as segments of files), and a
     Ray Data `map` writes each shard on a worker (records.write_shard, the local engine's
@@ -22,11 +23,12 @@ same functions without Ray in the fast test).
 
 What reaches the driver: per file a count and a partial report (its removed examples, at most
 examples_per_rule a stage), per shard its name and counts, and a few totals: O(files + shards),
-not O(documents). Measured (benchmarks/curate_ray_driver.py, 20,000 synthetic documents in 40
-files, 10% exact and 10% near copies, 2 CPUs): BYTES_BEFORE bytes a document before this design
-(signatures, hashes and ids came back and dedup ran on the driver), BYTES_AFTER after; wall time
-TIME_BEFORE s before, TIME_AFTER s after (local engine: TIME_LOCAL s; Ray's fixed costs, worker
-start-up and a few seconds a group-by, dominate at this size).
+not O(documents). Measured (benchmarks/curate_ray_driver.py, results/curate_ray_driver.json:
+20,000 synthetic documents in 40 files, 10% exact and 10% near copies, 2 shared CPUs): 484 bytes
+a document reached the driver before this design (signatures, hashes and ids came back and dedup
+ran there), 7.3 after, most of it the per-file reports; wall time 85 and 123 s before (two runs),
+73 s after (a Python call per LSH bucket in Ray Data's map_groups had made it 222 s; the local
+engine: 10-22 s; Ray's fixed costs, worker start-up and seconds a sort, dominate at this size).
 
 Still on one node: signatures.npz (one file by format: the survivors' ids, hashes and
 signatures, one task), an earlier corpus's signatures.npz in `dedup.against` (read by one task
@@ -76,8 +78,8 @@ def session(workers: int, progress: Progress = OFF):
   context = ray.data.DataContext.get_current()
   saved = context.enable_progress_bars, context.shuffle_strategy
   context.enable_progress_bars = progress.on
-  # Task-based sort shuffle for the group-bys: the default hash shuffle starts long-lived
-  # aggregator actors, seconds per group-by, and near dedup runs two group-bys a round.
+  # Task-based sort shuffle for the sorts that group rows: the default hash shuffle starts
+  # long-lived aggregator actors, seconds each, and near dedup sorts twice a round.
   context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
   started = not ray.is_initialized()
   if started:
