@@ -624,12 +624,15 @@ def _cluster_stages_curate(cfg, staging, priors):
   os.makedirs(staging / "data")
   jobs = [docfilter.FileJob(i, s, b, r, str(staging / "stage" / f"{i:06d}.jsonl"))
           for i, (s, b, r) in enumerate(pipeline.list_files(cfg))]
-  report, staged = docfilter.new_report(cfg), []
+  report, staged, parts = docfilter.new_report(cfg), [], []
   for job in jobs:
     result = docfilter.filter_file(cfg, index, job)
     staging_lib.save_result(str(staging), result)
     report.merge(result.report)
     staged.append((staging_lib.result_path(str(staging), job.number), len(result.ids)))
+    parts.append((job.number, len(result.ids), result.report.to_json()))
+  resumed = staging_lib.load_reports(str(staging), jobs, cfg)  # what a resumed Ray run reads
+  assert [(n, c, r.to_json()) for n, (c, r) in sorted(resumed.items())] == parts
   pieces, files, n_prior = cluster_stages.layout(priors, staged)
   paths = [j.staging_path for j in jobs]
   kept, clusters = cluster_stages.in_memory(pieces, paths, cfg, report, n_prior)
