@@ -606,10 +606,90 @@ def test_progress_bars_only_on_a_terminal_stderr_and_never_in_the_output(messy, 
   assert capsys.readouterr().out == ""
 
 
+def test_cluster_plan_shards_by_hand():
+  from mai_jax.data.curate import cluster_stages
+  # survivors per file 3, 0, 5, 2 at 4 a shard: ranks 0-3, 4-7, 8-9
+  assert cluster_stages.plan_shards([3, 0, 5, 2], 4) == [[(0, 0, 3), (2, 0, 1)], [(2, 1, 5)],
+                                                         [(3, 0, 2)]]
+  assert cluster_stages.plan_shards([4], 4) == [[(0, 0, 4)]]
+  assert cluster_stages.plan_shards([0, 0], 4) == []
+
+
+def _cluster_stages_curate(cfg, staging, priors):
+  """The Ray engine's per-group and per-task functions (cluster_stages) run in this process on
+  the local engine's staged files: (report, shard names, shard plan, staged file paths)."""
+  from mai_jax.data.curate import cluster_stages, staging as staging_lib
+  index = pipeline.eval_index(cfg)
+  os.makedirs(staging / "stage")
+  os.makedirs(staging / "data")
+  jobs = [docfilter.FileJob(i, s, b, r, str(staging / "stage" / f"{i:06d}.jsonl"))
+          for i, (s, b, r) in enumerate(pipeline.list_files(cfg))]
+  report, staged, parts = docfilter.new_report(cfg), [], []
+  for job in jobs:
+    result = docfilter.filter_file(cfg, index, job)
+    staging_lib.save_result(str(staging), result)
+    report.merge(result.report)
+    staged.append((staging_lib.result_path(str(staging), job.number), len(result.ids)))
+    parts.append((job.number, len(result.ids), result.report.to_json()))
+  resumed = staging_lib.load_reports(str(staging), jobs, cfg)  # what a resumed Ray run reads
+  assert [(n, c, r.to_json()) for n, (c, r) in sorted(resumed.items())] == parts
+  pieces, files, n_prior = cluster_stages.layout(priors, staged)
+  paths = [j.staging_path for j in jobs]
+  kept, clusters = cluster_stages.in_memory(pieces, paths, cfg, report, n_prior)
+  names, plan = [], cluster_stages.plan_shards(kept, cfg.output.shard_docs)
+  for number, segments in enumerate(plan):
+    out = cluster_stages.write_shard(number, segments, paths, str(staging), cfg.output.format,
+                                     docfilter.new_report(cfg))
+    report.merge(report.from_json(json.loads(out["report"]), report.examples_per_rule))
+    names.append(out["name"])
+  cluster_stages.write_signatures(str(staging / "signatures.npz"), files, paths,
+                                  cfg.dedup.signature_params())
+  report.extra.update(clusters)
+  return report.to_json(), names, plan, paths
+
+
+def test_cluster_stages_decide_and_write_as_the_local_engine(messy, curated, tmp_path):
+  """Survivors, removal reports, shard boundaries and bytes, signatures.npz: the Ray engine's
+  functions against the local engine's output, without Ray; then against an earlier corpus."""
+  from mai_jax.data.curate import cluster_stages
+  out, want = curated
+  cfg = settings.load(messy["config"])
+  got, names, plan, paths = _cluster_stages_curate(cfg, tmp_path / "s", [])
+  assert names == sorted(os.listdir(out / "data"))
+  for name in names:
+    assert (tmp_path / "s" / "data" / name).read_bytes() == (out / "data" / name).read_bytes()
+  # resuming: a finished shard is not written again, a half-written one is
+  first, second = (tmp_path / "s" / "data" / n for n in names)
+  stamp = first.stat().st_mtime_ns
+  second.write_bytes(second.read_bytes()[:10])
+  again = [cluster_stages.write_shard(k, plan[k], paths, str(tmp_path / "s"), "jsonl",
+                                      docfilter.new_report(cfg)) for k in (0, 1)]
+  assert first.stat().st_mtime_ns == stamp
+  assert second.read_bytes() == (out / "data" / names[1]).read_bytes()
+  assert [sum(s["out"]["docs"] for s in json.loads(a["report"])["sources"].values())
+          for a in again] == [4, 3]
+  assert (tmp_path / "s" / "signatures.npz").read_bytes() == (out / "signatures.npz").read_bytes()
+  for key in ("sources", "stages", "duplicate_clusters_exact", "duplicate_clusters_near"):
+    assert got[key] == want[key], key
+  later = tmp_path / "later.jsonl"  # one copy of an earlier output's document, one new
+  _write_jsonl(later, [{"text": messy["good"][0]}, {"text": _good_doc(100)},
+                       {"text": messy["good"][0] + " "}])
+  cfg = settings.parse({"sources": [{"name": "later", "path": str(later)}],
+                        "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
+  want = pipeline.curate(cfg, str(tmp_path / "local"), log=lambda m: None)
+  priors = [(str(out / "signatures.npz"), len(messy["kept"]))]
+  got, names, _, _ = _cluster_stages_curate(cfg, tmp_path / "s2", priors)
+  assert names == ["part-00000.jsonl"] and (tmp_path / "s2" / "data" / names[0]).read_bytes() == \
+      (tmp_path / "local" / "data" / names[0]).read_bytes()
+  assert got["stages"] == want["stages"] and got["duplicate_clusters_exact"] == 1
+  assert want["stages"]["exact_dedup"]["examples"][1]["detail"] == "kept prior:web/part0.jsonl:0"
+
+
 @pytest.mark.slow  # starts a local Ray instance (~35 s on 2 busy cores)
 def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
   """The messy corpus through `--engine ray` on a local Ray instance: every output file equal;
-  and Ray's connected components over random LSH buckets equal the local union-find's."""
+  Ray's connected components over random LSH buckets equal the local union-find's; and a later
+  corpus deduplicated against the output the same on both engines."""
   pytest.importorskip("ray.data")
   from mai_jax.data.curate import ray_engine
   out, _ = curated
@@ -624,7 +704,14 @@ def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
     sizes = np.unique(want, return_counts=True)[1]
     assert (sizes > 1).sum() > 20 and sizes.max() > 20  # many clusters, some long (6 rounds)
     np.testing.assert_array_equal(ray_engine.near_components(keys, members, 500), want)
+    later = tmp_path / "later.jsonl"  # against the earlier output: priors read by the workers
+    _write_jsonl(later, [{"text": messy["good"][0] + " "}, {"text": _good_doc(100)}])
+    cfg = settings.parse({"sources": [{"name": "later", "path": str(later)}],
+                          "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
+    for engine in ("local", "ray"):
+      pipeline.curate(cfg, str(tmp_path / f"later_{engine}"), engine=engine, log=lambda m: None)
   _assert_same_files(out, out_ray)
+  _assert_same_files(tmp_path / "later_local", tmp_path / "later_ray")
 
 
 @pytest.mark.slow  # compiles a tiny Decoder's forward (~30 s on 2 busy cores)

@@ -8,7 +8,8 @@ FineWeb heuristics), langid (py3langid), quality (a DCLM-style classifier), deco
 overlap with evaluation sets), minhash and dedup (exact + MinHash LSH, union-find, deterministic
 survivor), records (input with provenance, output shards), report, settings (the config file),
 docfilter (the per-file stage every engine runs), staging (OUT.partial and resuming), pipeline
-(one run on engine 'local', a process pool, or 'ray', ray_engine.py).
+(one run on engine 'local', a process pool, or 'ray': ray_engine.py, with cluster_stages.py
+and components.py doing the work of its tasks).
 `mai-jax data curate` is the command line.
 
 Like the rest of mai_jax.data this imports nothing from mai_jax.model or mai_jax.train.

@@ -4,8 +4,9 @@ Documents are numbered in priority order (sources in config order, files sorted,
 order; documents of earlier corpora loaded with `dedup.against` come first of all). Each cluster's
 survivor is its smallest number, its first member in that order, whatever order the edges come in:
 put the source you trust most first. Locally clusters are built by union-find where the smaller
-number always becomes the root; the Ray engine finds the same minima by rounds of Ray Data
-group-bys (components.py), as its edge list need not fit one machine. Exact dedup (8-byte
+number always becomes the root; the Ray engine finds the same minima by Ray Data group-bys (the
+exact hash's, then rounds over the LSH edges: cluster_stages.py, components.py), as its
+documents need not fit one machine. Exact dedup (8-byte
 blake2b of the normalized text, textstats.normalize_for_hash) runs first; near dedup (MinHash
 LSH, minhash.py) runs on the exact survivors, any shared band joins two documents (FineWeb's
 rule, no pairwise Jaccard check).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zipfile
 from typing import Callable, Iterable
 
 import numpy as np
@@ -127,17 +129,40 @@ def save_signatures(path: str, ids: list[str], exact_N: np.ndarray, sig_NP: np.n
              **{k: np.array(params[k], np.int64) for k in SIGNATURE_PARAMS})
 
 
-def load_signatures(path: str, params: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
-  """(ids, exact hashes, signatures) of an earlier output; its MinHash parameters must match."""
+def npz_rows(path: str, member: str) -> int:
+  """Rows of one array of an .npz, from its .npy header only (the array stays on disk)."""
+  with zipfile.ZipFile(path) as z, z.open(member + ".npy") as f:
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape = read(f)[0]
+  return int(shape[0])
+
+
+def _open_signatures(path: str, params: dict, arrays: bool):
+  """(ids, exact, sig) or, without `arrays`, the row count, of an earlier output's
+  signatures.npz whose MinHash parameters must match `params`."""
   try:
     with np.load(path, allow_pickle=False) as z:
       saved = {k: int(z[k]) for k in SIGNATURE_PARAMS}
-      ids, exact_N, sig_NP = [str(s) for s in z["ids"]], z["exact"], z["sig"]
-  except (OSError, KeyError, ValueError) as e:
+      got = ([str(s) for s in z["ids"]], z["exact"], z["sig"]) if arrays else None
+    got = got or npz_rows(path, "exact")
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise ConfigError(f"dedup.against {path!r}: not a signatures.npz written by `mai-jax data "
                       f"curate` ({e})") from e
   wanted = {k: int(params[k]) for k in SIGNATURE_PARAMS}
   if saved != wanted:
     raise ConfigError(f"dedup.against {path!r}: signatures made with {saved}, this run uses "
                       f"{wanted}; set dedup.ngram/bands/rows/seed to match")
-  return ids, exact_N, sig_NP
+  return got
+
+
+def load_signatures(path: str, params: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """(ids, exact hashes, signatures) of an earlier output; its MinHash parameters must match."""
+  return _open_signatures(path, params, arrays=True)
+
+
+def signature_rows(path: str, params: dict) -> int:
+  """load_signatures' checks, but only the number of documents comes back (the Ray engine's
+  workers read the arrays)."""
+  return _open_signatures(path, params, arrays=False)

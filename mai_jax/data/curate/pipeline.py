@@ -1,16 +1,18 @@
 """A curation run, on either engine: list files, filter per file, global dedup, write the shards.
 
 Stages: (1) list every source's files (a source without files is an error before anything is
-written); (2) `docfilter.filter_file` per file, each writing a staging file: engine 'local' runs
-it on `workers` processes (fork, so the evaluation index built once is shared), engine 'ray' as a
-Ray Data map (ray_engine.py); (3) exact + near dedup over all kept documents in priority order,
-plus the documents of `dedup.against` (clusters by union-find locally, by rounds of Ray Data
-group-bys on 'ray': components.py); (4) one pass over the staging files in order writing the
-survivors to shards, the report and signatures.npz. Everything is written into OUT.partial
-(staging.py), renamed to OUT only when the run succeeds: a refused run or one with no documents
-left leaves nothing; an interrupted one leaves OUT.partial, and the same command resumes it file
-by file. Stages 2-4 show progress bars on stderr (progress.py). Memory: the signatures (4 x bands
-x rows bytes a document) and ids of the kept documents; the texts stay on disk.
+written); (2) `docfilter.filter_file` per file, each writing a staging file; (3) exact + near
+dedup over all kept documents in priority order, plus the documents of `dedup.against`; (4) the
+survivors written to shards in that order, the report and signatures.npz. Engine 'local' runs
+(2) on `workers` processes (fork, so the evaluation index built once is shared) and (3)-(4) on
+this process (union-find, one pass over the staging files); engine 'ray' runs every stage on
+the cluster (ray_engine.py, cluster_stages.py), the driver keeping only per-file and per-shard
+counts and reports. Everything is written into OUT.partial (staging.py), renamed to OUT only
+when the run succeeds: a refused run or one with no documents left leaves nothing; an
+interrupted one leaves OUT.partial, and the same command resumes it file by file (and, on
+'ray', shard by shard). Stages 2-4 show progress bars on stderr (progress.py). Memory of the
+local engine: the signatures (4 x bands x rows bytes a document) and ids of the kept documents;
+the texts stay on disk.
 """
 
 from __future__ import annotations
@@ -75,33 +77,29 @@ def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Opti
   out_dir = os.path.abspath(out_dir)
   check_out_dir(out_dir)
   files = list_files(cfg)
-  priors = [dedup.load_signatures(p, cfg.dedup.signature_params()) for p in cfg.dedup.against]
+  params = cfg.dedup.signature_params()
   index = eval_index(cfg)
   workers = max(1, min(workers or cfg.workers, len(files)))
   bars = Progress(progress)
   if engine == "ray":
     from mai_jax.data.curate import ray_engine  # pylint: disable=import-outside-toplevel
     ray_engine.check_installed()
-    connection, filter_files, components = (ray_engine.session(workers, bars),
-                                            ray_engine.filter_files, ray_engine.near_components)
+    priors = [(p, dedup.signature_rows(p, params)) for p in cfg.dedup.against]
+    connection, run = ray_engine.session(workers, bars), ray_engine.run
   else:
-    connection, filter_files, components = (contextlib.nullcontext(), _filter_all,
-                                            dedup.local_components)
+    priors = [dedup.load_signatures(p, params) for p in cfg.dedup.against]
+    connection, run = contextlib.nullcontext(), _run_local
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   staging, resumed = staging_lib.open_staging(out_dir, staging_lib.fingerprint(cfg, files))
   try:
     jobs = [docfilter.FileJob(i, s, b, r, os.path.join(staging, "stage", f"{i:06d}.jsonl"))
             for i, (s, b, r) in enumerate(files)]
-    done = staging_lib.load_results(staging, jobs, cfg) if resumed else {}
+    done = staging_lib.done_numbers(staging, jobs) if resumed else set()
     log(f"curating {len(files)} files from {len(cfg.sources)} sources, engine {engine}"
         + (f"; resuming {staging}: {len(done)} files already done" if resumed else ""))
     with connection:
-      results = list(done.values())
-      todo = [j for j in jobs if j.number not in done]
-      for result in filter_files(cfg, index, todo, workers, bars):
-        staging_lib.save_result(staging, result)
-        results.append(result)
-      report = _finish(cfg, results, priors, index, staging, log, components, bars)
+      report = run(cfg, jobs, done, priors, index, staging, workers, bars)
+    report = seal(cfg, staging, report, log)
     os.rename(staging, out_dir)
   except ConfigError:  # nothing to resume: the input or config must change first
     shutil.rmtree(staging, ignore_errors=True)
@@ -110,6 +108,18 @@ def curate(cfg: CurateConfig, out_dir: str, engine: str = "local", workers: Opti
     log(f"stopped; the same command resumes from {staging} (delete it to start over)")
     raise
   return report
+
+
+def _run_local(cfg, jobs, done, priors, index, staging, workers, progress):
+  """The local engine after listing: filter the files not `done` on a process pool, then
+  dedup and write on this process. Returns the Report (report.json not written yet)."""
+  results = list(staging_lib.load_results(staging, [j for j in jobs if j.number in done],
+                                          cfg).values())
+  for result in _filter_all(cfg, index, [j for j in jobs if j.number not in done], workers,
+                            progress):
+    staging_lib.save_result(staging, result)
+    results.append(result)
+  return _finish(cfg, results, priors, index, staging, dedup.local_components, progress)
 
 
 def _filter_all(cfg, index, jobs, workers, progress: Progress) -> Iterator[docfilter.FileResult]:
@@ -125,8 +135,8 @@ def _filter_all(cfg, index, jobs, workers, progress: Progress) -> Iterator[docfi
     _WORKER.clear()
 
 
-def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str, log,
-            components: dedup.ComponentsFn, progress: Progress) -> dict:
+def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
+            components: dedup.ComponentsFn, progress: Progress):
   report = docfilter.new_report(cfg)
   for r in sorted(results, key=lambda r: r.number):
     report.merge(r.report)
@@ -172,22 +182,22 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
       decontamination_items=index.items if index else 0,
       decontamination_items_too_short=index.skipped_short if index else 0,
       shards=[os.path.basename(p) for p in writer.paths])
-  total_out = int(keep.sum())
+  if keep.any():
+    dedup.save_signatures(os.path.join(staging, "signatures.npz"),
+                          [ids[i] for i in np.nonzero(keep)[0]], exact_N[keep], sig_NP[keep],
+                          d.signature_params())
+  return report
+
+
+def seal(cfg: CurateConfig, staging: str, report, log) -> dict:
+  """The end of a run on either engine: refuses an empty result, writes report.json and
+  summary.txt, removes what only resuming needed. Returns the report as a dict."""
+  total_out = sum(s["out"]["docs"] for s in report.sources.values())
   if total_out == 0:
-    stage, count = report.worst_stage()
-    total_in = sum(s["in"]["docs"] for s in report.sources.values())
-    fix = f"loosen rules.{stage}" if stage in {r.name for r in cfg.rules} else "check the input"
-    reasons = sorted(report.stages[stage]["reasons"].items(), key=lambda rc: (-rc[1], rc[0]))
-    raise ConfigError(f"no documents left after curation: {stage!r} removed the most ({count} of "
-                      f"{total_in} documents: {', '.join(f'{r} {c}' for r, c in reasons[:3])}); "
-                      f"{fix}")
-  dedup.save_signatures(os.path.join(staging, "signatures.npz"),
-                        [ids[i] for i in np.nonzero(keep)[0]], exact_N[keep], sig_NP[keep],
-                        d.signature_params())
+    raise report.nothing_left(r.name for r in cfg.rules)
   report.write(staging)
   shutil.rmtree(os.path.join(staging, "stage"))
   os.remove(os.path.join(staging, "run.json"))
   log(f"kept {total_out} of {sum(s['in']['docs'] for s in report.sources.values())} documents "
-      f"in {len(writer.paths)} shards")
+      f"in {len(report.extra['shards'])} shards")
   return report.to_json()
-

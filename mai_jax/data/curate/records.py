@@ -110,19 +110,28 @@ class ShardWriter:
   def flush(self) -> None:
     if not self.buffer:
       return
-    path = os.path.join(self.folder, f"part-{len(self.paths):05d}.{self.fmt}")
-    if self.fmt == "jsonl":
-      with open(path, "w", encoding="utf-8") as f:
-        for r in self.buffer:
-          f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    else:
-      import pyarrow as pa  # pylint: disable=import-outside-toplevel
-      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-      table = pa.table({
-          "id": [r["id"] for r in self.buffer], "source": [r["source"] for r in self.buffer],
-          "text": [r["text"] for r in self.buffer],
-          "meta": [json.dumps(r["meta"], ensure_ascii=False, sort_keys=True)
-                   for r in self.buffer]})
-      pq.write_table(table, path, compression="zstd")
+    path = os.path.join(self.folder, shard_name(len(self.paths), self.fmt))
+    write_shard(path, self.fmt, self.buffer)
     self.paths.append(path)
     self.buffer = []
+
+
+def shard_name(number: int, fmt: str) -> str:
+  return f"part-{number:05d}.{fmt}"
+
+
+def write_shard(path: str, fmt: str, rows: list[dict]) -> None:
+  """One output shard; the same bytes for the same rows whoever writes it (the local engine's
+  ShardWriter, or a Ray task of the Ray engine)."""
+  if fmt == "jsonl":
+    with open(path, "w", encoding="utf-8") as f:
+      for r in rows:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  else:
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    table = pa.table({
+        "id": [r["id"] for r in rows], "source": [r["source"] for r in rows],
+        "text": [r["text"] for r in rows],
+        "meta": [json.dumps(r["meta"], ensure_ascii=False, sort_keys=True) for r in rows]})
+    pq.write_table(table, path, compression="zstd")

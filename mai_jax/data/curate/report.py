@@ -14,6 +14,8 @@ import json
 import os
 from typing import Optional
 
+from mai_jax.config import ConfigError
+
 EXAMPLE_CHARS = 200
 
 
@@ -89,6 +91,16 @@ class Report:
   def worst_stage(self) -> tuple[str, int]:
     """(stage, documents) of the stage that removed the most documents."""
     return max(((s, v["removed"]["docs"]) for s, v in self.stages.items()), key=lambda x: x[1])
+
+  def nothing_left(self, rule_names) -> ConfigError:
+    """The error of a run that kept no document: the stage that removed the most, and the fix."""
+    stage, count = self.worst_stage()
+    total_in = sum(s["in"]["docs"] for s in self.sources.values())
+    fix = f"loosen rules.{stage}" if stage in set(rule_names) else "check the input"
+    reasons = sorted(self.stages[stage]["reasons"].items(), key=lambda rc: (-rc[1], rc[0]))
+    return ConfigError(f"no documents left after curation: {stage!r} removed the most ({count} of "
+                       f"{total_in} documents: {', '.join(f'{r} {c}' for r, c in reasons[:3])}); "
+                       f"{fix}")
 
   def to_json(self) -> dict:
     return {

@@ -4,8 +4,11 @@ Each input file's filtered documents (`stage/NNNNNN.jsonl`) are followed, once c
 result (`NNNNNN.npz`: ids, exact hashes, MinHash signatures; `NNNNNN.report.json`), each written
 to a temporary name and renamed, so a file counts as done only when all of it is on disk. A run
 that stops (crash, Ctrl-C, a lost node) leaves OUT.partial; the same command again skips the
-files already done. `run.json` holds a fingerprint of the config and of every input file (size,
-mtime): resuming with another config or changed inputs is refused rather than mixed.
+files already done. The Ray engine adds, per file, `NNNNNN.removed.npz` (its duplicates, the
+dedup stage's keep mask) and, per output shard, `shard-NNNNN.json` (its counts and size, written
+after the shard: a resumed run skips that shard). `run.json` holds a fingerprint of the config
+and of every input file (size, mtime): resuming with another config or changed inputs is refused
+rather than mixed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import numpy as np
 
 from mai_jax.config import ConfigError
-from mai_jax.data.curate import docfilter
+from mai_jax.data.curate import dedup, docfilter
 from mai_jax.data.curate.report import Report
 from mai_jax.data.curate.settings import CurateConfig
 
@@ -71,13 +74,16 @@ def save_result(staging: str, result: docfilter.FileResult) -> None:
   os.replace(report + ".tmp", report)  # last: its presence marks the file done
 
 
+def done_numbers(staging: str, jobs: list) -> set:
+  """The numbers of the jobs an earlier attempt finished (save_result wrote all of)."""
+  return {j.number for j in jobs if all(os.path.exists(p) for p in _paths(staging, j.number))}
+
+
 def load_results(staging: str, jobs: list, cfg: CurateConfig) -> dict:
-  """{file number: FileResult} of the files an earlier attempt finished."""
+  """{file number: FileResult} of `jobs`, which an earlier attempt finished."""
   done = {}
   for job in jobs:
     npz, report = _paths(staging, job.number)
-    if not (os.path.exists(report) and os.path.exists(npz)):
-      continue
     with np.load(npz, allow_pickle=False) as z:
       ids, exact_N, sig_NP = [str(i) for i in z["ids"]], z["exact"], z["sig"]
     with open(report, encoding="utf-8") as f:
@@ -85,3 +91,21 @@ def load_results(staging: str, jobs: list, cfg: CurateConfig) -> dict:
     done[job.number] = docfilter.FileResult(job.number, job.staging_path, ids, exact_N, sig_NP,
                                             Report.from_json(state, cfg.output.examples_per_rule))
   return done
+
+
+def load_reports(staging: str, jobs: list, cfg: CurateConfig) -> dict:
+  """{file number: (documents kept, Report)} of `jobs`, which an earlier attempt finished,
+  without their arrays (the Ray engine leaves those on the staging folder for its workers)."""
+  done = {}
+  for job in jobs:
+    npz, report = _paths(staging, job.number)
+    with open(report, encoding="utf-8") as f:
+      state = json.load(f)
+    done[job.number] = (dedup.npz_rows(npz, "exact"),
+                        Report.from_json(state, cfg.output.examples_per_rule))
+  return done
+
+
+def result_path(staging: str, number: int) -> str:
+  """Where save_result puts a file's ids, exact hashes and signatures."""
+  return _paths(staging, number)[0]
