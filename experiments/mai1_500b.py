@@ -14,42 +14,36 @@
   context 8,192 for pretraining (long context is a later, cheaper extension phase, as in Llama 3).
   Untied embeddings, RoPE theta 500,000 (Llama 3's choice for 8K and beyond).
   Layout for 15,360 H100 (1,920 nodes x 8), chosen by `mai-jax plan --search` with the pipeline
-  terms (docs/planner.md): stage=4 x fsdp=192 x data=5 x tensor=4, pipeline_repeats=10 (3 layers
-  per virtual stage), pipeline_microbatches=4, remat 'dots'; 70.1 GB of 72 GB usable per GPU.
+  terms (docs/planner.md): stage=5 x fsdp=384 x tensor=8 (data=1), pipeline_repeats=12 (2 layers
+  per virtual stage), pipeline_microbatches=5, train.microbatches=2, remat 'dots',
+  sequence_parallel, pipeline_stage_remat=False; 66.7 GB of 72 GB usable per GPU.
   Why this split, in the planner's physics for this codebase's pipeline (model/pipeline.py):
-  - stage=4: the stages exist to cut what FSDP moves (each GPU gathers only its stage's layers,
-    and model.pipeline_gather_once gathers them once per step); with no stages the all-gathers
-    bound the step (32.6% MFU at this batch). Gathering the stage once means holding its weights
-    whole along fsdp (and their unreduced gradient): at stage=2 that is 134 GB of temporaries and
-    does not fit, at stage=4 it fits. More stages cost more than they save: every stage repeats
-    the head (embedding, unembedding, loss) on the whole batch, the stage-to-stage sends are
-    exposed and carry the whole [rows, T, D] buffer on every tensor rank, and the bubble grows.
-  - repeats=10 with 4 pipeline microbatches: bubble (S-1)/(R M + S - 1) = 3/43 = 7.0%.
-  - tensor=4, not 8: the residual stream is replicated over tensor (no sequence parallelism), so
-    its elementwise work and the exposed all-reduces do not shrink with t; the GEMMs stay large
-    at t=4. fsdp=192 divides d_model 18,432; data=5 takes the rest.
-  - remat 'dots': pipeline iterations are checkpointed as a whole, so any remat recomputes each
-    stage forward once; 'full' inside that recomputes every block a second time (nested remat),
-    'dots' does not. 'none' keeps every iteration's activations (all forwards run before the
-    backwards): 120 layers x 8K-token rows do not fit.
-  - With model.pipeline_gather_once=False (each iteration gathers its virtual stage: little
-    memory, M times the traffic) the best layout is stage=2 x tensor=8 at 34.8%.
-  - mesh.zero1 (ZeRO-1: moments over data, float32 weights and gradients whole within a stage; no
-    FSDP gathers at fsdp=1) does not help this schedule: here it saves 1 GB (37.4%, 69.1 GB), and
-    Llama 3 405B's pattern, data=128 x stage=15 x tensor=8 with zero1, needs 121.6 GB at 1 repeat
-    (23.8%; each stage's weights + gradients are 37.8 GB and the replicated head's logits 32 GB)
-    and more with repeats. Under a Megatron-style 1F1B schedule it would fit at 68.3 GB, 45.0%.
+  - The stages exist to cut what FSDP moves: each GPU gathers only its stage's layers, once per
+    step (model.pipeline_gather_once; gathering per iteration instead: 29.9%). With no stages the
+    all-gathers bound the step (about 33%).
+  - pipeline_stage_remat=False: the blocks' 'dots' policy alone decides what each iteration keeps
+    (the projection outputs; the attention core is recomputed), so the backward does not run a
+    second stage forward. With the whole-stage checkpoint this layout predicts 35.3% (17.8 GB):
+    the recompute costs 1.33x the block FLOPs. remat 'none' would be 47.8% but needs 92.5 GB;
+    'full' 35.7%.
+  - sequence_parallel with tensor=8: the residual stream, norms and the stage buffers split over
+    the tensor GPUs of a node (Megatron-LM's sequence parallelism), so every iteration's saved
+    activations shrink 8-fold and each tensor rank sends 1/8 of a stage's output. Without it:
+    171 GB (39.2% if it fit). tensor=8 keeps the 144 query and 8 KV heads evenly split.
+  - train.microbatches=2: the step runs the pipeline twice on 1,920 rows each, so the scan keeps
+    half the iterations' activations (120 GB with one); the second bubble costs nothing the planner
+    can see at this size (46.9% both ways).
+  - stage=5, R=12, M_p=5: bubble (S-1)/(R M + S - 1) = 4/64 = 6.2%; fsdp=384 divides d_model
+    18,432; data=1 takes the rest. The stages split the batch rows for the output layer and loss.
   Global batch 3,840 x 8,192 = 31.5M tokens: twice Llama 3 405B's 16M, half DeepSeek-V3's 63M;
     DeepSeek LLM's batch-size law (0.292 C^0.327 tokens) gives ~63M at this run's 3e25 FLOPs, so
     31.5M is inside the flat optimum, and at 15.7M the bubble and the fixed per-step FSDP traffic
     cost MFU points.
-  Predicted: 37.4% MFU, ~63 days for 10T tokens (`mai-jax plan --config experiments/mai1_500b.py`).
-  Not the issue's 45%: this codebase's schedule recomputes each stage (1.33x the FLOPs of no remat)
-  and runs all forwards before the backwards. The planner puts a 1F1B order without the whole-stage
-  recompute and a Megatron-style one (sends split over tensor and overlapped, head on the last
-  stage) above 50% (docs/planner.md, "What the pipeline needs").
+  Predicted: 46.9% MFU, 13.6 s a step, ~50 days for 10T tokens (`mai-jax plan --config
+  experiments/mai1_500b.py`); `--compile` compiles this layout's sharded step at 24 layers on 8
+  CPU devices (planned peak within 11% of XLA's).
   Token budget: 10T tokens, Chinchilla-optimal (Hoffmann et al. 2022: ~20 tokens per parameter);
-  the planner puts it at ~59 days on 15,360 H100, so training longer is a schedule decision.
+  the planner puts it at ~50 days on 15,360 H100, so training longer is a schedule decision.
 
 `:moe`: same vocab and attention family, narrower and fine-grained, pretrained at 4,096 context:
   64 layers, d_model 8,192, 64 heads of 128, 8 KV heads; the first 2 layers dense (d_ff 28,672,
@@ -104,14 +98,16 @@ def dense() -> Config:
       model=ModelConfig(num_layers=120, d_model=18432, num_heads=144, num_kv_heads=8,
                         head_dim=128, d_ff=61440, vocab_size=131072, rope_theta=500000.0,
                         tie_embeddings=False, param_dtype="float32", compute_dtype="bfloat16",
-                        remat="dots", pipeline_repeats=10, pipeline_microbatches=4),
-      mesh=MeshConfig(data=-1, stage=4, fsdp=192, tensor=4, target_gpu="h100",
+                        remat="dots", pipeline_repeats=12, pipeline_microbatches=5,
+                        pipeline_stage_remat=False, sequence_parallel=True),
+      mesh=MeshConfig(data=-1, stage=5, fsdp=384, tensor=8, target_gpu="h100",
                       target_num_gpus=TARGET_GPUS),
       optim=OptimConfig(learning_rate=8e-5, warmup_steps=8000, schedule="wsd",
                         min_lr_ratio=0.01, decay_fraction=0.1, weight_decay=0.1, grad_clip=1.0),
       data=DataConfig(seq_len=SEQ_LEN),
       train=TrainConfig(num_steps=TOKEN_BUDGET // (GLOBAL_BATCH * SEQ_LEN),
-                        global_batch_size=GLOBAL_BATCH, token_budget=TOKEN_BUDGET, log_every=10,
+                        global_batch_size=GLOBAL_BATCH, microbatches=2,
+                        token_budget=TOKEN_BUDGET, log_every=10,
                         z_loss_weight=1e-4, progress_bar=False),
   )
 
@@ -120,13 +116,14 @@ def moe() -> Config:
   cfg = dense()
   model = dataclasses.replace(cfg.model, num_layers=64, d_model=8192, num_heads=64,
                               num_kv_heads=8, head_dim=128, d_ff=28672, remat="full",
-                              pipeline_repeats=1, pipeline_microbatches=0, **MOE_FIELDS)
+                              pipeline_repeats=1, pipeline_microbatches=0,
+                              pipeline_stage_remat=True, sequence_parallel=False, **MOE_FIELDS)
   # tensor=1: every GPU needs its own rows, so 15,360 rows of 4,096 (DeepSeek-V3's final batch).
   return dataclasses.replace(
       cfg, model=model,
       mesh=dataclasses.replace(cfg.mesh, data=-1, stage=1, fsdp=8, expert=64, tensor=1),
       data=dataclasses.replace(cfg.data, seq_len=MOE_SEQ_LEN),
-      train=dataclasses.replace(cfg.train, global_batch_size=MOE_GLOBAL_BATCH,
+      train=dataclasses.replace(cfg.train, global_batch_size=MOE_GLOBAL_BATCH, microbatches=1,
                                 num_steps=TOKEN_BUDGET // (MOE_GLOBAL_BATCH * MOE_SEQ_LEN)))
 
 

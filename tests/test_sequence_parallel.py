@@ -106,9 +106,15 @@ def test_residual_rules_derive_residual_seq_from_seq_and_heads():
 # The planner
 
 
+# MAI-1 dense on stage 4 x fsdp 192 x tensor 4 (R 10, M_p 4) with the stage checkpoint and no
+# gradient accumulation: the layout before it had sequence parallelism.
+STAGE4_T4 = {**tpl.PLAIN_KNOBS, "mesh.stage": "4", "mesh.fsdp": "192", "mesh.tensor": "4",
+             "mesh.data": "-1", "model.pipeline_repeats": "10", "model.pipeline_microbatches": "4"}
+
+
 def _mai1_plans():
-  """MAI-1 dense's default 15,360-H100 layout planned with sequence parallelism off and on."""
-  cfg = C.load_experiment(tpl.MAI1)
+  """MAI-1 dense at STAGE4_T4 on 15,360 H100, planned with sequence parallelism off and on."""
+  cfg = C.apply_overrides(C.load_experiment(tpl.MAI1), STAGE4_T4)
   on = C.apply_overrides(cfg, {"model.sequence_parallel": "True"})
   return cfg, on, P.plan(cfg, "h100", 15360), P.plan(on, "h100", 15360)
 
@@ -121,7 +127,7 @@ def test_planner_splits_the_residual_terms_and_the_stage_sends_over_tensor():
   layout = on.layout
   t, c, T, D = layout.size("tensor"), 2, cfg.data.seq_len, cfg.model.d_model
   assert layout.sequence_parallel and not off.layout.sequence_parallel and t == 4
-  assert layout.impl == pp.THIS_CODEBASE and P.p2p_impl(layout).p2p_split_over_tensor
+  assert layout.impl.this_codebase and P.p2p_impl(layout).p2p_split_over_tensor
   assert P.fsdp_gather_scope(cfg_on, layout) == P.fsdp_gather_scope(cfg, off.layout)
   b = P.pipeline_rows_per_device(cfg, layout)
   n = b * T
