@@ -6,10 +6,12 @@ SwiGLU d_ff 53248 (3.25 x d_model), vocab 128,256, RoPE theta 500,000, untied em
 
 Layout: 16,384 H100 (2,048 nodes x 8), the scale and batch Meta trained it at (16K H100, 2,048 x
 8,192 = 16.8M tokens per step at the end of its batch ramp; Meta ramped 4M -> 8M -> 16M tokens). Meta
-used TP8 x PP16 x DP128; this codebase has no pipeline stage yet, so: tensor=8 inside each node, fsdp
-across nodes, data-parallel replicas over the rest, one row per tensor group. Full remat: the
-residual stream is replicated over tensor (no sequence parallelism), and at 126 x 8,192 x 16,384
-bf16 the saved block inputs alone take 34 GB per GPU, so nothing more fits.
+used TP8 x PP16 x DP128. This layout is the plain one (no pipeline stages, no sequence
+parallelism): tensor=8 inside each node, fsdp across nodes, data-parallel replicas over the rest,
+one row per tensor group. Full remat: the residual stream is replicated over tensor, and at 126 x
+8,192 x 16,384 bf16 the saved block inputs alone take 34 GB per GPU, so nothing more fits. With
+stages and model.sequence_parallel `mai-jax plan --search` ranks faster layouts (MAI-1 dense's
+docstring explains the switches).
 Token budget: 15.6T tokens (the paper's pretraining corpus).
 
 Variants:
