@@ -1,6 +1,7 @@
 """Pipeline parallelism through the CLI (slow): a mesh.stage=2 run trains like stage=1, resumes
 bit for bit after kill -9, its checkpoint resumes on stage=1 and on 2 processes x 4 devices with
-'stage' spanning the processes, and eval, sample and convert to-hf read its workdir.
+'stage' spanning the processes, and eval, sample and convert to-hf read its workdir; MAI-1 dense's
+layout switches (sequence parallelism, no stage checkpoint, accumulation) train like stage=1.
 
 The smoke model has 2 layers: one per stage, 2 pipeline microbatches per step (GPipe).
 """
@@ -40,6 +41,23 @@ def test_a_stage_2_run_matches_stage_1_over_10_steps(runs):
   assert sorted(runs["piped"]) == list(range(1, 11))
   for step in range(1, 11):
     assert runs["piped"][step] == pytest.approx(runs["plain"][step], rel=1e-4), step
+
+
+# MAI-1 dense's layout switches (experiments/mai1_500b.py) on the smoke model: stage x fsdp x
+# tensor, sequence parallelism, no whole-stage checkpoint, gradient accumulation.
+MAI1_SWITCHES = ["--config.mesh.stage=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                 "--config.model.sequence_parallel=True", "--config.model.pipeline_stage_remat=False",
+                 "--config.train.microbatches=2"]
+
+
+def test_the_mai1_layout_switches_train_like_stage_1(runs):
+  workdir = runs["root"] / "switches"
+  out = run_train(workdir, *RUN, *MAI1_SWITCHES, env=runs["env"])
+  assert "'stage': 2" in out and "'tensor': 2" in out
+  got = losses(metrics(workdir))
+  assert sorted(got) == list(range(1, 11))
+  for step in range(1, 11):
+    assert got[step] == pytest.approx(runs["plain"][step], rel=1e-4), step
 
 
 def test_kill_9_then_resume_under_stage_2_is_bit_identical(runs):
