@@ -183,16 +183,19 @@ FAST_CASE_CFG = dict(mesh=C.MeshConfig(stage=2, fsdp=2, tensor=2), pipeline_repe
 
 
 def test_without_the_stage_checkpoint_the_step_is_equal_and_recomputes_less(reference):
-  """model.pipeline_stage_remat=False: the blocks' own remat policy alone (here full: one
-  recompute of each block instead of the stage's plus the block's), same loss and gradients."""
+  """model.pipeline_stage_remat=False with remat 'dots': the blocks' projections are saved, so
+  the backward recomputes no GEMM (the stage checkpoint over 'full' blocks recomputes each twice);
+  same loss and gradients. XLA's cost analysis (loop bodies counted once) gives 0.76 of the
+  checkpointed step's FLOPs; 0.85 with a shape-based 'dots' policy, which saves nothing under the
+  stages' vmap (every dot there has a batch dimension)."""
   plain = _cfg(**FAST_CASE_CFG)
   if plain not in _FLOPS:
     _pipelined_loss_and_grads(plain, reference[0])
-  cfg = dataclasses.replace(plain, model=dataclasses.replace(plain.model,
-                                                             pipeline_stage_remat=False))
+  cfg = dataclasses.replace(plain, model=dataclasses.replace(
+      plain.model, pipeline_stage_remat=False, remat="dots"))
   got, _ = _pipelined_loss_and_grads(cfg, reference[0])
   _assert_close(got, reference[1:])
-  assert _FLOPS[cfg] < 0.95 * _FLOPS[plain], (_FLOPS[cfg], _FLOPS[plain])
+  assert _FLOPS[cfg] < 0.8 * _FLOPS[plain], (_FLOPS[cfg], _FLOPS[plain])
 
 
 def test_the_stages_split_the_rows_for_the_output_layer(reference):
