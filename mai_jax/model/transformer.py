@@ -152,7 +152,11 @@ class Decoder(nnx.Module):
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-    x_BTD = shard_act(self.embed(tokens_BT), RESIDUAL)
+    with sequence_parallelism(False):
+      # The lookup's rows first take the plain batch sharding, then (a local slice) the sequence
+      # split: asked for the split directly, the SPMD partitioner replicates the whole lookup.
+      x_BTD = shard_act(self.embed(tokens_BT), RESIDUAL)
+    x_BTD = shard_act(x_BTD, RESIDUAL)
 
     if cfg.scan_layers:
       if hasattr(self, "dense_blocks"):
