@@ -16,7 +16,7 @@ pytest.importorskip("py3langid")
 
 from mai_jax.config import ConfigError  # noqa: E402
 from mai_jax.data.curate import (dedup, decontam, docfilter, langid, minhash, pipeline,  # noqa: E402
-                                 quality, rules, settings)
+                                 quality, rules, settings, topcut)
 from mai_jax.data.curate.textstats import DocText  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -616,9 +616,10 @@ def test_cluster_plan_shards_by_hand():
 
 
 def _cluster_stages_curate(cfg, staging, priors):
-  """The Ray engine's per-group and per-task functions (cluster_stages) run in this process on
-  the local engine's staged files: (report, shard names, shard plan, staged file paths)."""
-  from mai_jax.data.curate import cluster_stages, staging as staging_lib
+  """The Ray engine's per-group and per-task functions (cluster_stages, cluster_cut) run in this
+  process on the local engine's staged files: (report, shard names, shard plan, staged file
+  paths)."""
+  from mai_jax.data.curate import cluster_cut, cluster_stages, staging as staging_lib
   index = pipeline.eval_index(cfg)
   os.makedirs(staging / "stage")
   os.makedirs(staging / "data")
@@ -636,6 +637,10 @@ def _cluster_stages_curate(cfg, staging, priors):
   pieces, files, n_prior = cluster_stages.layout(priors, staged)
   paths = [j.staging_path for j in jobs]
   kept, clusters = cluster_stages.in_memory(pieces, paths, cfg, report, n_prior)
+  kept, cut_parts, cuts = cluster_cut.run_cuts(cfg, files, paths, kept, docfilter.new_report(cfg),
+                                               cluster_cut.in_process, chunks=2)
+  for part in cut_parts:
+    report.merge(part)
   names, plan = [], cluster_stages.plan_shards(kept, cfg.output.shard_docs)
   for number, segments in enumerate(plan):
     out = cluster_stages.write_shard(number, segments, paths, str(staging), cfg.output.format,
@@ -644,7 +649,7 @@ def _cluster_stages_curate(cfg, staging, priors):
     names.append(out["name"])
   cluster_stages.write_signatures(str(staging / "signatures.npz"), files, paths,
                                   cfg.dedup.signature_params())
-  report.extra.update(clusters)
+  report.extra.update(clusters, **topcut.report_extra(cuts))
   return report.to_json(), names, plan, paths
 
 
