@@ -694,7 +694,8 @@ def test_cluster_stages_decide_and_write_as_the_local_engine(messy, curated, tmp
 def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
   """The messy corpus through `--engine ray` on a local Ray instance: every output file equal;
   Ray's connected components over random LSH buckets equal the local union-find's; and a later
-  corpus deduplicated against the output the same on both engines."""
+  corpus deduplicated against the output and cut to its top half by quality_classifier
+  (keep_top_fraction) the same on both engines."""
   pytest.importorskip("ray.data")
   from mai_jax.data.curate import ray_engine
   out, _ = curated
@@ -710,11 +711,18 @@ def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
     assert (sizes > 1).sum() > 20 and sizes.max() > 20  # many clusters, some long (6 rounds)
     np.testing.assert_array_equal(ray_engine.near_components(keys, members, 500), want)
     later = tmp_path / "later.jsonl"  # against the earlier output: priors read by the workers
-    _write_jsonl(later, [{"text": messy["good"][0] + " "}, {"text": _good_doc(100)}])
+    _write_jsonl(later, [{"text": messy["good"][0] + " "}]
+                 + [{"text": _good_doc(i)} for i in range(100, 105)])
+    root = messy["root"]  # and the top half by quality of the 5 new documents (3, rounded up)
+    quality = {"positives": [str(root / "synthetic.jsonl")],
+               "negatives": [str(root / "web" / "part0.jsonl")], "keep_top_fraction": 0.5}
     cfg = settings.parse({"sources": [{"name": "later", "path": str(later)}],
+                          "rules": {"quality_classifier": quality},
                           "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
     for engine in ("local", "ray"):
-      pipeline.curate(cfg, str(tmp_path / f"later_{engine}"), engine=engine, log=lambda m: None)
+      got = pipeline.curate(cfg, str(tmp_path / f"later_{engine}"), engine=engine,
+                            log=lambda m: None)
+      assert got["top_fraction"]["quality_classifier"]["docs_out"] == 3
   _assert_same_files(out, out_ray)
   _assert_same_files(tmp_path / "later_local", tmp_path / "later_ray")
 
