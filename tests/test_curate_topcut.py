@@ -11,9 +11,9 @@ import pytest
 
 from test_curate import _cluster_stages_curate, _good_doc, _output, _write_jsonl
 
-from mai_jax.config import ConfigError  # noqa: E402
-from mai_jax.data.curate import pipeline, settings, topcut  # noqa: E402
-from mai_jax.data.curate.rules import KEEP  # noqa: E402
+from mai_jax.config import ConfigError
+from mai_jax.data.curate import pipeline, settings, topcut
+from mai_jax.data.curate.rules import KEEP
 
 
 def test_keys_rank_best_first_with_one_nan_last_and_no_negative_zero():
@@ -75,6 +75,13 @@ class _DeclaredScore:
     return KEEP
 
 
+@dataclasses.dataclass(frozen=True)
+class _DeclaredLow(_DeclaredScore):
+  """The same score, lower first (as perplexity)."""
+  name: ClassVar[str] = "declared_low"
+  higher_is_better: ClassVar[bool] = False
+
+
 # (id, score) in priority order; b/b0.jsonl:1 is an exact copy of a.jsonl:2 (dedup removes it
 # first, so the fraction is of 10 documents, not 11).
 _CORPUS = {"a.jsonl": [5, 3, 9, 3, 7], "b/b0.jsonl": [3, "copy", 1, 3], "b/b1.jsonl": [8, 3]}
@@ -106,10 +113,9 @@ def declared(tmp_path_factory):
     # 9, 8, 7, 5: the cut falls between scores
     (0.4, ["a/a.jsonl:0", "a/a.jsonl:2", "a/a.jsonl:4", "b/b1.jsonl:0"], 5.0)])
 def test_hand_corpus_survivors_report_and_both_engines(declared, tmp_path, fraction, kept, cut):
-  root, cfg = declared
+  _, cfg = declared
   cfg = dataclasses.replace(cfg, rules=(_DeclaredScore(keep_top_fraction=fraction),))
-  report = pipeline.curate(cfg, str(tmp_path / "out"), log=lambda m: None)
-  rows = _output(tmp_path / "out")
+  report, rows = _both_engines(cfg, tmp_path)
   assert [r["id"] for r in rows] == kept
   assert report["top_fraction"] == {"declared": {
       "keep_top_fraction": fraction, "higher_is_better": True, "docs_in": 10,
@@ -126,7 +132,14 @@ def test_hand_corpus_survivors_report_and_both_engines(declared, tmp_path, fract
   summary = (tmp_path / "out" / "summary.txt").read_text()
   assert f"declared: keep_top_fraction {fraction} (highest scores) of 10 documents after dedup: " \
          f"{len(kept)} kept, cut score {cut}" in summary
-  # The Ray engine's functions (histograms, radix cut, removed.npz) on the same staged files.
+  with np.load(tmp_path / "ray" / "stage" / "000001.npz") as z:  # b/b0.jsonl, staged per file
+    assert z["scores"].tolist() == [[3.0], [9.0], [1.0], [3.0]]
+
+
+def _both_engines(cfg, tmp_path):
+  """The local engine's (report, output rows); the Ray engine's functions (histograms, radix
+  cut, removed.npz: cluster_cut) on their own staged files must give the same bytes and report."""
+  report = pipeline.curate(cfg, str(tmp_path / "out"), log=lambda m: None)
   got, names, _, _ = _cluster_stages_curate(cfg, tmp_path / "ray", [])
   assert names == sorted(p.name for p in (tmp_path / "out" / "data").iterdir())
   for name in names:
@@ -136,6 +149,24 @@ def test_hand_corpus_survivors_report_and_both_engines(declared, tmp_path, fract
       (tmp_path / "out" / "signatures.npz").read_bytes()
   for key in ("sources", "stages", "top_fraction"):
     assert got[key] == report[key], key
+  return report, _output(tmp_path / "out")
+
+
+def test_two_cuts_run_in_config_order_each_over_what_the_last_kept(declared, tmp_path):
+  _, cfg = declared
+  # highest half of 10: 9, 8, 7, 5, 3 (a.jsonl:1); then the lowest 0.4 of those 5: 3, 5
+  cfg = dataclasses.replace(cfg, rules=(_DeclaredScore(keep_top_fraction=0.5),
+                                        _DeclaredLow(keep_top_fraction=0.4)))
+  report, rows = _both_engines(cfg, tmp_path)
+  assert [r["id"] for r in rows] == ["a/a.jsonl:0", "a/a.jsonl:1"]
+  cuts = report["top_fraction"]
+  assert [(c["docs_in"], c["docs_out"], c["cut_score"]) for c in cuts.values()] == \
+      [(10, 5, 3.0), (5, 2, 5.0)]
+  example = report["stages"]["declared_low"]["examples"][0]
+  assert (example["id"], example["detail"]) == ("a/a.jsonl:2", "score 9.0, cut 5.0")
+  assert example["text"].startswith("Score 9 ")
+  assert report["stages"]["declared"]["removed"]["docs"] == 5
+  assert report["stages"]["declared_low"]["removed"]["docs"] == 3
 
 
 def test_a_fraction_that_keeps_nothing_is_the_empty_result_error(declared, tmp_path):

@@ -80,8 +80,9 @@ def show(score) -> str:
   return np.format_float_positional(np.float32(score), unique=True, trim="0")
 
 
-def detail(score, cut: float) -> str:
-  return f"score {show(score)}, cut {show(cut)}"
+def detail(score, cut: Optional[float]) -> str:
+  """A removed example's detail (cut None: the fraction kept no document)."""
+  return f"score {show(score)}, " + ("none kept" if cut is None else f"cut {show(cut)}")
 
 
 def local_keep(key_N: np.ndarray, alive_N: np.ndarray, k: int) -> np.ndarray:
