@@ -2,14 +2,14 @@
 
 Each input file's filtered documents (`stage/NNNNNN.jsonl`) are followed, once complete, by its
 result (`NNNNNN.npz`: ids, exact hashes, MinHash signatures, `scores` float32 [docs, rules] of the
-keep_top_fraction rules; `NNNNNN.report.json`), each written
-to a temporary name and renamed, so a file counts as done only when all of it is on disk. A run
-that stops (crash, Ctrl-C, a lost node) leaves OUT.partial; the same command again skips the
-files already done. The Ray engine adds, per file, `NNNNNN.removed.npz` (its duplicates, the
-dedup stage's keep mask) and, per output shard, `shard-NNNNN.json` (its counts and size, written
-after the shard: a resumed run skips that shard). `run.json` holds a fingerprint of the config
-and of every input file (size, mtime): resuming with another config or changed inputs is refused
-rather than mixed.
+keep_top_fraction rules; `NNNNNN.report.json`), each written to a temporary name and renamed, so
+a file counts as done only when all of it is on disk. A run that stops (crash, Ctrl-C, a lost
+node) leaves OUT.partial; the same command again skips the files already done. The Ray engine
+adds, per file, `NNNNNN.removed.npz` (its duplicates and the documents past a keep_top_fraction
+cut: the file's keep mask, made afresh each attempt) and, per output shard, `shard-NNNNN.json`
+(its counts and size, written after the shard: a resumed run skips that shard). `run.json` holds
+a fingerprint of the config and of every input file (size, mtime): resuming with another config
+or changed inputs is refused rather than mixed.
 """
 
 from __future__ import annotations
