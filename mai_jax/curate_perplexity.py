@@ -5,8 +5,10 @@ data curate` registers it (settings.register_rule) before reading the config. Th
 tokenizer are loaded on first use in each worker process (after the local engine forks, so the
 parent never starts JAX). A document's score is exp(-mean log p(token | bos, earlier tokens))
 over its first `max_tokens` tokens, written to meta['perplexity']; documents above
-`max_perplexity` are removed (false: score only). CCNet and RedPajama keep the low-perplexity
-part of the web under a model trained on Wikipedia; here the reference model is any workdir.
+`max_perplexity` are removed (false: score only), or, with `keep_top_fraction` instead, all but
+the lowest-perplexity fraction of the corpus after dedup (data/curate/topcut.py). CCNet and
+RedPajama keep the low-perplexity part of the web under a model trained on Wikipedia; here the
+reference model is any workdir.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import math
 from typing import ClassVar, Optional
 
+from mai_jax.data.curate import topcut
 from mai_jax.data.curate.rules import KEEP, Decision
 from mai_jax.data.curate.textstats import DocText
 
@@ -37,9 +40,12 @@ class Perplexity:
   workdir: str = ""
   max_perplexity: Optional[float] = None
   max_tokens: int = 256
+  keep_top_fraction: Optional[float] = None
+  higher_is_better: ClassVar[bool] = False
 
   def __post_init__(self):
     import os  # pylint: disable=import-outside-toplevel
+    topcut.check(self, "max_perplexity")
     if not os.path.isdir(self.workdir):
       raise ValueError(f"workdir {self.workdir!r} is not a folder (a `mai-jax train` workdir)")
 
@@ -62,6 +68,10 @@ class Perplexity:
 
   def fields(self, doc: DocText) -> dict:
     return {"perplexity": round(self._doc_score(doc), 4)}
+
+  def rank_score(self, doc: DocText) -> float:
+    """What keep_top_fraction ranks by (lower first)."""
+    return self._doc_score(doc)
 
   def apply(self, doc: DocText) -> Decision:
     if self.max_perplexity is not None and self._doc_score(doc) > self.max_perplexity:

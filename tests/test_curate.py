@@ -16,7 +16,7 @@ pytest.importorskip("py3langid")
 
 from mai_jax.config import ConfigError  # noqa: E402
 from mai_jax.data.curate import (dedup, decontam, docfilter, langid, minhash, pipeline,  # noqa: E402
-                                 quality, rules, settings)
+                                 quality, rules, settings, topcut)
 from mai_jax.data.curate.textstats import DocText  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -616,9 +616,10 @@ def test_cluster_plan_shards_by_hand():
 
 
 def _cluster_stages_curate(cfg, staging, priors):
-  """The Ray engine's per-group and per-task functions (cluster_stages) run in this process on
-  the local engine's staged files: (report, shard names, shard plan, staged file paths)."""
-  from mai_jax.data.curate import cluster_stages, staging as staging_lib
+  """The Ray engine's per-group and per-task functions (cluster_stages, cluster_cut) run in this
+  process on the local engine's staged files: (report, shard names, shard plan, staged file
+  paths)."""
+  from mai_jax.data.curate import cluster_cut, cluster_stages, staging as staging_lib
   index = pipeline.eval_index(cfg)
   os.makedirs(staging / "stage")
   os.makedirs(staging / "data")
@@ -636,6 +637,10 @@ def _cluster_stages_curate(cfg, staging, priors):
   pieces, files, n_prior = cluster_stages.layout(priors, staged)
   paths = [j.staging_path for j in jobs]
   kept, clusters = cluster_stages.in_memory(pieces, paths, cfg, report, n_prior)
+  kept, cut_parts, cuts = cluster_cut.run_cuts(cfg, files, paths, kept, docfilter.new_report(cfg),
+                                               cluster_cut.in_process, chunks=2)
+  for part in cut_parts:
+    report.merge(part)
   names, plan = [], cluster_stages.plan_shards(kept, cfg.output.shard_docs)
   for number, segments in enumerate(plan):
     out = cluster_stages.write_shard(number, segments, paths, str(staging), cfg.output.format,
@@ -644,7 +649,7 @@ def _cluster_stages_curate(cfg, staging, priors):
     names.append(out["name"])
   cluster_stages.write_signatures(str(staging / "signatures.npz"), files, paths,
                                   cfg.dedup.signature_params())
-  report.extra.update(clusters)
+  report.extra.update(clusters, **topcut.report_extra(cuts))
   return report.to_json(), names, plan, paths
 
 
@@ -689,7 +694,8 @@ def test_cluster_stages_decide_and_write_as_the_local_engine(messy, curated, tmp
 def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
   """The messy corpus through `--engine ray` on a local Ray instance: every output file equal;
   Ray's connected components over random LSH buckets equal the local union-find's; and a later
-  corpus deduplicated against the output the same on both engines."""
+  corpus deduplicated against the output and cut to its top half by quality_classifier
+  (keep_top_fraction) the same on both engines."""
   pytest.importorskip("ray.data")
   from mai_jax.data.curate import ray_engine
   out, _ = curated
@@ -705,11 +711,18 @@ def test_ray_engine_same_bytes_as_local(messy, curated, tmp_path):
     assert (sizes > 1).sum() > 20 and sizes.max() > 20  # many clusters, some long (6 rounds)
     np.testing.assert_array_equal(ray_engine.near_components(keys, members, 500), want)
     later = tmp_path / "later.jsonl"  # against the earlier output: priors read by the workers
-    _write_jsonl(later, [{"text": messy["good"][0] + " "}, {"text": _good_doc(100)}])
+    _write_jsonl(later, [{"text": messy["good"][0] + " "}]
+                 + [{"text": _good_doc(i)} for i in range(100, 105)])
+    root = messy["root"]  # and the top half by quality of the 5 new documents (3, rounded up)
+    quality = {"positives": [str(root / "synthetic.jsonl")],
+               "negatives": [str(root / "web" / "part0.jsonl")], "keep_top_fraction": 0.5}
     cfg = settings.parse({"sources": [{"name": "later", "path": str(later)}],
+                          "rules": {"quality_classifier": quality},
                           "dedup": {"against": [str(out / "signatures.npz")]}}, "t.toml")
     for engine in ("local", "ray"):
-      pipeline.curate(cfg, str(tmp_path / f"later_{engine}"), engine=engine, log=lambda m: None)
+      got = pipeline.curate(cfg, str(tmp_path / f"later_{engine}"), engine=engine,
+                            log=lambda m: None)
+      assert got["top_fraction"]["quality_classifier"]["docs_out"] == 3
   _assert_same_files(out, out_ray)
   _assert_same_files(tmp_path / "later_local", tmp_path / "later_ray")
 

@@ -18,6 +18,7 @@ every node shares, so only counts and partial reports cross to the driver:
   4. `decide_file`, over the removed rows of one file (`decide_files`: of whole files): writes
      `stage/NNNNNN.removed.npz` (the file's removed positions, survivors and stages) and the
      file's dedup report part;
+  then cluster_cut.py's keep_top_fraction cuts add their removals to the same files;
   5. `plan_shards`, on the driver from the per-file survivor counts only: output shard k holds
      the survivors ranked k*shard_docs .. (k+1)*shard_docs-1 in priority order, as segments
      (file, first, end) of each file's survivors, so any task can write shard k alone and the
@@ -36,7 +37,8 @@ from mai_jax.data.curate import components, dedup, docfilter, records
 from mai_jax.data.curate.report import Report
 
 Batch = dict  # column name -> array
-STAGES = (docfilter.EXACT, docfilter.NEAR)  # the `stage` column: an index into this
+# The `stage` column: an index into this, or 2 + r for the r-th keep_top_fraction rule's cut.
+STAGES = (docfilter.EXACT, docfilter.NEAR)
 REMOVED, BAND = 0, 1                        # exact_groups' `kind` column
 
 
@@ -235,7 +237,33 @@ def plan_shards(kept_F: list[int], shard_docs: int) -> list[list[tuple[int, int,
   return plan
 
 
-def _removed_local(staging_path: str) -> np.ndarray:
+def clear_removed(staging_paths: list[str]) -> None:
+  """Removes every file's NNNNNN.removed.npz: decisions are made afresh each attempt (a resumed
+  run must not count an earlier attempt's top-fraction removals as dedup's)."""
+  for staged in staging_paths:
+    if os.path.exists(removed_path(staged)):
+      os.remove(removed_path(staged))
+
+
+def add_removed(staging_path: str, local: np.ndarray, stage: int) -> None:
+  """More removed positions (survivor -1) in a file's NNNNNN.removed.npz, kept sorted."""
+  path = removed_path(staging_path)
+  parts = {"local": [np.asarray(local, np.int64)],
+           "survivor": [np.full(len(local), -1, np.int64)],
+           "stage": [np.full(len(local), stage, np.int64)]}
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as z:
+      for k in parts:
+        parts[k].insert(0, z[k])
+  merged = {k: np.concatenate(v) for k, v in parts.items()}
+  order = np.argsort(merged["local"], kind="stable")
+  with open(path + ".tmp", "wb") as out:
+    np.savez(out, **{k: v[order] for k, v in merged.items()})
+  os.replace(path + ".tmp", path)
+
+
+def removed_local(staging_path: str) -> np.ndarray:
+  """The sorted positions of a file's removed documents (dedup's and the cuts')."""
   path = removed_path(staging_path)
   if not os.path.exists(path):
     return np.zeros(0, np.int64)
@@ -245,7 +273,7 @@ def _removed_local(staging_path: str) -> np.ndarray:
 
 def _survivor_lines(staging_path: str, start: int, end: int):
   """Survivors start..end-1 (ranks among the file's survivors) of one staged file, as records."""
-  removed, rank = set(_removed_local(staging_path).tolist()), 0
+  removed, rank = set(removed_local(staging_path).tolist()), 0
   with open(staging_path, encoding="utf-8") as lines:
     for n, line in enumerate(lines):
       if n in removed:
@@ -294,7 +322,7 @@ def write_signatures(path: str, files: list[dict], staging_paths: list[str], par
   for p, staged in zip(files, staging_paths):
     with np.load(p["path"], allow_pickle=False) as z:
       keep = np.ones(len(z["exact"]), bool)
-      keep[_removed_local(staged)] = False
+      keep[removed_local(staged)] = False
       ids += [str(i) for i in z["ids"][keep]]
       exact.append(z["exact"][keep])
       sig.append(z["sig"][keep])

@@ -2,9 +2,10 @@
 
 `filter_file` is a pure function of (config, evaluation index, one input file): it writes the
 file's kept documents, in file order, as output records to a staging JSONL file and returns their
-ids, exact hashes and MinHash signatures with a partial report. Engines run it over files in any
-order and on any number of workers; dedup and writing then follow one global priority order, so
-the output does not depend on the engine or the worker count.
+ids, exact hashes, MinHash signatures and the scores of its keep_top_fraction rules (topcut.py)
+with a partial report. Engines run it over files in any order and on any number of workers;
+dedup, the top-fraction cuts and writing then follow one global priority order, so the output
+does not depend on the engine or the worker count.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from mai_jax.data.curate import decontam, dedup, minhash, records
+from mai_jax.data.curate import decontam, dedup, minhash, records, topcut
 from mai_jax.data.curate.report import Report
 from mai_jax.data.curate.settings import CurateConfig, Source
 from mai_jax.data.curate.textstats import DocText
@@ -53,12 +54,14 @@ class FileResult:
   exact_N: np.ndarray
   sig_NP: np.ndarray
   report: Report
+  scores_NR: np.ndarray  # float32: column r is the r-th keep_top_fraction rule's score
 
 
 def filter_file(cfg: CurateConfig, index: Optional[decontam.EvalIndex], job: FileJob) -> FileResult:
   report = new_report(cfg)
   name = job.source.name
-  ids, texts = [], []
+  ids, texts, ranks = [], [], []
+  column = {i: c for c, i in enumerate(i for i, r in enumerate(cfg.rules) if topcut.is_ranked(r))}
   with open(job.staging_path, "w", encoding="utf-8") as staging:
     for doc_id, text, meta, reason in records.read_records(job.source.kind, job.source.field,
                                                            job.base, job.rel):
@@ -70,8 +73,8 @@ def filter_file(cfg: CurateConfig, index: Optional[decontam.EvalIndex], job: Fil
       doc = DocText(text)
       counts = doc_counts(text, doc)
       report.doc_in(name, counts)
-      removed, scores = False, {}
-      for rule in cfg.rules:
+      removed, scores, rank = False, {}, [0.0] * len(column)
+      for i, rule in enumerate(cfg.rules):
         why, new_text = rule.apply(doc)
         if why is not None:
           report.removed(rule.name, why, out_id, text, counts)
@@ -79,6 +82,8 @@ def filter_file(cfg: CurateConfig, index: Optional[decontam.EvalIndex], job: Fil
           break
         if hasattr(rule, "fields"):  # scoring rules (quality.py) write their score into meta
           scores.update(rule.fields(doc))
+        if i in column:  # scored at its place in the chain, on the text as it is there
+          rank[column[i]] = rule.rank_score(doc)
         if new_text is not None:
           doc = DocText(new_text)
           report.rewritten[rule.name] += 1
@@ -94,10 +99,12 @@ def filter_file(cfg: CurateConfig, index: Optional[decontam.EvalIndex], job: Fil
                                ensure_ascii=False) + "\n")
       ids.append(out_id)
       texts.append(doc.text)
+      ranks.append(rank)
   d = cfg.dedup
   exact_N = np.array([dedup.exact_hash(t) for t in texts], np.uint64)
   if d.near:
     sig_NP = minhash.signatures(texts, d.ngram, d.bands * d.rows, d.seed)
   else:
     sig_NP = np.zeros((len(texts), 0), np.uint32)
-  return FileResult(job.number, job.staging_path, ids, exact_N, sig_NP, report)
+  scores_NR = np.array(ranks, np.float32).reshape(len(ids), len(column))
+  return FileResult(job.number, job.staging_path, ids, exact_N, sig_NP, report, scores_NR)

@@ -2,17 +2,18 @@
 
 Stages: (1) list every source's files (a source without files is an error before anything is
 written); (2) `docfilter.filter_file` per file, each writing a staging file; (3) exact + near
-dedup over all kept documents in priority order, plus the documents of `dedup.against`; (4) the
-survivors written to shards in that order, the report and signatures.npz. Engine 'local' runs
-(2) on `workers` processes (fork, so the evaluation index built once is shared) and (3)-(4) on
-this process (union-find, one pass over the staging files); engine 'ray' runs every stage on
-the cluster (ray_engine.py, cluster_stages.py), the driver keeping only per-file and per-shard
+dedup over all kept documents in priority order, plus the documents of `dedup.against`, then the
+keep_top_fraction cuts over the dedup survivors (topcut.py); (4) the survivors written to shards
+in that order, the report and signatures.npz. Engine 'local' runs (2) on `workers` processes
+(fork, so the evaluation index built once is shared) and (3)-(4) on this process (union-find,
+one pass over the staging files); engine 'ray' runs every stage on the cluster (ray_engine.py,
+cluster_stages.py, cluster_cut.py), the driver keeping only per-file and per-shard
 counts and reports. Everything is written into OUT.partial (staging.py), renamed to OUT only
 when the run succeeds: a refused run or one with no documents left leaves nothing; an
 interrupted one leaves OUT.partial, and the same command resumes it file by file (and, on
 'ray', shard by shard). Stages 2-4 show progress bars on stderr (progress.py). Memory of the
-local engine: the signatures (4 x bands x rows bytes a document) and ids of the kept documents;
-the texts stay on disk.
+local engine: the signatures (4 x bands x rows bytes a document), ids and keep_top_fraction
+scores (4 bytes a document a rule) of the kept documents; the texts stay on disk.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from mai_jax.config import ConfigError
 from mai_jax.data import readers
-from mai_jax.data.curate import decontam, dedup, docfilter, records
+from mai_jax.data.curate import decontam, dedup, docfilter, records, topcut
 from mai_jax.data.curate import staging as staging_lib
 from mai_jax.data.curate.progress import Progress
 from mai_jax.data.curate.settings import CurateConfig
@@ -152,11 +153,16 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
   result = dedup.deduplicate(exact_N, sig_NP, exact=d.exact, near=d.near, bands=d.bands,
                              rows=d.rows, components=components, progress=progress)
   removed_exact, removed_near = result.removed_exact(), result.removed_near()
+  n_prior, ranked = len(prior_ids), topcut.ranked(cfg.rules)
+  scores_NR = np.concatenate([r.scores_NR for r in results]
+                             + [np.zeros((0, len(ranked)), np.float32)])
+  cut_N, cut_scores, cuts = topcut.local_cuts(cfg.rules, scores_NR,
+                                              ~(removed_exact | removed_near)[n_prior:])
   shutil.rmtree(os.path.join(staging, "data"), ignore_errors=True)  # a resumed run's partial shards
   writer = records.ShardWriter(os.path.join(staging, "data"), cfg.output.format,
                                cfg.output.shard_docs)
   keep = np.zeros(len(ids), bool)
-  n = len(prior_ids)
+  n = n_prior
   clusters = {"exact": set(), "near": set()}
   for r in progress(results, len(results), "write", "file"):
     with open(r.staging_path, encoding="utf-8") as f:
@@ -169,6 +175,10 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
           clusters["exact" if removed_exact[n] else "near"].add(int(survivor))
           report.removed(stage, "duplicate", rec["id"], rec["text"], counts,
                          detail=f"kept {ids[survivor]}")
+        elif cut_N[n - n_prior] >= 0:
+          r = int(cut_N[n - n_prior])
+          report.removed(ranked[r].name, topcut.REASON, rec["id"], rec["text"], counts,
+                         detail=topcut.detail(scores_NR[n - n_prior, r], cut_scores[r]))
         else:
           keep[n] = True
           writer.add(rec)
@@ -181,7 +191,7 @@ def _finish(cfg: CurateConfig, results: list, priors: list, index, staging: str,
       prior_documents=len(prior_ids),
       decontamination_items=index.items if index else 0,
       decontamination_items_too_short=index.skipped_short if index else 0,
-      shards=[os.path.basename(p) for p in writer.paths])
+      shards=[os.path.basename(p) for p in writer.paths], **topcut.report_extra(cuts))
   if keep.any():
     dedup.save_signatures(os.path.join(staging, "signatures.npz"),
                           [ids[i] for i in np.nonzero(keep)[0]], exact_N[keep], sig_NP[keep],

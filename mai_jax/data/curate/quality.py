@@ -7,7 +7,9 @@ far from random web text. This is the same model family without the fastText dep
 log(1 + count), L2-normalized) and logistic regression trained by seeded SGD, so the same files
 and settings give the same weights everywhere. The rule trains when the config is loaded (a few
 seconds for thousands of documents), writes its score into each kept document's meta
-(`quality_score`, probability of "positive"), and removes documents scoring below `threshold`.
+(`quality_score`, probability of "positive"), and removes documents scoring below `threshold`
+(default 0.5) or, with `keep_top_fraction` instead (DCLM keeps 0.1), all but the best-scoring
+fraction of the corpus after dedup (topcut.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import dataclasses
 import json
 import re
 import zlib
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 
+from mai_jax.data.curate import topcut
 from mai_jax.data.curate.rules import KEEP, Decision
 from mai_jax.data.curate.textstats import DocText
 
@@ -76,7 +79,8 @@ def _texts(paths: tuple[str, ...], field: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class QualityClassifier:
-  """Keeps documents whose classifier probability of being like `positives` is >= threshold.
+  """Keeps documents whose classifier probability of being like `positives` is >= threshold
+  (0.5 unless keep_top_fraction is set), or the keep_top_fraction of the corpus scoring highest.
 
   positives / negatives: JSONL files (`field`, default 'text'), e.g. synthetic textbook text vs a
   random sample of the raw web. The score goes to meta['quality_score'].
@@ -85,14 +89,19 @@ class QualityClassifier:
   positives: tuple[str, ...] = ()
   negatives: tuple[str, ...] = ()
   field: str = "text"
-  threshold: float = 0.5
+  threshold: Optional[float] = None
+  keep_top_fraction: Optional[float] = None
   buckets: int = 1 << 18
   epochs: int = 5
   lr: float = 0.5
   l2: float = 1e-6
   seed: int = 0
+  higher_is_better: ClassVar[bool] = True
 
   def __post_init__(self):
+    topcut.check(self, "threshold")  # before training: a wrong config fails fast
+    if self.threshold is None and self.keep_top_fraction is None:
+      object.__setattr__(self, "threshold", 0.5)
     pos, neg = _texts(self.positives, self.field), _texts(self.negatives, self.field)
     if not pos or not neg:
       raise ValueError(f"needs documents in both `positives` ({len(pos)} found) and `negatives` "
@@ -116,5 +125,11 @@ class QualityClassifier:
       cached = doc.__dict__["quality_score"] = self.score(doc.text)
     return cached
 
+  def rank_score(self, doc: DocText) -> float:
+    """What keep_top_fraction ranks by (docfilter stores it per staged file)."""
+    return self._doc_score(doc)
+
   def apply(self, doc: DocText) -> Decision:
-    return ("below_threshold", None) if self._doc_score(doc) < self.threshold else KEEP
+    if self.threshold is not None and self._doc_score(doc) < self.threshold:
+      return "below_threshold", None
+    return KEEP

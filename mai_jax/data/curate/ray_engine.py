@@ -12,6 +12,9 @@
     (components.py) to the star edges (cluster minimum, member), the near-removed; grouped by
     file, each file's removed positions are written next to its staged file
     (`NNNNNN.removed.npz`) with that file's dedup report part;
+  * keep_top_fraction cuts (cluster_cut.py), over the dedup survivors: Ray tasks over chunks of
+    files send 256-bin histograms of the score keys to the driver, which finds the exact cut
+    by radix selection; then tasks add each file's documents past the cut to its removed.npz;
   * write (steps 5-6): the driver plans the shards from the per-file survivor counts alone
     (shard k = survivors ranked k*shard_docs.. in priority order, as segments of files), and a
     Ray Data `map` writes each shard on a worker (records.write_shard, the local engine's
@@ -51,7 +54,7 @@ import numpy as np
 
 import mai_jax
 from mai_jax.config import ConfigError
-from mai_jax.data.curate import cluster_stages, components, docfilter
+from mai_jax.data.curate import cluster_cut, cluster_stages, components, docfilter, topcut
 from mai_jax.data.curate import staging as staging_lib
 from mai_jax.data.curate.progress import OFF, Progress
 from mai_jax.data.curate.report import Report
@@ -265,6 +268,18 @@ def _write(plan: list, staging_paths: list, staging: str, fmt: str, blank: Repor
           [Report.from_json(json.loads(r["report"]), blank.examples_per_rule) for r in out])
 
 
+_TASKS: dict = {}  # function -> its Ray remote function, made once
+
+
+def _map_chunks(fn, chunks: list, **kwargs) -> list:
+  """cluster_cut's MapChunks as one Ray task a chunk."""
+  ray = _ray()
+  if fn not in _TASKS:
+    _TASKS[fn] = ray.remote(num_cpus=1)(fn)
+  task = _TASKS[fn]
+  return ray.get([task.remote(chunk, **kwargs) for chunk in chunks])
+
+
 def run(cfg, jobs: list, done: set, priors: list, index, staging: str, workers: int,
         progress: Progress = OFF) -> Report:
   """The Ray engine after listing (pipeline.curate's `run`): filter the files not `done`, dedup
@@ -286,10 +301,18 @@ def run(cfg, jobs: list, done: set, priors: list, index, staging: str, workers: 
       priors, [(staging_lib.result_path(staging, j.number), counts[j.number]) for j in jobs])
   staging_paths = [j.staging_path for j in jobs]
   blank = docfilter.new_report(cfg)  # what the tasks' report parts look like
+  cluster_stages.clear_removed(staging_paths)
   kept, clusters, dedup_parts = _decide(cfg, pieces, files, staging_paths, n_prior, blank,
                                         progress)
   for part in dedup_parts:
     report.merge(part)
+  cuts = {}
+  if topcut.ranked(cfg.rules):
+    kept, cut_parts, cuts = cluster_cut.run_cuts(
+        cfg, files, staging_paths, kept, blank, _map_chunks,
+        int(ray.cluster_resources().get("CPU", 1)))
+    for part in cut_parts:
+      report.merge(part)
   names = []
   if sum(kept):  # else pipeline.seal refuses the run
     plan = cluster_stages.plan_shards(kept, cfg.output.shard_docs)
@@ -304,5 +327,5 @@ def run(cfg, jobs: list, done: set, priors: list, index, staging: str, workers: 
       **clusters, prior_documents=n_prior,
       decontamination_items=index.items if index else 0,
       decontamination_items_too_short=index.skipped_short if index else 0,
-      shards=names)
+      shards=names, **topcut.report_extra(cuts))
   return report

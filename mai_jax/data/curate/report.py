@@ -3,8 +3,10 @@
 Counts are documents, words (textstats.word_count, the token proxy: no tokenizer is chosen at
 this stage) and UTF-8 bytes, per source in and out, and per stage removed (each read skip reason,
 each rule in order, decontamination, exact and near dedup), with each stage's sub-reasons and the
-first few removed examples (id and opening characters). Merging is addition, so per-file partial
-reports from any number of workers combine into the same totals.
+first few removed examples (id and opening characters). A keep_top_fraction rule's removals
+(after dedup) count under the rule, and `top_fraction` gives its documents in and out and the
+cut score (topcut.py). Merging is addition, so per-file partial reports from any number of
+workers combine into the same totals.
 """
 
 from __future__ import annotations
@@ -125,6 +127,11 @@ class Report:
     for key, value in self.extra.items():
       if isinstance(value, (int, float, str)):
         lines.append(f"{key}: {value}")
+    for name, cut in self.extra.get("top_fraction", {}).items():
+      best = "highest" if cut["higher_is_better"] else "lowest"
+      lines.append(f"{name}: keep_top_fraction {cut['keep_top_fraction']} ({best} scores) of "
+                   f"{cut['docs_in']} documents after dedup: {cut['docs_out']} kept, cut score "
+                   f"{cut['cut_score']}")
     return "\n".join(lines) + "\n"
 
   def write(self, folder: str) -> None:

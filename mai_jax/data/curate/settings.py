@@ -14,14 +14,17 @@
     [rules.c4]
     filter_no_terminal_punct = false # FineWeb's setting
     [rules.fineweb]
+    [rules.quality_classifier]       # positives, negatives; threshold = 0.5 or
+    keep_top_fraction = 0.1          # the best 10% after dedup (topcut.py); not both
     [dedup]                          # exact, near, ngram, bands, rows, seed, against
     [decontamination]                # enabled, tasks, files, field, ngram, min_tokens
     [output]                         # format (jsonl | parquet), shard_docs, examples_per_rule
 
 Without a `rules` table the chain is FineWeb's order with datatrove's defaults: language,
 gopher_repetition, gopher_quality, c4, fineweb. A misspelled rule, key or value is a ConfigError
-naming the file and the key, and listing what is valid. Relative paths in the file are relative
-to the file's folder.
+naming the file and the key, and listing what is valid (so is keep_top_fraction outside (0, 1]
+or set together with the rule's threshold). Relative paths in the file are relative to the
+file's folder.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """OUT.partial: where a run writes before it becomes OUT, and what lets an interrupted run resume.
 
 Each input file's filtered documents (`stage/NNNNNN.jsonl`) are followed, once complete, by its
-result (`NNNNNN.npz`: ids, exact hashes, MinHash signatures; `NNNNNN.report.json`), each written
-to a temporary name and renamed, so a file counts as done only when all of it is on disk. A run
-that stops (crash, Ctrl-C, a lost node) leaves OUT.partial; the same command again skips the
-files already done. The Ray engine adds, per file, `NNNNNN.removed.npz` (its duplicates, the
-dedup stage's keep mask) and, per output shard, `shard-NNNNN.json` (its counts and size, written
-after the shard: a resumed run skips that shard). `run.json` holds a fingerprint of the config
-and of every input file (size, mtime): resuming with another config or changed inputs is refused
-rather than mixed.
+result (`NNNNNN.npz`: ids, exact hashes, MinHash signatures, `scores` float32 [docs, rules] of the
+keep_top_fraction rules; `NNNNNN.report.json`), each written to a temporary name and renamed, so
+a file counts as done only when all of it is on disk. A run that stops (crash, Ctrl-C, a lost
+node) leaves OUT.partial; the same command again skips the files already done. The Ray engine
+adds, per file, `NNNNNN.removed.npz` (its duplicates and the documents past a keep_top_fraction
+cut: the file's keep mask, made afresh each attempt) and, per output shard, `shard-NNNNN.json`
+(its counts and size, written after the shard: a resumed run skips that shard). `run.json` holds
+a fingerprint of the config and of every input file (size, mtime): resuming with another config
+or changed inputs is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _paths(staging: str, number: int) -> tuple[str, str]:
 def save_result(staging: str, result: docfilter.FileResult) -> None:
   npz, report = _paths(staging, result.number)
   with open(npz + ".tmp", "wb") as f:
-    np.savez(f, ids=np.array(result.ids, dtype=np.str_), exact=result.exact_N, sig=result.sig_NP)
+    np.savez(f, ids=np.array(result.ids, dtype=np.str_), exact=result.exact_N, sig=result.sig_NP,
+             scores=result.scores_NR)
   with open(report + ".tmp", "w", encoding="utf-8") as f:
     json.dump(result.report.to_json(), f)
   os.replace(npz + ".tmp", npz)
@@ -86,10 +88,12 @@ def load_results(staging: str, jobs: list, cfg: CurateConfig) -> dict:
     npz, report = _paths(staging, job.number)
     with np.load(npz, allow_pickle=False) as z:
       ids, exact_N, sig_NP = [str(i) for i in z["ids"]], z["exact"], z["sig"]
+      scores_NR = z["scores"] if "scores" in z.files else np.zeros((len(ids), 0), np.float32)
     with open(report, encoding="utf-8") as f:
       state = json.load(f)
     done[job.number] = docfilter.FileResult(job.number, job.staging_path, ids, exact_N, sig_NP,
-                                            Report.from_json(state, cfg.output.examples_per_rule))
+                                            Report.from_json(state, cfg.output.examples_per_rule),
+                                            scores_NR)
   return done
 
 
