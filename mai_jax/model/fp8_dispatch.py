@@ -57,7 +57,9 @@ def quantize(x_ND: jax.Array):
   N, D = x_ND.shape
   b = block_size(D)
   x_NBb = x_ND.astype(jnp.float32).reshape(N, D // b, b)
-  scale_NB = jnp.max(jnp.abs(x_NBb), axis=-1) / FP8_MAX
+  # amax x float32(1 / 448), written as XLA compiles it (its simplifier turns a division by a
+  # constant into a multiplication by the constant's reciprocal), so NumPy can reproduce it.
+  scale_NB = jnp.max(jnp.abs(x_NBb), axis=-1) * jnp.float32(1.0 / FP8_MAX)
   scale_NB = jnp.where(scale_NB > 0, scale_NB, 1.0)
   codes_NBb = jnp.clip(x_NBb / scale_NB[:, :, None], -FP8_MAX, FP8_MAX).astype(FP8)
   return codes_NBb.reshape(N, D), scale_NB
