@@ -3,9 +3,7 @@ quantization against NumPy + ml_dtypes, the straight-through gradient, the exper
 against one device and against the compute-dtype dispatch, the bytes of the compiled all-to-all,
 the config errors and the planner's dispatch bytes."""
 
-import math
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,7 @@ from flax import nnx
 from test_moe import make_moe, moe_cfg
 
 from mai_jax import config as C, plan as plan_lib, sharding as S
+from mai_jax.compiled_collectives import all_to_all_bytes
 from mai_jax.model import fp8_dispatch, moe as moe_lib
 
 FP8_MAX = np.float32(448.0)
@@ -157,30 +156,11 @@ def test_fp8_dispatch_stays_within_e4m3_precision_of_the_compute_dispatch(layer_
     assert _rel(b, a) < FP8_LAYER_REL_BOUND
 
 
-_DTYPE_BYTES = {"u8": 1, "s32": 4, "f32": 4, "bf16": 2}
-
-
-def _all_to_all_operands(hlo: str) -> list:
-  """[(dtype, bytes)] per all-to-all in a compiled HLO text (XLA:CPU splits a tiled all-to-all
-  into one operand per destination; the bytes are their sum)."""
-  out = []
-  for line in hlo.splitlines():
-    if " all-to-all(" not in line:
-      continue
-    shapes = re.findall(r"\b(u8|s32|f32|bf16)\[([\d,]*)\]", line.split(" all-to-all(")[0])
-    dtypes = {dt for dt, _ in shapes}
-    assert len(dtypes) == 1, line
-    nbytes = sum(math.prod(int(n) for n in dims.split(",") if n) * _DTYPE_BYTES[dt]
-                 for dt, dims in shapes)
-    out.append((dtypes.pop(), nbytes))
-  return out
-
-
 def test_compiled_dispatch_all_to_all_moves_fp8_rows_and_scales(layer_runs):
   """Forward + backward on 8 expert devices: exactly one all-to-all is uint8 (the forward dispatch:
   D fp8 codes + 2 float32 scales per row), the combine and both backward ones stay float32 at
   4 D bytes a row: the dispatch bytes shrink to (D + 8) / (4 D) of the float32 ones."""
-  ops = _all_to_all_operands(layer_runs["ep_fp8"][3])
+  ops = all_to_all_bytes(layer_runs["ep_fp8"][3])
   wire = [b for dt, b in ops if dt == "u8"]
   full = [b for dt, b in ops if dt == "f32"]
   assert len(wire) == 1 and len(full) == 3 and len(ops) == 4, ops
@@ -246,7 +226,7 @@ def test_dropless_fp8_dispatch_with_tensor_and_fsdp_equals_one_device_fp8(monkey
   x_BTD = jax.random.normal(jax.random.key(4), (8, 4, D_MODEL))
   y0, gx0, g0, _ = _grads(cfg, x_BTD)
   y1, gx1, g1, hlo = _grads(cfg, x_BTD, C.MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
-  assert [dt for dt, _ in _all_to_all_operands(hlo)].count("u8") == 1
+  assert [dt for dt, _ in all_to_all_bytes(hlo)].count("u8") == 1
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-6, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=1e-6, rtol=1e-5)
   for a, b in zip(g0, g1):
