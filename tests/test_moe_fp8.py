@@ -21,8 +21,9 @@ FP8_MAX = np.float32(448.0)
 
 
 def numpy_quantize(x, block):
-  """Reference: per 1 x block tile, scale = amax x float32(1 / 448) (1 for an all-zero tile), codes = x / scale
-  rounded to e4m3 by ml_dtypes (round to nearest even, clipped to the finite range)."""
+  """Reference: per 1 x block tile, scale = amax x float32(1 / 448) (1 for an all-zero tile),
+  codes = x / scale rounded to e4m3 by ml_dtypes (round to nearest even, clipped to the finite
+  range)."""
   N, D = x.shape
   x_NBb = x.astype(np.float32).reshape(N, D // block, block)
   scale = np.max(np.abs(x_NBb), axis=-1) * np.float32(1.0 / 448.0)

@@ -5,10 +5,11 @@ forward dispatch moves ~1 byte per element instead of the compute dtype's 2 (bf1
 
 Scales: one float32 scale per 1 x 128 block of a row along D (DeepSeek-V3's activation tiles) when
 128 divides d_model, else one per row (per token; tiny test models). scale = amax / 448 (e4m3's
-largest finite value), so every block uses the whole e4m3 range and an element's rounding error is
-at most 2^-4 of its magnitude (3 mantissa bits, round to nearest) where x / scale is normal, and at
-most half the subnormal spacing 2^-9 (in units of scale) below: |x - dq(q(x))| <= 2^-4 |x| +
-2^-10 amax / 448 <= 2^-4 amax (plus float32 rounding). A block of zeros gets scale 1 (not 0 / 0).
+largest finite value; computed as amax x float32(1 / 448)), so every block uses the whole e4m3
+range and an element's rounding error is at most 2^-4 of its magnitude (3 mantissa bits, round to
+nearest) where x / scale is normal, and at most half the subnormal spacing 2^-9 (in units of
+scale) below: |x - dq(q(x))| <= 2^-4 |x| + 2^-10 amax / 448 <= 2^-4 amax (plus float32
+rounding). A block of zeros gets scale 1 (not 0 / 0).
 
 On the wire a row is one uint8 array: its D fp8 codes followed by its scales' float32 bytes
 (bitcast), D + 4 D / 128 bytes (D + 4 per token), so the scales travel with their rows through the

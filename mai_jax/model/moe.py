@@ -26,7 +26,8 @@ whatever ep is); dropless, every local assignment could go to one device, so the
 this device's tokens x k rows per destination (ep x the balanced load) unless
 `model.expert_buffer_factor` bounds it to ceil(factor x tokens x k / ep) rows, the overflow (in
 token order) counted as dropped. `ragged_all_to_all` (variable-size exchange without padding) is
-the next step for dropless runs at scale.
+the next step for dropless runs at scale. model.moe_dispatch_dtype='float8_e4m3fn' sends the
+dispatch as fp8 rows with float32 scales (model/fp8_dispatch.py; DeepSeek-V3), the combine as is.
 
 Node-limited routing (model.router_groups, DeepSeek-V2/V3; `group_limit`): each token picks its
 top-k experts inside its router_topk_groups best groups of contiguous experts only, so with a group
@@ -357,7 +358,8 @@ def moe_local(x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     experts_A = experts_BTK.reshape(-1)
     keep_A = jnp.ones(experts_A.shape, bool)
     order_A, sizes_E = _sort_by(experts_A, E)
-    out_sorted_AD = _expert_ffn(x_expert_ND[order_A // K], sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    out_sorted_AD = _expert_ffn(x_expert_ND[order_A // K], sizes_E, w_gate_EDF, w_up_EDF,
+                                w_down_EFD)
     inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0]))
     out_AD = out_sorted_AD[inverse_A]
   y_ND = _combine(out_AD, weights_BTK.reshape(B * T, K), keep_A.reshape(B * T, K), x_ND.dtype)
