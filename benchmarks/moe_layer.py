@@ -2,12 +2,22 @@
 
   python benchmarks/moe_layer.py [--tokens 1024 4096 16384] [--steps 10] [--d-model 256]
       [--num-experts 8] [--top-k 2] [--d-ff-expert 512] [--dtype bfloat16] [--out FILE.json]
+      [--expert 8 --dispatch compute float8_e4m3fn]
 
 The dense MLP has d_ff = top_k * d_ff_expert, so both do the same expert matmul FLOPs per token; the
 MoE layer adds routing (router matmul, top-k, sort, gather/scatter). Its time over the dense time is
 the overhead of sparsity, which should fall towards 1 as tokens grow and the grouped matmuls
 dominate. `--impl` times the grouped-matmul implementations of mai_jax/model/moe.py ('auto' is
-'tiled' on CPU, where jax lowers ragged_dot to a dense matmul against every expert). Single device, no expert parallelism (tests/test_moe.py covers EP correctness).
+'tiled' on CPU, where jax lowers ragged_dot to a dense matmul against every expert). Single device
+by default (tests/test_moe.py covers EP correctness).
+
+`--expert N` shards the experts over N devices (mesh fsdp=-1 x expert=N; on CPU run with
+XLA_FLAGS=--xla_force_host_platform_device_count=8, and give tokens / 256 rows divisible by the
+devices) and reports each row's all-to-all bytes per device, read from the compiled HLO
+(mai_jax/compiled_collectives.py); `--dispatch` runs each model.moe_dispatch_dtype, so the fp8
+dispatch's saving is measured from the program, not only planned. XLA:CPU runs a bfloat16
+all-to-all in float32 (the compiled HLO says f32), so on CPU the compute-dtype all-to-alls show 4
+bytes an element whatever --dtype; on GPU they move the compute dtype's bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mai_jax import config as config_lib, sharding as sharding_lib
+from mai_jax.compiled_collectives import all_to_all_bytes
 from mai_jax.config import ModelConfig
 from mai_jax.model.layers import MLP
 from mai_jax.model import moe as moe_lib
@@ -43,13 +55,20 @@ def time_fwd_bwd(module: nnx.Module, x_BTD: jax.Array, steps: int, returns_aux: 
   t0 = time.perf_counter()
   compiled = step.lower(state, x_BTD).compile()
   compile_s = time.perf_counter() - t0
+  collectives = all_to_all_bytes(compiled.as_text())
   jax.block_until_ready(compiled(state, x_BTD))
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(state, x_BTD))
     times.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s}
+  by_dtype = {}
+  for dtype, nbytes in collectives:
+    by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+  return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
+          "all_to_all_calls": len(collectives),
+          "all_to_all_bytes_per_device": sum(by_dtype.values()),
+          "all_to_all_bytes_by_dtype": by_dtype}
 
 
 def main(argv=None) -> int:
@@ -64,30 +83,44 @@ def main(argv=None) -> int:
   parser.add_argument("--impl", nargs="+", default=["auto"],
                       choices=("auto", "ragged_dot", "tiled"),
                       help="grouped-matmul implementations to time (mai_jax.model.moe)")
+  parser.add_argument("--expert", type=int, default=1,
+                      help="devices the experts are sharded over (1: no expert parallelism)")
+  parser.add_argument("--dispatch", nargs="+", default=["compute"],
+                      choices=("compute", "float8_e4m3fn"),
+                      help="model.moe_dispatch_dtype values to run")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  moe_cfg = ModelConfig(d_model=args.d_model, d_ff=args.d_ff_expert, num_experts=args.num_experts,
-                        experts_per_token=args.top_k, compute_dtype=args.dtype)
   dense_cfg = ModelConfig(d_model=args.d_model, d_ff=args.top_k * args.d_ff_expert,
                           compute_dtype=args.dtype)
-  moe, dense = MoE(moe_cfg, rngs=nnx.Rngs(0)), MLP(dense_cfg, rngs=nnx.Rngs(0))
+  dense = MLP(dense_cfg, rngs=nnx.Rngs(0))
+  mesh_cfg = config_lib.MeshConfig(data=1, fsdp=-1, expert=args.expert, tensor=1)
   rows = []
   for tokens in args.tokens:
     x_BTD = jax.random.normal(jax.random.key(1), (tokens // 256, 256, args.d_model),
                               jnp.dtype(args.dtype))
     d = time_fwd_bwd(dense, x_BTD, args.steps, returns_aux=False)
-    for impl in args.impl:
+    for impl, dispatch in ((i, dd) for i in args.impl for dd in args.dispatch):
       moe_lib.EXPERT_FFN_IMPL = impl
-      m = time_fwd_bwd(moe, x_BTD, args.steps, returns_aux=True)
-      rows.append({"tokens": tokens, "impl": impl, "moe": m, "dense": d,
+      moe = MoE(ModelConfig(d_model=args.d_model, d_ff=args.d_ff_expert,
+                            num_experts=args.num_experts, experts_per_token=args.top_k,
+                            compute_dtype=args.dtype, moe_dispatch_dtype=dispatch),
+                rngs=nnx.Rngs(0))
+      if args.expert > 1:
+        with sharding_lib.activate(sharding_lib.make_mesh(mesh_cfg), mesh_cfg.rules):
+          m = time_fwd_bwd(moe, x_BTD, args.steps, returns_aux=True)
+      else:
+        m = time_fwd_bwd(moe, x_BTD, args.steps, returns_aux=True)
+      rows.append({"tokens": tokens, "impl": impl, "dispatch": dispatch, "moe": m, "dense": d,
                    "moe_over_dense": m["median_s"] / d["median_s"]})
-      print(f"tokens {tokens} {impl}: moe {m['median_s'] * 1e3:.1f} ms, dense "
-            f"{d['median_s'] * 1e3:.1f} ms, ratio {rows[-1]['moe_over_dense']:.2f}")
+      print(f"tokens {tokens} {impl} {dispatch}: moe {m['median_s'] * 1e3:.1f} ms, dense "
+            f"{d['median_s'] * 1e3:.1f} ms, ratio {rows[-1]['moe_over_dense']:.2f}, all-to-all "
+            f"{m['all_to_all_bytes_per_device'] / 2**20:.2f} MiB/device "
+            f"{m['all_to_all_bytes_by_dtype']}")
   out = save_result(
       "moe_layer", sys.argv[1:] if argv is None else argv,
       {"shape": {"d_model": args.d_model, "num_experts": args.num_experts, "top_k": args.top_k,
                  "d_ff_expert": args.d_ff_expert, "dense_d_ff": args.top_k * args.d_ff_expert,
-                 "dtype": args.dtype},
+                 "dtype": args.dtype, "expert": args.expert},
        "timing": "median of --steps jitted forward+backward calls after one warm-up",
        "results": rows}, args.out)
   print(f"-> {out}")

@@ -102,6 +102,11 @@ class ModelConfig:
   # dropped and counted in moe/dropped_fraction. None: the exact worst case (ep x the balanced
   # load). Capacity mode needs no bound: its buffers hold capacity_factor x the balanced load.
   expert_buffer_factor: Optional[float] = None
+  # Wire format of the expert-parallel dispatch all-to-all (model/fp8_dispatch.py): 'compute' (the
+  # compute dtype) or 'float8_e4m3fn' (DeepSeek-V3's fp8 dispatch: tokens quantized with one float32
+  # scale per 1x128 block, per token when 128 does not divide d_model; straight-through gradient in
+  # the compute dtype). The combine and the backward stay in the compute dtype.
+  moe_dispatch_dtype: str = "compute"
   # Pipeline parallelism (model/pipeline.py; active when mesh.stage > 1). Each device holds
   # pipeline_repeats non-adjacent slices of num_layers / (stage x repeats) layers (circular /
   # interleaved schedule; 1: GPipe), and each (gradient-accumulation) microbatch is split into
@@ -545,6 +550,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_moe(m)
   _validate_router_groups(m)
   _validate_expert_buffer(m)
+  _validate_moe_dispatch(m)
   _validate_init_from(t)
   for key in ("pipeline_repeats", "pipeline_microbatches"):
     if getattr(m, key) < (1 if key == "pipeline_repeats" else 0):
@@ -925,6 +931,16 @@ def _validate_expert_buffer(m: ModelConfig) -> None:
     raise ConfigError(f"model.expert_buffer_factor={m.expert_buffer_factor} bounds dropless "
                       f"buffers only; with model.capacity_factor={m.capacity_factor} the buffers "
                       f"are capacity-bounded already: set one of them to None")
+
+
+def _validate_moe_dispatch(m: ModelConfig) -> None:
+  """moe_dispatch_dtype names a known wire format and is set only on MoE models."""
+  known = ("compute", "float8_e4m3fn")  # model/fp8_dispatch.py DISPATCH_DTYPES
+  if m.moe_dispatch_dtype not in known:
+    raise ConfigError(f"model.moe_dispatch_dtype={m.moe_dispatch_dtype!r} is not one of {known}")
+  if m.moe_dispatch_dtype != "compute" and not m.num_experts:
+    raise ConfigError(f"model.moe_dispatch_dtype={m.moe_dispatch_dtype!r} needs an MoE model "
+                      f"(model.num_experts > 0); leave it 'compute' for a dense model")
 
 
 def _validate_expert_mesh(cfg: Config, num_devices: int) -> None:

@@ -668,6 +668,9 @@ def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
   (moe_buffer_rows: ~capacity_factor x n x experts_per_token in capacity mode, ep x that without
   expert_buffer_factor when dropless: padding travels too) x D in the compute dtype, of which
   (e-1)/e leave the device. On the critical path (the experts wait for their tokens).
+  model.moe_dispatch_dtype='float8_e4m3fn': the forward dispatches (the recompute's too) move
+  moe_dispatch_row_bytes per row instead (D fp8 codes + their float32 scales); the combines and
+  both backward all-to-alls stay in the compute dtype (model/fp8_dispatch.py).
   Node-limited routing (model.router_groups) changes none of this: the buffers are fixed-size and
   every device sends one to every device; it only bounds the nodes a token's rows reach
   (plan_moe, whose docstring says what a hierarchical dispatch would save).
@@ -675,9 +678,21 @@ def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
   from mai_jax.model.moe import num_moe_layers
   m, e = cfg.model, layout.size("expert")
   c = DTYPE_BYTES[m.compute_dtype]
-  per_call = moe_buffer_rows(cfg, layout)["rows"] * m.d_model * c
-  calls = (6 if layout.remat == "full" else 4) * num_moe_layers(m) * layout.microbatches
-  return calls * per_call * (e - 1) / e, calls, False
+  rows = moe_buffer_rows(cfg, layout)["rows"]
+  forwards = 2 if layout.remat == "full" else 1
+  per_layer = (forwards * rows * moe_dispatch_row_bytes(m)  # dispatches
+               + (forwards + 2) * rows * m.d_model * c)  # combines, the two backward all-to-alls
+  units = num_moe_layers(m) * layout.microbatches
+  return units * per_layer * (e - 1) / e, 2 * (forwards + 1) * units, False
+
+
+def moe_dispatch_row_bytes(model: ModelConfig) -> int:
+  """Bytes of one token row in the forward dispatch: D in the compute dtype, or the fp8 wire row
+  (model/fp8_dispatch.wire_row_bytes: D + 4 per float32 scale, a scale per 1x128 block)."""
+  if model.moe_dispatch_dtype == "float8_e4m3fn":
+    from mai_jax.model.fp8_dispatch import wire_row_bytes
+    return wire_row_bytes(model.d_model)
+  return model.d_model * DTYPE_BYTES[model.compute_dtype]
 
 
 @dataclasses.dataclass(frozen=True)

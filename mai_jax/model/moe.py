@@ -26,7 +26,8 @@ whatever ep is); dropless, every local assignment could go to one device, so the
 this device's tokens x k rows per destination (ep x the balanced load) unless
 `model.expert_buffer_factor` bounds it to ceil(factor x tokens x k / ep) rows, the overflow (in
 token order) counted as dropped. `ragged_all_to_all` (variable-size exchange without padding) is
-the next step for dropless runs at scale.
+the next step for dropless runs at scale. model.moe_dispatch_dtype='float8_e4m3fn' sends the
+dispatch as fp8 rows with float32 scales (model/fp8_dispatch.py; DeepSeek-V3), the combine as is.
 
 Node-limited routing (model.router_groups, DeepSeek-V2/V3; `group_limit`): each token picks its
 top-k experts inside its router_topk_groups best groups of contiguous experts only, so with a group
@@ -51,6 +52,7 @@ from jax.sharding import PartitionSpec
 
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import ModelConfig
+from mai_jax.model import fp8_dispatch
 from mai_jax.model.layers import MLP, compute_dtype, create_param
 
 _shard_map = getattr(jax, "shard_map", None)
@@ -333,17 +335,22 @@ def _combine(out_A_D, weights_NK, keep_NK, dtype):
 
 
 def moe_local(x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
-              cap: Optional[int]):
+              cap: Optional[int], dispatch_dtype: str = "compute"):
   """Single-program dispatch. Capacity mode: fill the [E, B * cap] slots, batched expert matmuls,
   read back. Dropless: sort assignments by expert, grouped matmuls, unsort.
-  Returns (y_BTD, dropped assignment count)."""
+  Returns (y_BTD, dropped assignment count).
+
+  dispatch_dtype 'float8_e4m3fn': the experts see the tokens rounded as the expert-parallel
+  dispatch sends them (fp8_dispatch, straight-through gradient), so the layer computes the same
+  function whatever the mesh; nothing moves, so nothing is saved here."""
   B, T, D = x_BTD.shape
   K = experts_BTK.shape[-1]
   E = w_gate_EDF.shape[0]
   x_ND = x_BTD.reshape(B * T, D)
+  x_expert_ND = fp8_dispatch.dispatch(lambda rows: rows, x_ND, dtype=dispatch_dtype)
   if cap is not None:
     slot_A, keep_A = capacity_slots(experts_BTK, E, cap)
-    x_SD = _fill_slots(x_ND, slot_A, E * B * cap, K)
+    x_SD = _fill_slots(x_expert_ND, slot_A, E * B * cap, K)
     out_SD = _slot_ffn(x_SD.reshape(E, B * cap, D), w_gate_EDF, w_up_EDF,
                        w_down_EFD).reshape(E * B * cap, D)
     out_AD = _read_slots(out_SD, slot_A)
@@ -351,7 +358,8 @@ def moe_local(x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF, w_down_EFD,
     experts_A = experts_BTK.reshape(-1)
     keep_A = jnp.ones(experts_A.shape, bool)
     order_A, sizes_E = _sort_by(experts_A, E)
-    out_sorted_AD = _expert_ffn(x_ND[order_A // K], sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    out_sorted_AD = _expert_ffn(x_expert_ND[order_A // K], sizes_E, w_gate_EDF, w_up_EDF,
+                                w_down_EFD)
     inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0]))
     out_AD = out_sorted_AD[inverse_A]
   y_ND = _combine(out_AD, weights_BTK.reshape(B * T, K), keep_A.reshape(B * T, K), x_ND.dtype)
@@ -396,10 +404,14 @@ def ep_layout(batch: int, w_gate_shape, w_down_shape) -> Optional[_EPLayout]:
 
 
 def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF,
-                        w_down_EFD, cap: Optional[int], buffer_factor: Optional[float] = None):
+                        w_down_EFD, cap: Optional[int], buffer_factor: Optional[float] = None,
+                        dispatch_dtype: str = "compute"):
   """Expert-parallel dispatch (see the module docstring). Returns (y_BTD, dropped count).
 
-  `buffer_factor` (model.expert_buffer_factor) bounds the dropless per-destination buffers."""
+  `buffer_factor` (model.expert_buffer_factor) bounds the dropless per-destination buffers.
+  `dispatch_dtype` (model.moe_dispatch_dtype): 'float8_e4m3fn' sends the tokens as fp8 rows with
+  their scales (fp8_dispatch: the rows are quantized once, before the send buffer is built, so the
+  buffer's gathers/scatters move the narrow rows too); the combine stays in the compute dtype."""
   ep, K = layout.ep, experts_BTK.shape[-1]
   E = w_gate_EDF.shape[0]
   E_loc = E // ep
@@ -411,8 +423,12 @@ def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_ga
     D = x_ND.shape[-1]
     rows = E_loc * B * cap  # per destination
     slot_A, keep_A = capacity_slots(experts_BTK, E, cap)
-    send_x = _fill_slots(x_ND, slot_A, ep * rows, K).reshape(ep, rows, D)
-    recv_x = jax.lax.all_to_all(send_x, layout.expert_axes, 0, 0, tiled=True)
+
+    def send(rows_NP, slot_A):
+      send_x = _fill_slots(rows_NP, slot_A, ep * rows, K).reshape(ep, rows, -1)
+      return jax.lax.all_to_all(send_x, layout.expert_axes, 0, 0, tiled=True)
+
+    recv_x = fp8_dispatch.dispatch(send, x_ND, slot_A, dtype=dispatch_dtype)
     # [source, E_loc, b cap, D] -> [E_loc, source x b cap, D]: each local expert's slots together.
     x_ECD = recv_x.reshape(ep, E_loc, B * cap, D).transpose(1, 0, 2, 3).reshape(
         E_loc, ep * B * cap, D)
@@ -435,11 +451,16 @@ def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_ga
     starts = jnp.cumsum(dest_sizes) - dest_sizes
     rank_sorted = jnp.arange(A, dtype=jnp.int32) - starts[dest_sorted]
     keep_A = jnp.zeros((A,), bool).at[order_A].set(rank_sorted < M)
-    send_x = jnp.zeros((ep, M, D), x_ND.dtype).at[dest_sorted, rank_sorted].set(
-        x_ND[order_A // K], mode="drop")
+
+    def send(rows_NP, order_A, dest_sorted, rank_sorted):
+      send_x = jnp.zeros((ep, M, rows_NP.shape[-1]), rows_NP.dtype).at[
+          dest_sorted, rank_sorted].set(rows_NP[order_A // K], mode="drop")
+      return jax.lax.all_to_all(send_x, layout.expert_axes, 0, 0, tiled=True)
+
+    recv_x = fp8_dispatch.dispatch(send, x_ND, order_A, dest_sorted, rank_sorted,
+                                   dtype=dispatch_dtype)
     send_e = jnp.full((ep, M), E_loc, jnp.int32).at[dest_sorted, rank_sorted].set(
         experts_A[order_A] % E_loc, mode="drop")
-    recv_x = jax.lax.all_to_all(send_x, layout.expert_axes, 0, 0, tiled=True)
     recv_e = jax.lax.all_to_all(send_e, layout.expert_axes, 0, 0, tiled=True)
 
     # Local experts: sort received rows by local expert (empty slots last), grouped matmuls.
@@ -526,10 +547,12 @@ class MoE(nnx.Module):
     layout = ep_layout(B, w_gate.shape, w_down.shape)
     experts_BTK, weights_BTK = experts_NK.reshape(B, T, K), weights_NK.reshape(B, T, K)
     if layout is None:
-      y_BTD, dropped = moe_local(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down, cap)
+      y_BTD, dropped = moe_local(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down, cap,
+                                 cfg.moe_dispatch_dtype)
     else:
       y_BTD, dropped = moe_expert_parallel(layout, x_BTD, experts_BTK, weights_BTK, w_gate, w_up,
-                                           w_down, cap, cfg.expert_buffer_factor)
+                                           w_down, cap, cfg.expert_buffer_factor,
+                                           cfg.moe_dispatch_dtype)
     if cfg.num_shared_experts:
       y_BTD = y_BTD + self.shared(x_BTD)
     counts_E = expert_counts(experts_NK, E)
