@@ -33,6 +33,21 @@ top-k experts inside its router_topk_groups best groups of contiguous experts on
 per node its rows go to at most that many nodes. The flat all-to-all above still sends the same
 fixed-size buffers to every device, so it bounds the nodes a token reaches, not the bytes moved.
 
+Overlap (model.moe_overlap_halves; DeepSeek-V3 overlaps one micro-batch's all-to-all with the
+other's compute): the layer splits its rows into two halves, the h-th half of every device's rows
+(`split_rows`, so no row changes device), and runs route -> dispatch -> experts -> combine for each
+as an independent computation (named scopes moe_half0 / moe_half1), the shared experts on the whole
+input beside them. Nothing in one half's program depends on the other's, so the scheduler may run
+half 0's dispatch/combine all-to-alls under half 1's expert GEMMs and the shared experts
+(tests/test_moe_overlap.py walks the compiled HLO to check it). A scheduling opportunity, not a
+measured speed-up: whether XLA's GPU scheduler realizes it is unmeasured (the GPU suite should time
+the layer both ways). Numerics: capacity is per row, so the drops and outputs are the unsplit
+layer's; exact dropless buffers drop nothing either way; with expert_buffer_factor the bound
+applies per half (ceil(factor x the half's assignments / ep) rows each, at least the unsplit
+bound in total), so the overflow can differ: coordinating the halves' buffers would make one half
+wait for the other. The router statistics merge exactly (`merge_halves`). A local batch that does
+not split evenly (an odd number of rows per device, e.g. decoding one sequence) runs unsplit.
+
 Routing math is float32. Aux outputs per layer: expert load (fraction of assignments per expert),
 dropped fraction, router z-loss (ST-MoE) and load-balancing loss (Switch / HF Mixtral).
 """
