@@ -14,7 +14,8 @@ DOT_OPS = ("dot", "ragged-dot", "convolution")
 _HEAD = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
 _OPCODE = re.compile(r" ([a-z][a-z0-9\-]*)\(")
-_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?([%\w.\-, ]+)\}?")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)="
+                    r"\{?(%?[\w.\-]+(?:, ?%[\w.\-]+)*)")
 
 
 def computations(hlo: str) -> dict:

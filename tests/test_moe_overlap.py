@@ -1,6 +1,6 @@
-"""model.moe_overlap_halves: the MoE layer split into two halves of every device's rows computes what
-the unsplit layer does (outputs, gradients, router statistics; the bounded dropless buffers per
-half against the per-token reference), its compiled program keeps the halves' all-to-alls
+"""model.moe_overlap_halves: the MoE layer split into two halves of every device's rows computes
+what the unsplit layer does (outputs, gradients, router statistics; the bounded dropless buffers
+per half against the per-token reference), its compiled program keeps the halves' all-to-alls
 independent of the other half's compute, and decoding a single row still works."""
 
 import dataclasses
@@ -21,7 +21,8 @@ from mai_jax.model import moe as moe_lib
 MESH = C.MeshConfig(data=2, fsdp=1, expert=4, tensor=1)  # batch over 8 devices, experts over 4
 ROWS, SEQ = 16, 4  # 2 rows per device: a half is one row (one capacity group) per device
 CASES = {
-    "capacity": (dict(router="softmax_topk", capacity_factor=1.0, num_shared_experts=1), "ragged_dot"),
+    "capacity": (dict(router="softmax_topk", capacity_factor=1.0, num_shared_experts=1),
+                 "ragged_dot"),
     "dropless": (dict(router="sigmoid_bias", num_shared_experts=1), "ragged_dot"),
 }
 
@@ -89,23 +90,26 @@ def _half(op_name: str) -> int:
 
 def cross_half_dependencies(hlo: str) -> tuple[list, dict]:
   """-> (violations, the halves' all-to-all counts). A forward all-to-all of half h may depend
-  on no all-to-all, no matrix product of the other half and no unnamed product; a backward one (transpose in its
-  op name: the whole forward precedes it) on no backward all-to-all and no backward product of
-  the other half (its unnamed products, if XLA renamed any, depend on those all-to-alls)."""
+  on no all-to-all and no matrix product of the other half and on no unnamed product; a backward
+  one (transpose in its op name: the whole forward precedes it) on no backward all-to-all and no
+  backward product of the other half (its unnamed products, if XLA renamed any, depend on those
+  all-to-alls)."""
   graph = hlo_graph.parse(hlo)
   violations, counts = [], {0: 0, 1: 0}
   for comp, a2a in _all_to_alls(graph):
     h = _half(a2a.op_name)
     counts[h] += 1
     backward = "transpose(" in a2a.op_name
-    other = f"transpose(jvp({moe_lib.HALF_SCOPE}{1 - h}))" if backward else \
-        f"{moe_lib.HALF_SCOPE}{1 - h}"
+    other = f"{moe_lib.HALF_SCOPE}{1 - h}"
+    if backward:
+      other = f"transpose(jvp({other}))"
     for name in hlo_graph.ancestors(graph[comp], a2a.name):
       ins = graph[comp][name]
+      names = hlo_graph.dot_names(graph, ins)
       if ins.opcode == "all-to-all" and other in ins.op_name:
-        violations.append((a2a.name, a2a.op_name, "waits for", name, ins.op_name))
-      violations += [(a2a.name, a2a.op_name, "waits for", name, n)
-                     for n in hlo_graph.dot_names(graph, ins) if other in n or not n and not backward]
+        names.append(ins.op_name)
+      violations += [(a2a.op_name, "waits for", name, n)
+                     for n in names if other in n or (not n and not backward)]
   return violations, counts
 
 
@@ -122,10 +126,11 @@ def test_each_halfs_all_to_alls_are_independent_of_the_other_halfs_compute(runs)
     own = f"{moe_lib.HALF_SCOPE}{_half(a2a.op_name)}"
     assert any(own in n for a in hlo_graph.ancestors(graph[comp], a2a.name)
                for n in hlo_graph.dot_names(graph, graph[comp][a]))
-  for comp, instrs in graph.items():
-    for ins in instrs.values():
-      if ins.opcode == "dot" and "jvp(btd,df->btf)" in ins.op_name and "transpose" not in ins.op_name:
-        assert not any(instrs[a].opcode == "all-to-all" for a in hlo_graph.ancestors(instrs, ins.name))
+  shared = [(instrs, ins) for instrs in graph.values() for ins in instrs.values()
+            if ins.opcode == "dot" and ins.op_name.startswith("jit(loss)/jvp(btd,df->btf)")]
+  assert shared
+  for instrs, ins in shared:
+    assert all(instrs[a].opcode != "all-to-all" for a in hlo_graph.ancestors(instrs, ins.name))
 
 
 def test_the_walker_flags_an_all_to_all_that_waits_for_the_other_halfs_product():
@@ -144,8 +149,7 @@ def test_the_walker_flags_an_all_to_all_that_waits_for_the_other_halfs_product()
   hlo = fn.lower(a_ND, jnp.ones((8, 8))).compile().as_text()
   violations, counts = cross_half_dependencies(hlo)
   assert counts == {0: 1, 1: 1}
-  assert {v[0] for v in violations} == {a2a.name for _, a2a in _all_to_alls(hlo_graph.parse(hlo))
-                                        if _half(a2a.op_name) == 1}
+  assert violations and {_half(v[0]) for v in violations} == {1}  # only half 1 waits
 
 
 def test_bounded_dropless_buffers_apply_per_half(monkeypatch):
@@ -169,7 +173,8 @@ def test_decoding_one_row_runs_unsplit_with_the_option_on():
   assert moe_lib.overlap_shards(1) is None and moe_lib.overlap_shards(2) == 1  # no mesh
   with S.activate(S.make_mesh(MESH), MESH.rules):
     assert moe_lib.overlap_shards(ROWS) == 8 and moe_lib.overlap_shards(8) is None
-  model = Decoder(moe_cfg(num_shared_experts=1, moe_overlap_halves=True), rngs=nnx.Rngs(0))
+  cfg = moe_cfg(num_shared_experts=1, moe_overlap_halves=True)
+  model = nnx.jit(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))()  # one compile, not one per init op
   new = sample.generate(model, [[3, 14, 15, 9]], sample.SamplingConfig(2, temperature=0),
                         eos_id=None)
-  assert len(new[0]) == 2 and all(0 <= t < model.cfg.vocab_size for t in new[0])
+  assert len(new[0]) == 2 and all(0 <= t < cfg.vocab_size for t in new[0])

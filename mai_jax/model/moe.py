@@ -39,7 +39,11 @@ other's compute): the layer splits its rows into two halves, the h-th half of ev
 as an independent computation (named scopes moe_half0 / moe_half1), the shared experts on the whole
 input beside them. Nothing in one half's program depends on the other's, so the scheduler may run
 half 0's dispatch/combine all-to-alls under half 1's expert GEMMs and the shared experts
-(tests/test_moe_overlap.py walks the compiled HLO to check it). A scheduling opportunity, not a
+(tests/test_moe_overlap.py walks the compiled HLO to check it, expert x data; fsdp-sharded experts
+keep it too, one weight all-gather serving both halves). Not with tensor-sharded experts: XLA's
+all-reduce combiner merges the halves' psums (and the shared expert's) into one all-reduce, which
+joins the halves again (seen on CPU; on GPU --xla_disable_hlo_passes=all-reduce-combiner or a low
+--xla_gpu_all_reduce_combine_threshold_bytes is the knob to try). A scheduling opportunity, not a
 measured speed-up: whether XLA's GPU scheduler realizes it is unmeasured (the GPU suite should time
 the layer both ways). Numerics: capacity is per row, so the drops and outputs are the unsplit
 layer's; exact dropless buffers drop nothing either way; with expert_buffer_factor the bound
