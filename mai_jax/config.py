@@ -107,6 +107,12 @@ class ModelConfig:
   # scale per 1x128 block, per token when 128 does not divide d_model; straight-through gradient in
   # the compute dtype). The combine and the backward stay in the compute dtype.
   moe_dispatch_dtype: str = "compute"
+  # Split each MoE layer's tokens into two halves of every device's rows and route, dispatch, run
+  # and combine them as independent computations (the shared experts on the whole input), so the
+  # scheduler can run one half's all-to-all under the other half's expert GEMMs (DeepSeek-V3's
+  # micro-batch overlap). Same outputs and router statistics; an odd local batch (decode) runs
+  # unsplit; with expert_buffer_factor the bound applies per half. model/moe.py MoE.__call__.
+  moe_overlap_halves: bool = False
   # Pipeline parallelism (model/pipeline.py; active when mesh.stage > 1). Each device holds
   # pipeline_repeats non-adjacent slices of num_layers / (stage x repeats) layers (circular /
   # interleaved schedule; 1: GPipe), and each (gradient-accumulation) microbatch is split into

@@ -767,7 +767,9 @@ def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
 
   step = max(compute, overlapped communication) + exposed communication, where compute is
   compute_times' total and the exposed tensor all-reduces, which run inside the pipeline's
-  iterations, are stretched by the bubble as the blocks are."""
+  iterations, are stretched by the bubble as the blocks are. With model.moe_overlap_halves the
+  expert all-to-all's exposed part is plan_moe.overlap's (the share of the GEMM time that is expert
+  and shared-expert matmuls, plan_moe.expert_gemm_share, hides up to half of it)."""
   spec = gpu_spec(gpu)
   layout = layout or layout_of(cfg, num_gpus)
   total, active = param_counts(cfg.model)
@@ -777,6 +779,13 @@ def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
   times = compute_times(cfg, layout, spec)
   compute_s = times["total"]
   comm = communication(cfg, layout, spec)
+  hidden = 0.0  # expert all-to-all time under the other half's experts (moe_overlap_halves)
+  m = cfg.model
+  if is_moe(m) and m.moe_overlap_halves:
+    share = plan_moe.expert_gemm_share(m, metrics.matmul_params(m, active)
+                                       - m.vocab_size * m.d_model)  # the blocks' (no unembedding)
+    comm["expert"].update(plan_moe.overlap(comm["expert"]["time_s"], share * times["gemm"]))
+    hidden = comm["expert"]["all_to_all_s"] - comm["expert"]["time_s"]
   stretch = times["pipeline_stretch"]
   overlapped = sum(v["time_s"] for v in comm.values() if v["overlapped"])
   exposed = sum(v["time_s"] * (stretch if a == "tensor" else 1.0)
@@ -787,7 +796,7 @@ def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
               flops_per_token=model_flops, memory=memory,
               usable_hbm_bytes=int(spec.hbm_bytes * USABLE_HBM_FRACTION), communication=comm,
               compute_time_s=compute_s, step_time_s=step_s,
-              step_time_no_overlap_s=compute_s + overlapped + exposed,
+              step_time_no_overlap_s=compute_s + overlapped + exposed + hidden,
               tokens_per_step=tokens_per_step, mfu=mfu, token_budget=config_lib.token_budget(cfg),
               compute_times=times)
 

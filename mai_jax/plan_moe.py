@@ -73,3 +73,26 @@ def routing(cfg: Config, layout, gpu: hardware.GpuSpec) -> dict[str, Optional[fl
           "nodes_per_token": expected_nodes_per_token(m.num_experts, N, m.experts_per_token,
                                                       G if grouped else 0, M if grouped else 0),
           "nodes_per_token_limit": limit}
+
+
+def expert_gemm_share(model, block_params: int) -> float:
+  """Fraction of the blocks' matmul FLOPs (block_params per token and pass, as plan.compute_times
+  counts them: the k routed experts, not their capacity padding) that the MoE layers' routed and
+  shared experts compute: L_moe x 3 D (k + shared) F_e / block_params."""
+  from mai_jax.model.moe import expert_d_ff, num_moe_layers
+  width = (model.experts_per_token + model.num_shared_experts) * expert_d_ff(model)
+  return num_moe_layers(model) * 3 * model.d_model * width / block_params
+
+
+def overlap(all_to_all_s: float, expert_gemm_s: float) -> dict[str, float]:
+  """The expert all-to-all with model.moe_overlap_halves (docs/planner.md "Overlap"):
+  exposed = max(0, all_to_all - overlappable), overlappable = one half's expert and shared-expert
+  GEMM time (half of the step's expert_gemm_s, every pass and recompute included). Each half's
+  dispatch and combine can run under the other half's experts and the shared experts, but the
+  first dispatch and the last combine of a layer have only one half's compute beside them, so one
+  half's, not both halves', is counted. A scheduling opportunity: whether XLA's GPU scheduler
+  realizes it is unmeasured (the GPU suite should measure it).
+  -> {'time_s' (exposed), 'all_to_all_s', 'overlappable_s'}."""
+  overlappable = expert_gemm_s / 2
+  return {"time_s": max(0.0, all_to_all_s - overlappable), "all_to_all_s": all_to_all_s,
+          "overlappable_s": overlappable}

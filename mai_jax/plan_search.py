@@ -191,6 +191,9 @@ def format_plan(p: Plan) -> str:
                    f"{v['expert_nodes']} nodes per token (expected"
                    f"{f', at most {limit}' if limit is not None else ''}); flat all-to-all: "
                    f"bytes independent of it")
+    if "overlappable_s" in v:  # plan_moe.overlap (model.moe_overlap_halves)
+      lines.append(f"          overlap halves: {v['all_to_all_s']:.3f} s of all-to-all, up to "
+                   f"{v['overlappable_s']:.3f} s under one half's expert GEMMs")
   parts = "  ".join(f"{k} {v:.3f}" for k, v in p.compute_times.items()
                     if k not in ("total", "pipeline_stretch"))
   lines += [

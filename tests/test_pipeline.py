@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import hlo_graph
 from flax import nnx
 
 from mai_jax import config as C, sharding as S
@@ -75,23 +76,10 @@ def _pipelined_loss_and_grads(cfg: C.Config, host_params):
   return (float(loss), jax.device_get(grads), jax.device_get(moe)), compiled.as_text()
 
 
-def _hlo_computations(hlo: str) -> dict:
-  """Compiled HLO text -> {computation name: its instruction lines}."""
-  comps, name = {}, None
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if head:
-      name = head.group(1)
-      comps[name] = []
-    elif name:
-      comps[name].append(line)
-  return comps
-
-
 def collectives_in_loops(hlo: str, op: str) -> tuple[int, int]:
   """(count inside while-loop bodies, count elsewhere) of collective `op` (e.g. 'all-gather') in
   compiled HLO: what runs per scan iteration vs once per step."""
-  comps = _hlo_computations(hlo)
+  comps = hlo_graph.computations(hlo)
   todo = [b for lines in comps.values() for line in lines for b in re.findall(r"body=%?([\w.\-]+)", line)]
   looped = set()
   while todo:

@@ -84,3 +84,27 @@ def test_h800_plans_nvlink_collectives_at_its_bandwidth():
   latency = h100["time_s"] - h100["bytes"] / (450e9 * P.COLLECTIVE_EFFICIENCY)
   assert h800["time_s"] - latency == pytest.approx((h100["time_s"] - latency) * 450 / 200)
   assert P.plan(cfg, "h800", 15360).compute_time_s == P.plan(cfg, "h100", 15360).compute_time_s
+
+
+def test_overlap_halves_hide_the_all_to_all_under_one_halfs_expert_gemms():
+  """model.moe_overlap_halves: exposed = max(0, all-to-all - one half's expert + shared-expert
+  GEMM time), the GEMM time the blocks' share of it: MAI-1 MoE's 62 MoE layers x 3 D (8 routed + 1
+  shared) d_ff_expert of the blocks' matmul parameters (active less embedding and unembedding)."""
+  cfg = C.load_experiment(MAI1_MOE)
+  on = C.apply_overrides(cfg, {"model.moe_overlap_halves": "True"})
+  off_plan, on_plan = P.plan(cfg, "h100", 15360), P.plan(on, "h100", 15360)
+  share = 62 * 3 * 8192 * (8 + 1) * 2560 / (off_plan.params_active - 2 * 131072 * 8192)
+  hidden = share * off_plan.compute_times["gemm"] / 2
+  off, got = off_plan.communication["expert"], on_plan.communication["expert"]
+  assert got["bytes"] == off["bytes"] and got["all_to_all_s"] == off["time_s"]
+  assert got["overlappable_s"] == pytest.approx(hidden, rel=1e-12)
+  assert 0 < hidden < off["time_s"]  # inter-node: the all-to-all outlasts the expert GEMMs
+  assert got["time_s"] == pytest.approx(off["time_s"] - hidden)
+  assert on_plan.step_time_s == pytest.approx(off_plan.step_time_s - hidden)
+  assert on_plan.step_time_no_overlap_s == pytest.approx(off_plan.step_time_no_overlap_s)
+  assert "up to 0.939 s under one half's expert GEMMs" in plan_search.format_plan(on_plan)
+  # expert parallelism inside a node (NVLink): the GEMMs outlast the all-to-all, nothing exposed
+  small = C.apply_overrides(on, {"mesh.expert": "8", "mesh.fsdp": "64"})
+  expert = P.plan(small, "h100", 15360).communication["expert"]
+  assert expert["link"] == "nvlink" and expert["overlappable_s"] > expert["all_to_all_s"] > 0
+  assert expert["time_s"] == 0

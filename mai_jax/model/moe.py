@@ -34,6 +34,25 @@ top-k experts inside its router_topk_groups best groups of contiguous experts on
 per node its rows go to at most that many nodes. The flat all-to-all above still sends the same
 fixed-size buffers to every device, so it bounds the nodes a token reaches, not the bytes moved.
 
+Overlap (model.moe_overlap_halves; DeepSeek-V3 overlaps one micro-batch's all-to-all with the
+other's compute): the layer splits its rows into two halves, the h-th half of every device's rows
+(`split_rows`, so no row changes device), and runs route -> dispatch -> experts -> combine for each
+as an independent computation (named scopes moe_half0 / moe_half1), the shared experts on the whole
+input beside them. Nothing in one half's program depends on the other's, so the scheduler may run
+half 0's dispatch/combine all-to-alls under half 1's expert GEMMs and the shared experts
+(tests/test_moe_overlap.py walks the compiled HLO to check it, expert x data; fsdp-sharded experts
+keep it too, one weight all-gather serving both halves). Not with tensor-sharded experts: XLA's
+all-reduce combiner merges the halves' psums (and the shared expert's) into one all-reduce, which
+joins the halves again (seen on CPU; on GPU --xla_disable_hlo_passes=all-reduce-combiner or a low
+--xla_gpu_all_reduce_combine_threshold_bytes is the knob to try). A scheduling opportunity, not a
+measured speed-up: whether XLA's GPU scheduler realizes it is unmeasured (the GPU suite should time
+the layer both ways). Numerics: capacity is per row, so the drops and outputs are the unsplit
+layer's; exact dropless buffers drop nothing either way; with expert_buffer_factor the bound
+applies per half (ceil(factor x the half's assignments / ep) rows each, at least the unsplit
+bound in total), so the overflow can differ: coordinating the halves' buffers would make one half
+wait for the other. The router statistics merge exactly (`merge_halves`). A local batch that does
+not split evenly (an odd number of rows per device, e.g. decoding one sequence) runs unsplit.
+
 Routing math is float32. Aux outputs per layer: expert load (fraction of assignments per expert),
 dropped fraction, router z-loss (ST-MoE) and load-balancing loss (Switch / HF Mixtral).
 """
@@ -530,6 +549,24 @@ class MoE(nnx.Module):
     self.dtype = compute_dtype(cfg)
 
   def __call__(self, x_BTD: jax.Array):
+    cfg = self.cfg
+    shards = overlap_shards(x_BTD.shape[0]) if cfg.moe_overlap_halves else None
+    if shards is None:
+      y_BTD, aux = self._routed(x_BTD)
+    else:  # two independent halves (module docstring, "Overlap")
+      outs = []
+      for h, x_half in enumerate(split_rows(x_BTD, shards)):
+        with jax.named_scope(f"{HALF_SCOPE}{h}"):
+          outs.append(self._routed(x_half))
+      (y0_BTD, aux0), (y1_BTD, aux1) = outs
+      y_BTD = merge_rows(y0_BTD, y1_BTD, shards)
+      aux = merge_halves(aux0, aux1, cfg.experts_per_token)
+    if cfg.num_shared_experts:
+      y_BTD = y_BTD + self.shared(x_BTD.astype(self.dtype))
+    return y_BTD, aux
+
+  def _routed(self, x_BTD: jax.Array):
+    """The routed experts on x_BTD: route, dispatch, expert SwiGLUs, combine -> (y_BTD, aux)."""
     cfg, dt = self.cfg, self.dtype
     B, T, D = x_BTD.shape
     E, K = cfg.num_experts, cfg.experts_per_token
@@ -553,8 +590,6 @@ class MoE(nnx.Module):
       y_BTD, dropped = moe_expert_parallel(layout, x_BTD, experts_BTK, weights_BTK, w_gate, w_up,
                                            w_down, cap, cfg.expert_buffer_factor,
                                            cfg.moe_dispatch_dtype)
-    if cfg.num_shared_experts:
-      y_BTD = y_BTD + self.shared(x_BTD)
     counts_E = expert_counts(experts_NK, E)
     aux = {
         "load": counts_E / (B * T * K),
@@ -564,6 +599,50 @@ class MoE(nnx.Module):
         "router_probs": jnp.mean(probs_NE, axis=0),  # lets microbatches merge the balance loss
     }
     return y_BTD, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Two halves (model.moe_overlap_halves; module docstring, "Overlap")
+
+
+HALF_SCOPE = "moe_half"  # jax.named_scope of half h: HALF_SCOPE + str(h) in the HLO's op names
+
+
+def overlap_shards(batch: int) -> Optional[int]:
+  """Devices the batch's rows are split over under the active mesh and rules (1 without one), or
+  None when a device's rows do not split into two equal halves (an odd local batch, e.g. decoding
+  a single row): that batch runs unsplit."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = sharding_lib.active_rules()
+  shards = 1
+  if rules is not None and mesh is not None and not mesh.empty:
+    spec = sharding_lib.logical_to_spec(("batch",), rules, mesh, (batch,))
+    shards = math.prod(mesh.shape[a] for a in _axes(spec[0]))
+  return shards if batch % (2 * shards) == 0 else None
+
+
+def split_rows(x_B: jax.Array, shards: int) -> tuple[jax.Array, jax.Array]:
+  """[B, ...] -> two [B / 2, ...] halves: half h holds the h-th half of each device's contiguous
+  block of B / shards rows, so the halves keep the batch's sharding and no row changes device."""
+  rest = x_B.shape[1:]
+  b = x_B.shape[0] // (2 * shards)
+  x_S2b = x_B.reshape((shards, 2, b) + rest)
+  return tuple(x_S2b[:, h].reshape((shards * b,) + rest) for h in range(2))
+
+
+def merge_rows(x0_B: jax.Array, x1_B: jax.Array, shards: int) -> jax.Array:
+  """The inverse of split_rows: the halves' rows back in their original places."""
+  rest = x0_B.shape[1:]
+  x_S2b = jnp.stack([x0_B.reshape((shards, -1) + rest), x1_B.reshape((shards, -1) + rest)], axis=1)
+  return x_S2b.reshape((2 * x0_B.shape[0],) + rest)
+
+
+def merge_halves(aux0: dict, aux1: dict, k: int) -> dict:
+  """The two halves' router statistics -> those of the whole batch, as the unsplit layer reports
+  them: the halves are equal-size microbatches, so mean_over_microbatches merges them exactly
+  (token means averaged, the balance loss recomputed from the merged load and probabilities)."""
+  aux_1M = jax.tree.map(lambda a, b: jnp.stack([a, b])[None], aux0, aux1)
+  return jax.tree.map(lambda a: a[0], mean_over_microbatches(aux_1M, k))
 
 
 def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
