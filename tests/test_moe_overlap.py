@@ -41,7 +41,9 @@ def _compiled_grad(cfg, state, x_BTD):
   return compiled, compiled.as_text()
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# capacity in the fast suite, dropless (4 more compiles) in the slow one
+@pytest.fixture(scope="module", params=["capacity",
+                                        pytest.param("dropless", marks=pytest.mark.slow)])
 def runs(request):
   """{False: (results, hlo), True: (results, hlo)} of one case, the halves off and on."""
   kw, impl = CASES[request.param]

@@ -52,12 +52,19 @@ def test_greedy_batched_equals_no_cache_argmax_path(scan_layers):
   assert got == [greedy_without_cache(model, p, 6) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-@pytest.mark.parametrize("moe", [
-    pytest.param(dict(num_experts=4, experts_per_token=2), id="mixtral"),  # every layer MoE
-    # dense stack, then groups of (dense, MoE): nested scans (40 s of compiles: the slow suite)
-    pytest.param(dict(num_experts=4, experts_per_token=2, num_layers=5, first_dense_layers=1,
-                      moe_layer_interval=2), id="dense_then_groups", marks=pytest.mark.slow),
+MIXTRAL = dict(num_experts=4, experts_per_token=2)  # every layer MoE
+# dense stack, then groups of (dense, MoE): nested scans
+GROUPS = dict(num_experts=4, experts_per_token=2, num_layers=5, first_dense_layers=1,
+              moe_layer_interval=2)
+
+
+# The scanned MoE stack in the fast suite; the unrolled loop (~25 s of compiles) and the nested
+# scans (~40 s) in the slow one.
+@pytest.mark.parametrize("moe,scan_layers", [
+    pytest.param(MIXTRAL, True, id="mixtral-True"),
+    pytest.param(MIXTRAL, False, id="mixtral-False", marks=pytest.mark.slow),
+    pytest.param(GROUPS, True, id="dense_then_groups-True", marks=pytest.mark.slow),
+    pytest.param(GROUPS, False, id="dense_then_groups-False", marks=pytest.mark.slow),
 ])
 def test_greedy_moe_decoding_equals_no_cache_argmax_path(moe, scan_layers):
   """The KV caches of every stack (dense_blocks, MoE blocks, the dense blocks inside groups) are
