@@ -972,14 +972,19 @@ def _validate_head_split(cfg: Config, num_devices: int) -> None:
   devices, with nothing in the log. That is refused. KV heads fewer than the tensor shards are
   allowed: replicating the small K/V projections is the usual GQA trade (8 KV heads at tensor=16).
   """
-  sizes = mesh_shape(cfg.mesh, num_devices)
   axes = dict(cfg.mesh.rules).get("heads", ())
-  shards = math.prod(sizes[a] for a in axes)
+  shards = _devices_over(cfg, num_devices, axes)
   if cfg.model.num_heads % shards:
     raise ConfigError(f"model.num_heads={cfg.model.num_heads} must be divisible by the {shards} "
                       f"devices the heads are sharded over (mesh axes {tuple(axes)}); otherwise "
                       f"attention is replicated on every one of them. Lower mesh.tensor or use "
                       f"more heads")
+
+
+def _devices_over(cfg: Config, num_devices: int, axes) -> int:
+  """Devices a dimension sharded over mesh `axes` is split into, on num_devices."""
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  return math.prod(sizes[a] for a in axes)
 
 
 def _validate_sequence_parallel(cfg: Config, num_devices: int) -> None:
@@ -988,11 +993,10 @@ def _validate_sequence_parallel(cfg: Config, num_devices: int) -> None:
   silently off, so it is refused for data.seq_len."""
   if not cfg.model.sequence_parallel:
     return
-  sizes = mesh_shape(cfg.mesh, num_devices)
   rules = dict(cfg.mesh.rules)
   seq = tuple(rules.get("seq", ()))
   axes = seq + tuple(a for a in rules.get("heads", ()) if a not in seq)  # sharding.residual_rules
-  shards = math.prod(sizes[a] for a in axes)
+  shards = _devices_over(cfg, num_devices, axes)
   if cfg.data.seq_len % shards:
     raise ConfigError(f"model.sequence_parallel: data.seq_len={cfg.data.seq_len} must be divisible "
                       f"by the {shards} devices the sequence is split over (mesh.tensor="

@@ -480,16 +480,22 @@ def test_experts_must_split_over_the_expert_axis():
 # Train step: aux losses, router bias update, metrics
 
 
+def moe_trainer(model: C.ModelConfig, seq_len: int, expert: int, num_steps: int = 4):
+  """A trainer of `model` on batches of 8 x seq_len, experts over `expert` devices, fsdp over the
+  rest, constant LR 1e-2."""
+  cfg = C.Config(model=model, data=C.DataConfig(seq_len=seq_len),
+                 mesh=C.MeshConfig(data=1, fsdp=-1, expert=expert),
+                 train=C.TrainConfig(global_batch_size=8),
+                 optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
+  C.validate(cfg, jax.device_count())
+  return build_trainer(cfg, S.make_mesh(cfg.mesh), num_steps=num_steps)
+
+
 @pytest.mark.slow
 def test_train_step_updates_router_bias_from_load_and_reports_metrics():
   model = moe_cfg(router="sigmoid_bias", router_bias_update_rate=0.01, router_z_loss_weight=1e-3,
                   load_balance_loss_weight=1e-2, num_experts=4)
-  cfg = C.Config(model=model, data=C.DataConfig(seq_len=8),
-                 mesh=C.MeshConfig(data=1, fsdp=-1, expert=2),
-                 train=C.TrainConfig(global_batch_size=8),
-                 optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
-  C.validate(cfg, jax.device_count())
-  trainer = build_trainer(cfg, S.make_mesh(cfg.mesh), num_steps=4)
+  trainer = moe_trainer(model, seq_len=8, expert=2)
   state = trainer.init_state()
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, 64, (8, 9)).astype(np.int32)

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from test_moe import make_moe, moe_cfg
+from test_moe import make_moe, moe_cfg, moe_trainer
 
 from mai_jax import config as C, plan as plan_lib, sharding as S
 from mai_jax.compiled_collectives import all_to_all_bytes
@@ -242,7 +242,6 @@ TRAIN_LOSS_REL_TOL = 2e-2
 
 @pytest.mark.slow
 def test_fp8_dispatch_trains_like_bf16_dispatch():
-  from mai_jax.train.trainer import build_trainer
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, 64, (8, 17)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -252,12 +251,7 @@ def test_fp8_dispatch_trains_like_bf16_dispatch():
   for name in fp8_dispatch.DISPATCH_DTYPES:
     model = moe_cfg(num_layers=1, d_model=128, d_ff=32, compute_dtype="bfloat16", num_experts=8,
                     capacity_factor=2.0, moe_dispatch_dtype=name)
-    cfg = C.Config(model=model, data=C.DataConfig(seq_len=16),
-                   mesh=C.MeshConfig(data=1, fsdp=-1, expert=8),
-                   train=C.TrainConfig(global_batch_size=8),
-                   optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))
-    C.validate(cfg, jax.device_count())
-    trainer = build_trainer(cfg, S.make_mesh(cfg.mesh), num_steps=4)
+    trainer = moe_trainer(model, seq_len=16, expert=8)
     state, step = trainer.init_state(), trainer.jit_train_step()
     losses[name] = []
     for _ in range(4):
