@@ -113,6 +113,11 @@ class ModelConfig:
   # micro-batch overlap). Same outputs and router statistics; an odd local batch (decode) runs
   # unsplit; with expert_buffer_factor the bound applies per half. model/moe.py MoE.__call__.
   moe_overlap_halves: bool = False
+  # Hierarchical expert-parallel dispatch (DeepSeek-V3): the 'expert' mesh axis viewed as
+  # (mesh.expert / n) nodes x n devices per node; a token bound for several experts on one node
+  # crosses the inter-node link once, then is fanned out inside the node; the combine is the
+  # reverse. 0: the flat all-to-all over the whole axis (model/moe.py).
+  expert_devices_per_node: int = 0
   # Pipeline parallelism (model/pipeline.py; active when mesh.stage > 1). Each device holds
   # pipeline_repeats non-adjacent slices of num_layers / (stage x repeats) layers (circular /
   # interleaved schedule; 1: GPipe), and each (gradient-accumulation) microbatch is split into
