@@ -39,13 +39,18 @@ sample: install
 plan: install
 	$(BIN)/mai-jax plan --config $(CONFIG)
 
-# The whole suite: the fast tests, then the slow end-to-end ones.
+# The whole suite: the fast tests, then the slow end-to-end ones. Each runs on TEST_WORKERS
+# pytest-xdist processes (one per core of a 2-core CI machine); --dist loadfile keeps each test file
+# on one worker, so a module's fixtures are built once. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST)
+	$(PYTEST) -m slow
 
 test-fast: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) runs

@@ -63,8 +63,9 @@ class ModelConfig:
   init_std: float = 0.02
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
-  # 'none': keep all activations; 'full': recompute each block; 'dots': save matmul outputs
-  # without batch dims (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+  # What each block keeps for its backward (model/remat.py, by checkpoint_name tags): 'none' all
+  # activations; 'full' only its input (recompute the block); 'dots' every projection output;
+  # 'attn_proj' attention's q/k/v/o outputs (the MLP is recomputed); 'qkv_proj' q/k/v only.
   remat: str = "full"
   scan_layers: bool = True
   # 'auto' picks cuDNN flash attention on GPU and XLA elsewhere.
@@ -307,7 +308,7 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 GPU_TYPES = ("h100", "h200", "h800", "b200")
 
 CHOICES = {
-    ("model", "remat"): ("none", "full", "dots"),
+    ("model", "remat"): ("none", "full", "dots", "attn_proj", "qkv_proj"),
     ("model", "attention_impl"): ("auto", "xla", "cudnn"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "compute_dtype"): ("float32", "bfloat16"),

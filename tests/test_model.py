@@ -2,7 +2,10 @@
 independent NumPy references, scan == loop, remat changes nothing, exact parameter counts, logical
 partition specs, sharded construction on 8 devices, and 16-bit compute."""
 
+import contextlib
 import dataclasses
+import io
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,9 @@ from flax import nnx
 from mai_jax import sharding
 from mai_jax.config import DEFAULT_RULES, MeshConfig, ModelConfig
 from mai_jax.model import Decoder, count_params
+from mai_jax.model import remat as remat_lib
 from mai_jax.model.layers import Attention, apply_rope, attention_implementation
+from mai_jax.model.transformer import Block, _block_fn
 
 PARAM_AXES = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm"}
 
@@ -244,13 +249,14 @@ def loss_and_grads(model: Decoder, tokens_BT):
 
 
 def test_remat_and_loop_change_nothing():
-  """Loss and gradients agree: scanned with remat none / full / dots, and the loop with full."""
+  """Loss and gradients agree: scanned with remat none / full / dots / qkv_proj, and the loop with
+  full."""
   cfg = small_cfg(remat="none")
   tokens_BT = random_tokens(6, (2, 9), cfg.vocab_size)
   scanned = make_decoder(cfg, 6)
   loss_ref, grads_ref = loss_and_grads(scanned, tokens_BT)
   assert np.isfinite(float(loss_ref))
-  for remat in ("full", "dots"):
+  for remat in ("full", "dots", "qkv_proj"):
     loss, grads = loss_and_grads(make_decoder(dataclasses.replace(cfg, remat=remat), 6), tokens_BT)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
@@ -288,6 +294,34 @@ def test_remat_wraps_each_block(scan_layers):
   blocks_traced = 1 if scan_layers else small_cfg().num_layers
   assert num_checkpoints("none") == 0
   assert num_checkpoints("full") == num_checkpoints("dots") == blocks_traced
+
+
+def saved_names(remat: str, moe: bool = False) -> set[str]:
+  """checkpoint_name tags of what one block's backward keeps under `remat` (jax's own report)."""
+  cfg = small_cfg(**(dict(num_experts=4, experts_per_token=2) if moe else {}))
+  graphdef, state = nnx.split(Block(cfg, rngs=nnx.Rngs(0), moe=moe))
+  block_fn = _block_fn(graphdef, remat, in_scan=False)
+  seg_BT, pos_BT = jnp.ones((1, 4), jnp.int32), jnp.arange(4)[None]
+  report = io.StringIO()
+  with contextlib.redirect_stdout(report):
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda x, s: block_fn(x, s, seg_BT, pos_BT)[0], jnp.ones((1, 4, cfg.d_model)), state)
+  return set(re.findall(r"named '(\w+)'", report.getvalue()))
+
+
+def test_each_remat_policy_saves_what_its_name_says():
+  """jax's saved-residual report per policy: exactly the tagged outputs the policy lists that the
+  backward needs (mlp_down's output is not needed: the next block's input is checkpointed)."""
+  needed = {"q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up"}
+  assert saved_names("full") == set()
+  assert saved_names("dots") == needed
+  assert saved_names("attn_proj") == {"q_proj", "k_proj", "v_proj", "o_proj"}
+  assert saved_names("qkv_proj") == {"q_proj", "k_proj", "v_proj"}
+  for remat, names in remat_lib.SAVED_NAMES.items():
+    if names is not None:
+      assert saved_names(remat) == needed & set(names), remat
+  assert "router_logits" in saved_names("dots", moe=True)
+  assert "router_logits" not in saved_names("attn_proj", moe=True)
 
 
 # ------------------------------------------------------------------------------------------------

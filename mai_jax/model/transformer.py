@@ -15,9 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mai_jax.config import ModelConfig
-from mai_jax.model.layers import (MLP, PROJECTIONS, Attention, Embed, KVCache, RMSNorm, compute_dtype,
+from mai_jax.model.layers import (MLP, Attention, Embed, KVCache, RMSNorm, compute_dtype,
                                   create_param, float32_logits)
 from mai_jax.model import pipeline
+from mai_jax.model import remat as remat_lib
 from mai_jax.model.moe import (MoE, expert_d_ff, is_moe_layer, mean_over_microbatches,
                                num_moe_layers)
 from mai_jax.sharding import RESIDUAL_SEQ, sequence_parallelism, shard_act, use_rules
@@ -25,14 +26,6 @@ from mai_jax.sharding import RESIDUAL_SEQ, sequence_parallelism, shard_act, use_
 # The residual stream between sub-layers; its sequence axis is split over 'tensor' with
 # model.sequence_parallel (sharding.residual_rules), inside attention and the MLP it is whole.
 RESIDUAL = ("batch", RESIDUAL_SEQ, "embed")
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    # The projection outputs (layers.PROJECTIONS: the dots without batch dimensions of a block,
-    # by name, so the pipeline's vmap over stages does not hide them).
-    "dots": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
-}
-
 
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
@@ -97,11 +90,9 @@ def _block_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
 
   if remat == "none":
     return apply
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"model.remat={remat!r} is not one of 'none', 'full', 'dots'")
   # Inside scan XLA cannot CSE the recomputation away, so the optimization barriers that
   # prevent_cse inserts would only cost time (see jax.checkpoint's docs).
-  return jax.checkpoint(apply, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
+  return jax.checkpoint(apply, policy=remat_lib.policy(remat), prevent_cse=not in_scan)
 
 
 class Decoder(nnx.Module):
@@ -249,13 +240,13 @@ def _pipeline_layer_fn(graphdef: nnx.GraphDef, remat: str):
   """pipeline.LayerFn of one block: (x, state_R, repeat, segment_ids, positions) -> (x, aux).
 
   The repeat's weights are selected inside the checkpoint, so the policy decides what a pipeline
-  iteration keeps and the weights are never among it: 'none' saves everything except them,
-  'dots' the projection outputs, 'full' nothing."""
+  iteration keeps and the weights are never among it: 'none' saves everything except them, the
+  others what remat.SAVED_NAMES lists."""
   def apply(x_BTD, state_R, repeat, segment_ids_BT, positions_BT):
     state = jax.tree.map(lambda w_R: pipeline.select_repeat(w_R, repeat), state_R)
     return nnx.merge(graphdef, state).forward_with_aux(x_BTD, segment_ids_BT, positions_BT)
 
-  policy = (REMAT_POLICIES[remat] if remat != "none" else
+  policy = (remat_lib.policy(remat) if remat != "none" else
             jax.checkpoint_policies.save_anything_except_these_names(pipeline.REPEAT_WEIGHTS))
   return jax.checkpoint(apply, policy=policy, prevent_cse=False)
 
