@@ -44,7 +44,8 @@ from mai_jax.train import state as state_lib
 CHECKPOINTS = "checkpoints"
 # Model fields that change how the weights are stored, computed in or trained, not the function
 # they compute (or that only seed a random init): differing values need no warning.
-NUMERICS_ONLY_FIELDS = ("remat", "scan_layers", "attention_impl", "init_std", "param_dtype",
+NUMERICS_ONLY_FIELDS = ("remat", "scan_layers", "attention_impl", "attention_max_segments",
+                        "init_std", "param_dtype",
                         "compute_dtype", "router_z_loss_weight", "load_balance_loss_weight",
                         "router_bias_update_rate", "pipeline_repeats", "pipeline_microbatches",
                         "pipeline_gather_once")
