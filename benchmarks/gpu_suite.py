@@ -17,7 +17,13 @@ recorded as skipped.
                       step time, tokens/s, MFU, peak memory, and the planner's predicted memory
                       and step time for the same config on one GPU
   dense_cudnn_packed  the same with rows packed with documents of mean length 512 (segment ids):
-                      the cost of document masking on cuDNN
+                      the cost of document masking on cuDNN (the [B,1,T,S] bias path)
+  attention_packed    one attention layer of that model, forward + backward on those packed
+                      rows: XLA vs cuDNN with the bias vs cuDNN's packed mode
+                      (model.attention_impl='cudnn_packed'): time, compiled temp memory, and
+                      each one's error against an XLA float32 reference
+  dense_cudnn_offsets dense_cudnn_packed with model.attention_impl='cudnn_packed' (not in the
+                      default dry run: dense_cudnn_packed's step with attention_packed's path)
   moe_cudnn_full      experiments/gpu_bench.py:moe (8 experts top-2)
 
 MFU: (6 * N_active_matmul + 6 * L * T * H * K) * tokens/s / dense bf16 peak (causal attention
@@ -47,6 +53,10 @@ class Measurement:
   variant: str = ""  # experiments/gpu_bench.py variant; empty for the ceilings
   overrides: tuple[tuple[str, str], ...] = ()
   mean_doc_len: int = 0  # > 0: packed rows with segment ids
+  kind: str = "train"  # 'train' (variant set), 'ceilings' or 'attention'
+  # False: left out of the default --dry-run list, as another measurement's dry run covers the
+  # same code path (a whole training step costs CI ~20 s; --only still runs it).
+  in_dry_run: bool = True
 
 
 def _train(name, variant, attention, remat, mean_doc_len=0) -> Measurement:
@@ -55,22 +65,28 @@ def _train(name, variant, attention, remat, mean_doc_len=0) -> Measurement:
 
 
 MEASUREMENTS = (
-    Measurement("ceilings"),
+    Measurement("ceilings", kind="ceilings"),
     _train("dense_cudnn_full", "dense", "cudnn", "full"),
     _train("dense_xla_full", "dense", "xla", "full"),
     _train("dense_cudnn_dots", "dense", "cudnn", "dots"),
     _train("dense_cudnn_none", "dense", "cudnn", "none"),
     _train("dense_cudnn_packed", "dense", "cudnn", "full", mean_doc_len=512),
+    Measurement("attention_packed", "dense", mean_doc_len=512, kind="attention"),
+    dataclasses.replace(_train("dense_cudnn_offsets", "dense", "cudnn_packed", "full",
+                               mean_doc_len=512), in_dry_run=False),
     _train("moe_cudnn_full", "moe", "cudnn", "full"),
 )
 BY_NAME = {m.name: m for m in MEASUREMENTS}
 
 
 def dry_run_measurement(m: Measurement) -> Measurement:
-  """The same measurement at toy size on CPU: the toy variant, XLA attention (no cuDNN there)."""
+  """The same measurement at toy size on CPU: the toy variant, XLA attention for 'cudnn' (no
+  cuDNN there); 'cudnn_packed' stays, as off GPU it runs its XLA emulation from the same offsets."""
   if not m.variant:
     return m
-  overrides = tuple((k, "xla" if k == "model.attention_impl" else v) for k, v in m.overrides)
+  dry_impl = lambda v: "xla" if v == "cudnn" else v
+  overrides = tuple((k, dry_impl(v) if k == "model.attention_impl" else v)
+                    for k, v in m.overrides)
   return dataclasses.replace(m, variant="moe_dry" if m.variant == "moe" else "dry",
                              overrides=overrides, mean_doc_len=min(m.mean_doc_len, 16))
 
@@ -126,6 +142,79 @@ def measure_ceilings(dry: bool) -> dict:
           "copy_gb_per_s": 2 * x.nbytes / copy_s / 1e9}
 
 
+def measure_attention(m: Measurement, dry: bool) -> tuple[dict, dict]:
+  """(result, config dict): one attention layer of the variant's model, forward + backward, on the
+  packed rows train_step.py builds, through each document-masking path: 'xla' and 'cudnn' (the
+  boolean mask; cuDNN gets it as a [B,1,T,S] bias) and 'cudnn_packed' (cuDNN's packing mode; off
+  GPU its XLA emulation). Each path's output and gradients are compared with the XLA path on
+  float32 operands; errors are max |got - ref| / max |ref| over out, dq, dk, dv."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import train_step  # pylint: disable=import-outside-toplevel
+  from mai_jax import cli, config as config_lib
+  from mai_jax.model import layers, packed_attention
+
+  cfg = cli.resolve_config(f"{EXPERIMENT}:{m.variant}", None, dict(m.overrides))
+  mc = cfg.model
+  device = jax.devices()[0]
+  seg_BT = train_step.random_batch(cfg, jax.sharding.SingleDeviceSharding(device),
+                                   m.mean_doc_len)["segment_ids"]
+  B, T = seg_BT.shape
+  dtype = layers.compute_dtype(mc)
+  rng = np.random.default_rng(0)  # NumPy: XLA:CPU takes seconds to compile jax.random.normal
+  shapes = ((B, T, mc.num_heads, mc.head_dim), (B, T, mc.num_kv_heads, mc.head_dim),
+            (B, T, mc.num_kv_heads, mc.head_dim), (B, T, mc.num_heads, mc.head_dim))
+  q, k, v, dout = (jax.device_put(rng.standard_normal(s, np.float32).astype(dtype), device)
+                   for s in shapes)
+
+  def masked(implementation, q, k, v):
+    mask_B1TS = seg_BT[:, None, :, None] == seg_BT[:, None, None, :]
+    return layers.dot_product_attention(q, k, v, mask_B1TS, is_causal=True,
+                                        implementation=implementation)
+
+  paths = {"xla": lambda *a: masked("xla", *a), "cudnn": lambda *a: masked("cudnn", *a),
+           "cudnn_packed": lambda *a: packed_attention.packed_attention(
+               *a, seg_BT, max_segments=mc.attention_max_segments)}
+
+  def train(fn):
+    def run(q, k, v, dout):
+      out, vjp = jax.vjp(fn, q, k, v)
+      return (out, *vjp(dout.astype(out.dtype)))
+    return jax.jit(run)
+
+  f32 = lambda a: a.astype(jnp.float32)
+  ref = train(paths["xla"])(f32(q), f32(k), f32(v), f32(dout))
+  rows = {"reference": "xla on float32 operands"}
+  for name, fn in paths.items():
+    if name == "cudnn" and jax.default_backend() != "gpu":
+      rows[name] = {"status": "skipped (no cuDNN off GPU)"}
+      continue
+    step = train(fn).lower(q, k, v, dout).compile()  # compiled once, timed as is
+    memory = step.memory_analysis()
+    got = step(q, k, v, dout)
+    error = max(float(jnp.max(jnp.abs(f32(g) - r)) / jnp.max(jnp.abs(r)))
+                for g, r in zip(got, ref))
+    rows[name] = {"fwd_bwd_s_median": median_seconds(step, q, k, v, dout,
+                                                     repeats=2 if dry else 10),
+                  "max_rel_error_vs_f32": error,
+                  "temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
+  segments_B = jax.jit(packed_attention.segment_offsets, static_argnums=1)(
+      seg_BT, mc.attention_max_segments)[2]
+  result = {"batch": B, "seq_len": T, "heads": mc.num_heads, "kv_heads": mc.num_kv_heads,
+            "head_dim": mc.head_dim, "dtype": str(jnp.dtype(dtype)),
+            "attention_max_segments": mc.attention_max_segments,
+            "segments_per_row_max": int(segments_B.max()), "segments": int(segments_B.sum()),
+            "paths": rows}
+  timed = {n: r["fwd_bwd_s_median"] for n, r in rows.items() if isinstance(r, dict) and
+           "fwd_bwd_s_median" in r}
+  if "cudnn" in timed:
+    result["speedup_packed_over_bias"] = timed["cudnn"] / timed["cudnn_packed"]
+  result["speedup_packed_over_xla"] = timed["xla"] / timed["cudnn_packed"]
+  return result, config_lib.to_dict(cfg)
+
+
 def planner_gpu(device_kind: str) -> str:
   """The planner's GPU key for a jax device kind ('NVIDIA H100 80GB HBM3' -> 'h100'); h100 when
   unknown (e.g. CPU), so the dry run exercises the same comparison."""
@@ -166,7 +255,10 @@ def run_one(m: Measurement, out_dir: str, steps: int, warmup: int, dry: bool, ar
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "env": {k: os.environ[k] for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION",
                                                "CUDA_DEVICE_MAX_CONNECTIONS") if k in os.environ}}
-  if m.variant:
+  if m.kind == "attention":
+    fields["mean_doc_len"] = m.mean_doc_len
+    fields["result"], fields["config"] = measure_attention(m, dry)
+  elif m.variant:
     fields["mfu_formula"] = ("(6*N_active_matmul + 6*L*T*H*K) * tokens/s / (devices * dense bf16 "
                              "peak); causal attention halved")
     fields["mean_doc_len"] = m.mean_doc_len
@@ -179,7 +271,7 @@ def run_one(m: Measurement, out_dir: str, steps: int, warmup: int, dry: bool, ar
 
 def _row(result: dict) -> dict:
   keys = ("step_time_s_median", "tokens_per_sec", "mfu", "peak_bytes_in_use", "matmul_tflops",
-          "copy_gb_per_s")
+          "copy_gb_per_s", "speedup_packed_over_bias", "speedup_packed_over_xla")
   row = {k: result[k] for k in keys if k in result}
   if "planner" in result:
     row["planned_total_bytes"] = result["planner"]["memory_per_device_bytes"]["total"]
@@ -198,13 +290,16 @@ def child_command(name: str, args) -> list[str]:
 
 
 def run_suite(args) -> list[dict]:
-  names = args.only.split(",") if args.only else [m.name for m in MEASUREMENTS]
+  names = args.only.split(",") if args.only else [
+      m.name for m in MEASUREMENTS if m.in_dry_run or not args.dry_run]
   unknown = [n for n in names if n not in BY_NAME]
   if unknown:
     raise SystemExit(f"gpu_suite.py: error: unknown measurement(s) {', '.join(unknown)}; "
                      f"choose from {', '.join(BY_NAME)}")
   os.makedirs(args.out, exist_ok=True)
-  env = dict(os.environ)
+  # The children import this checkout's mai_jax, installed or not (sys.path[0] is benchmarks/).
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get(
+      "PYTHONPATH")))))
   if args.dry_run:
     env.update(JAX_PLATFORMS="cpu")
   start, rows = time.monotonic(), []
@@ -252,6 +347,9 @@ def format_table(rows: list[dict]) -> str:
     other = ""
     if "matmul_tflops" in r:
       other = f"matmul {r['matmul_tflops']:.0f} TFLOP/s, copy {r['copy_gb_per_s']:.0f} GB/s"
+    if "speedup_packed_over_xla" in r:
+      other = (f"cudnn_packed fwd+bwd: {fmt(r.get('speedup_packed_over_bias'), '.2f')}x cudnn bias"
+               f", {r['speedup_packed_over_xla']:.2f}x xla")
     lines.append(
         f"{r['name']:<20} {r['status'][:10]:<10} {fmt(r.get('step_time_s_median'), '8.3f')} "
         f"{fmt(r.get('planned_step_time_s'), '8.3f')} {fmt(r.get('tokens_per_sec'), '10,.0f')} "

@@ -68,8 +68,11 @@ class ModelConfig:
   # 'attn_proj' attention's q/k/v/o outputs (the MLP is recomputed); 'qkv_proj' q/k/v only.
   remat: str = "full"
   scan_layers: bool = True
-  # 'auto' picks cuDNN flash attention on GPU and XLA elsewhere.
+  # 'auto' picks cuDNN flash attention on GPU and XLA elsewhere; 'cudnn_packed': cuDNN's
+  # sequence-packing mode for document masking (mai_jax/model/packed_attention.py).
   attention_impl: str = "auto"
+  # 'cudnn_packed': most segments (documents, plus the padding run) in one packed row.
+  attention_max_segments: int = 32
   # Llama 3.1-style RoPE frequency scaling (HF rope_type 'llama3'); factor 1.0 means none.
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
@@ -309,7 +312,7 @@ GPU_TYPES = ("h100", "h200", "h800", "b200")
 
 CHOICES = {
     ("model", "remat"): ("none", "full", "dots", "attn_proj", "qkv_proj"),
-    ("model", "attention_impl"): ("auto", "xla", "cudnn"),
+    ("model", "attention_impl"): ("auto", "xla", "cudnn", "cudnn_packed"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "compute_dtype"): ("float32", "bfloat16"),
     ("model", "router"): ("softmax_topk", "sigmoid_bias"),
@@ -527,6 +530,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   positive = {"model.num_layers": m.num_layers, "model.d_model": m.d_model,
               "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads,
               "model.head_dim": m.head_dim, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size,
+              "model.attention_max_segments": m.attention_max_segments,
               "data.seq_len": d.seq_len, "train.global_batch_size": t.global_batch_size,
               "train.microbatches": t.microbatches, "train.log_every": t.log_every}
   for key, value in positive.items():

@@ -31,12 +31,23 @@ def test_dry_run_writes_every_measurement(tmp_path):
     record = json.loads((tmp_path / f"{name}.json").read_text())
     assert record["command"].startswith("python benchmarks/gpu_suite.py --one " + name)
     assert record["machine"]["backend"] == "cpu" and record["config"]["data"]["seq_len"] == 64
+    if name == "attention_packed":
+      continue
     result = record["result"]
     assert result["step_time_s_median"] > 0 and result["tokens_per_step"] == 8 * 64
     assert result["planner"]["memory_per_device_bytes"]["total"] > 0
     assert result["planner"]["step_time_s"] > 0
   packed = json.loads((tmp_path / "dense_cudnn_packed.json").read_text())
   assert packed["mean_doc_len"] == 16
+  # The packed-attention comparison ran its code path: on CPU 'cudnn_packed' is its XLA
+  # emulation from the cuDNN offsets, which must equal the float32 XLA mask path.
+  attention = json.loads((tmp_path / "attention_packed.json").read_text())["result"]
+  assert attention["seq_len"] == 64 and attention["segments_per_row_max"] > 1
+  assert attention["paths"]["cudnn"]["status"].startswith("skipped")
+  for path in ("xla", "cudnn_packed"):
+    assert attention["paths"][path]["fwd_bwd_s_median"] > 0
+    assert attention["paths"][path]["max_rel_error_vs_f32"] < 1e-5
+  assert "dense_cudnn_offsets" not in names  # left out of the dry run (in_dry_run=False)
   assert "rows" in summary and "measurement" in proc.stdout.splitlines()[-len(names) - 1]
 
 

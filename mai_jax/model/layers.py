@@ -18,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mai_jax.config import ModelConfig
+from mai_jax.model import packed_attention
 from mai_jax.sharding import shard_act
 
 # Names of the projection outputs (checkpoint_name tags): what remat 'dots' saves
@@ -116,16 +117,21 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float,
 
 
 def attention_implementation(cfg: ModelConfig) -> str:
-  """'xla' or 'cudnn' for jax.nn.dot_product_attention; 'auto' takes cuDNN on GPU in 16 bits."""
+  """'xla', 'cudnn' (jax.nn.dot_product_attention) or 'cudnn_packed' (model/packed_attention.py);
+  'auto' takes 'cudnn' on GPU in 16 bits."""
   if cfg.attention_impl == "auto":
     on_gpu = jax.default_backend() == "gpu"
     half = compute_dtype(cfg) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if on_gpu and half else "xla"
-  if cfg.attention_impl == "cudnn" and compute_dtype(cfg) == jnp.dtype(jnp.float32):
-    raise ValueError("model.attention_impl='cudnn' needs model.compute_dtype='bfloat16' "
-                     "(cuDNN flash attention has no float32 kernel); use 'xla' or 'auto'")
-  if cfg.attention_impl not in ("xla", "cudnn"):
-    raise ValueError(f"model.attention_impl={cfg.attention_impl!r} is not 'auto', 'xla' or 'cudnn'")
+  if cfg.attention_impl not in ("xla", "cudnn", "cudnn_packed"):
+    raise ValueError(f"model.attention_impl={cfg.attention_impl!r} is not 'auto', 'xla', 'cudnn' "
+                     "or 'cudnn_packed'")
+  # Off GPU 'cudnn_packed' runs packed_attention.emulate, which has float32.
+  needs_cudnn = cfg.attention_impl == "cudnn" or jax.default_backend() == "gpu"
+  if needs_cudnn and compute_dtype(cfg) == jnp.dtype(jnp.float32):
+    raise ValueError(f"model.attention_impl={cfg.attention_impl!r} needs model.compute_dtype="
+                     "'bfloat16' (cuDNN flash attention has no float32 kernel); use 'xla' or "
+                     "'auto'")
   return cfg.attention_impl
 
 
@@ -241,6 +247,7 @@ class Attention(nnx.Module):
     self.rope_scaling = rope_scaling(cfg)
     self.dtype = compute_dtype(cfg)
     self.implementation = attention_implementation(cfg)
+    self.max_segments = cfg.attention_max_segments
     self.cache: Optional[KVCache] = None  # set by Decoder.init_cache for incremental decoding
 
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
@@ -271,13 +278,19 @@ class Attention(nnx.Module):
     #   exact for any packing, at the cost of materializing a B*T*T bias per layer. We do not use
     #   query_seq_lengths/key_value_seq_lengths: they describe one valid prefix per row (padding),
     #   not several documents, so they would let packed documents attend to each other. cuDNN's
-    #   packed-segment mode (q_offsets/kv_offsets) is reachable only through a private jax module.
+    #   packed-segment mode (q_offsets/kv_offsets) is reachable only through a private jax module:
+    #   'cudnn_packed' (model/packed_attention.py) uses it.
     # Padding tokens (segment 0) attend among themselves, so no row is fully masked (no NaNs).
-    mask_B1TS = None
-    if segment_ids_BT is not None:
-      mask_B1TS = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
-    out_BTHK = dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, is_causal=True,
-                                     implementation=self.implementation)
+    if self.implementation == "cudnn_packed" and segment_ids_BT is not None:
+      out_BTHK = packed_attention.packed_attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
+                                                   max_segments=self.max_segments)
+    else:
+      mask_B1TS = None
+      if segment_ids_BT is not None:
+        mask_B1TS = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
+      implementation = "cudnn" if self.implementation == "cudnn_packed" else self.implementation
+      out_BTHK = dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, is_causal=True,
+                                       implementation=implementation)
     out_BTHK = shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
     return checkpoint_name(jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt)),
                            "o_proj")

@@ -47,7 +47,7 @@ CHECKPOINTS = "checkpoints"
 NUMERICS_ONLY_FIELDS = ("remat", "scan_layers", "attention_impl", "init_std", "param_dtype",
                         "compute_dtype", "router_z_loss_weight", "load_balance_loss_weight",
                         "router_bias_update_rate", "pipeline_repeats", "pipeline_microbatches",
-                        "pipeline_gather_once")
+                        "pipeline_gather_once", "attention_max_segments")
 # Tokenizer files a workdir may hold (SentencePiece or Hugging Face, with the files that declare a
 # HF tokenizer's special tokens); the two main ones are copied last, as the run looks for them.
 _MAIN_TOKENIZER_FILES = (TOKENIZER_FILE, HF_TOKENIZER_FILE)
