@@ -3,6 +3,7 @@ gradients against a NumPy + ml_dtypes reference of the scaling math, closeness t
 formats' rounding, fp8 operands in the step's dots, a short training run against bf16, no added
 state, and the config errors."""
 
+import dataclasses
 import importlib.util
 import re
 
@@ -70,19 +71,20 @@ def test_forward_and_gradients_match_the_numpy_scaling_reference(operands):
 
 
 def test_fp8_is_within_the_formats_rounding_of_float32(operands):
-  """Relative (Frobenius) error against the float32 product: E4M3 rounds each operand by at most
-  2^-4 relative, E5M2 each gradient by 2^-3; the stated bounds 0.05 (forward) and 0.1 (gradients)
-  are those unit roundoffs less the averaging of independent errors, and far under what an
-  unscaled cast would give (x spans 2^-4..2^2, g sits at 1e-3: most of g would flush in E4M3)."""
+  """Relative (Frobenius) error against float32. Each product rounds two operands: E4M3 by at most
+  2^-4 relative, E5M2 by 2^-3, so the stated bounds are sqrt(2) * 2^-4 ~ 0.088 forward and
+  sqrt(2^-6 + 2^-8) ~ 0.14 for the gradients (an E5M2 gradient times an E4M3 operand); measured
+  0.040, 0.059 (dx), 0.061 (dw). x spans 2^-4..2^2 and g sits at 1e-3, so the scaling has to move
+  both into the formats' ranges."""
   x, w, g = operands
   _, (dx, dw) = _grads("current")(x, w, g)
   _, (dx32, dw32) = _grads("off")(x, w, g)
   y = np.asarray(fp8_matmul.einsum("btd,df->btf", x, w, "current"))
   y32 = np.asarray(jnp.einsum("btd,df->btf", x, w))
   rel = lambda a, b: np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b)  # noqa: E731
-  assert 1e-3 < rel(y, y32) < 0.05  # > 1e-3: the fp8 path did round
-  assert 1e-3 < rel(dx, np.asarray(dx32)) < 0.1
-  assert 1e-3 < rel(dw, np.asarray(dw32)) < 0.1
+  assert 1e-2 < rel(y, y32) < 0.088  # > 1e-2: the fp8 path did round
+  assert 1e-2 < rel(dx, np.asarray(dx32)) < 0.14
+  assert 1e-2 < rel(dw, np.asarray(dw32)) < 0.14
 
 
 TINY = C.ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
@@ -94,7 +96,7 @@ def test_every_projection_dot_of_the_step_takes_fp8_operands(operands):
   each layer run forward as E4M3 x E4M3 and backward as E5M2 x E4M3 (dx and dw), the rest (attention
   core, logits) stays in 16/32 bits. XLA:CPU has no fp8 dot kernel: it keeps the roundings to fp8
   and upcasts the fp8 values for its dots (checked on one matmul's compiled gradient)."""
-  cfg = TINY.__class__(**{**TINY.__dict__, "fp8": "current"})
+  cfg = dataclasses.replace(TINY, fp8="current")
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
   tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
 
@@ -119,7 +121,7 @@ def test_fp8_adds_no_state_so_checkpoints_are_unchanged():
   """Current scaling keeps no amax history: the model's state (what the checkpoint and the optimizer
   see) is the same with fp8 on as off."""
   def state(mode):
-    cfg = TINY.__class__(**{**TINY.__dict__, "fp8": mode})
+    cfg = dataclasses.replace(TINY, fp8=mode)
     return jax.tree.map(lambda a: (a.shape, a.dtype),
                         nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))))
   assert state("current") == state("off")
@@ -137,7 +139,7 @@ def test_config_refuses_bad_values_and_a_missing_extra(monkeypatch):
 
 
 def _losses(fp8: str, steps: int):
-  model = TINY.__class__(**{**TINY.__dict__, "fp8": fp8})
+  model = dataclasses.replace(TINY, fp8=fp8)
   cfg = C.Config(model=model, data=C.DataConfig(seq_len=16),
                  train=C.TrainConfig(global_batch_size=8),
                  optim=C.OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"))

@@ -22,13 +22,16 @@ only as linen modules whose amax history travels as a fake gradient ('_overwrite
 which our NNX train step and its gradient accumulation would have to special-case.
 
 The off mode is `jnp.einsum` itself, so model.fp8='off' compiles exactly what it did before.
+
+The routed MoE experts (model/moe.py) stay in the compute dtype: their dropless GEMMs are
+jax.lax.ragged_dot on GPU and a tiled scan on CPU, and qwix's ragged_dot_qt scales per row and per
+output channel, not per tensor; the shared experts are MLPs and take this path.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 MODES = ("off", "current")
@@ -65,11 +68,3 @@ def einsum(spec: str, x, w, mode: str):
     raise ValueError(f"model.fp8={mode!r} is not one of {MODES}")
   return jnp.einsum(spec, x, w, _dot_general=fp8_dot_general)
 
-
-def available() -> bool:
-  """Whether the [fp8] extra (qwix) is installed."""
-  try:
-    _qt_config()
-  except ImportError:
-    return False
-  return True
