@@ -21,7 +21,7 @@ install: $(BIN)/mai-jax
 # libraries); it and transformers are the reference for the Hugging Face parity tests.
 $(VENV)/.test-deps: $(BIN)/mai-jax
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,hf,track,curate,ray,chat,lmeval]"
+	$(BIN)/python -m pip install -q -e ".[test,hf,track,curate,ray,chat,lmeval,fp8]"
 	touch $@
 
 # Trains experiments/tiny.py on the embedded corpus (the interpreter's standard library) on CPU.

@@ -16,6 +16,10 @@ recorded as skipped.
   dense_{attn}_{remat}  experiments/gpu_bench.py:dense (1.14B, seq 4096, 32K tokens/step):
                       step time, tokens/s, MFU, peak memory, and the planner's predicted memory
                       and step time for the same config on one GPU
+  dense_cudnn_full_fp8  dense_cudnn_full with model.fp8=current (fp8 projection matmuls,
+                      mai_jax/model/fp8_matmul.py): bf16 vs fp8 step time; needs qwix (the [fp8]
+                      extra, a pure-Python wheel: carry it and `pip install --no-deps` it), else
+                      its JSON records the one-line config error
   dense_cudnn_packed  the same with rows packed with documents of mean length 512 (segment ids):
                       the cost of document masking on cuDNN (the [B,1,T,S] bias path)
   attention_packed    one attention layer of that model, forward + backward on those packed
@@ -59,14 +63,16 @@ class Measurement:
   in_dry_run: bool = True
 
 
-def _train(name, variant, attention, remat, mean_doc_len=0) -> Measurement:
-  return Measurement(name, variant, (("model.attention_impl", attention), ("model.remat", remat)),
-                     mean_doc_len)
+def _train(name, variant, attention, remat, mean_doc_len=0, fp8="off") -> Measurement:
+  fp8_override = (("model.fp8", fp8),) if fp8 != "off" else ()
+  return Measurement(name, variant, (("model.attention_impl", attention), ("model.remat", remat))
+                     + fp8_override, mean_doc_len)
 
 
 MEASUREMENTS = (
     Measurement("ceilings", kind="ceilings"),
     _train("dense_cudnn_full", "dense", "cudnn", "full"),
+    _train("dense_cudnn_full_fp8", "dense", "cudnn", "full", fp8="current"),
     _train("dense_xla_full", "dense", "xla", "full"),
     _train("dense_cudnn_dots", "dense", "cudnn", "dots"),
     _train("dense_cudnn_none", "dense", "cudnn", "none"),

@@ -73,6 +73,9 @@ class ModelConfig:
   attention_impl: str = "auto"
   # 'cudnn_packed': most segments (documents, plus the padding run) in one packed row.
   attention_max_segments: int = 32
+  # fp8 matmuls for the attention and MLP projections (model/fp8_matmul.py; the [fp8] extra):
+  # 'off', or 'current' (E4M3 forward, E5M2 gradients, one scale per tensor from its own amax).
+  fp8: str = "off"
   # Llama 3.1-style RoPE frequency scaling (HF rope_type 'llama3'); factor 1.0 means none.
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
@@ -313,6 +316,7 @@ GPU_TYPES = ("h100", "h200", "h800", "b200")
 CHOICES = {
     ("model", "remat"): ("none", "full", "dots", "attn_proj", "qkv_proj"),
     ("model", "attention_impl"): ("auto", "xla", "cudnn", "cudnn_packed"),
+    ("model", "fp8"): ("off", "current"),  # model/fp8_matmul.py MODES
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "compute_dtype"): ("float32", "bfloat16"),
     ("model", "router"): ("softmax_topk", "sigmoid_bias"),
@@ -567,6 +571,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   _validate_router_groups(m)
   _validate_expert_buffer(m)
   _validate_moe_dispatch(m)
+  _validate_fp8(m)
   _validate_init_from(t)
   for key in ("pipeline_repeats", "pipeline_microbatches"):
     if getattr(m, key) < (1 if key == "pipeline_repeats" else 0):
@@ -871,6 +876,13 @@ def scaled_to_devices(cfg: Config, num_devices: int, full_num_devices: int) -> C
   batch = rows * t.microbatches * math.prod(small[a] for a in batch_axes)
   return dataclasses.replace(cfg, mesh=dataclasses.replace(mesh, target_num_gpus=num_devices),
                              train=dataclasses.replace(t, global_batch_size=batch))
+def _validate_fp8(m: ModelConfig) -> None:
+  """model.fp8 runs through qwix (the [fp8] extra): refuse before anything is built without it."""
+  if m.fp8 != "off" and importlib.util.find_spec("qwix") is None:
+    raise ConfigError(f"model.fp8={m.fp8!r} needs qwix: pip install 'mai-jax[fp8]' "
+                      f"(or --config.model.fp8=off)")
+
+
 def _validate_rope_scaling(m: ModelConfig) -> None:
   if m.rope_scaling_factor < 1:
     raise ConfigError(f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 "

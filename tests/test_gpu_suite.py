@@ -37,6 +37,8 @@ def test_dry_run_writes_every_measurement(tmp_path):
     assert result["step_time_s_median"] > 0 and result["tokens_per_step"] == 8 * 64
     assert result["planner"]["memory_per_device_bytes"]["total"] > 0
     assert result["planner"]["step_time_s"] > 0
+  fp8 = json.loads((tmp_path / "dense_cudnn_full_fp8.json").read_text())
+  assert fp8["config"]["model"]["fp8"] == "current"  # bf16 vs fp8 on a lent GPU
   packed = json.loads((tmp_path / "dense_cudnn_packed.json").read_text())
   assert packed["mean_doc_len"] == 16
   # The packed-attention comparison ran its code path: on CPU 'cudnn_packed' is its XLA

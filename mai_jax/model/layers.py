@@ -9,6 +9,7 @@ float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -18,7 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mai_jax.config import ModelConfig
-from mai_jax.model import packed_attention
+from mai_jax.model import fp8_matmul, packed_attention
 from mai_jax.sharding import shard_act
 
 # Names of the projection outputs (checkpoint_name tags): what remat 'dots' saves
@@ -248,17 +249,18 @@ class Attention(nnx.Module):
     self.dtype = compute_dtype(cfg)
     self.implementation = attention_implementation(cfg)
     self.max_segments = cfg.attention_max_segments
+    self.fp8 = cfg.fp8  # the projections' matmuls (model/fp8_matmul.py)
     self.cache: Optional[KVCache] = None  # set by Decoder.init_cache for incremental decoding
 
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: Optional[jax.Array],
                positions_BT: jax.Array) -> jax.Array:
-    dt = self.dtype
+    dt, einsum = self.dtype, functools.partial(fp8_matmul.einsum, mode=self.fp8)
     x_BTD = x_BTD.astype(dt)
-    q_BTHK = checkpoint_name(jnp.einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)),
+    q_BTHK = checkpoint_name(einsum("btd,dhk->bthk", x_BTD, self.q_proj[...].astype(dt)),
                              "q_proj")
-    k_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", x_BTD, self.k_proj[...].astype(dt)),
+    k_BTGK = checkpoint_name(einsum("btd,dgk->btgk", x_BTD, self.k_proj[...].astype(dt)),
                              "k_proj")  # G = kv heads
-    v_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", x_BTD, self.v_proj[...].astype(dt)),
+    v_BTGK = checkpoint_name(einsum("btd,dgk->btgk", x_BTD, self.v_proj[...].astype(dt)),
                              "v_proj")
     q_BTHK = shard_act(apply_rope(q_BTHK, positions_BT, self.rope_theta, self.rope_scaling),
                        ("batch", "seq", "heads", "head_dim"))
@@ -268,7 +270,7 @@ class Attention(nnx.Module):
 
     if self.cache is not None:
       out_BTHK = self.cache.attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
-      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt))
+      return einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt))
 
     # Causal AND same document. The same call serves both implementations:
     # - xla: is_causal builds the triangular mask and ANDs it with `mask`.
@@ -292,7 +294,7 @@ class Attention(nnx.Module):
       out_BTHK = dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, is_causal=True,
                                        implementation=implementation)
     out_BTHK = shard_act(out_BTHK, ("batch", "seq", "heads", "head_dim"))
-    return checkpoint_name(jnp.einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt)),
+    return checkpoint_name(einsum("bthk,hkd->btd", out_BTHK, self.o_proj[...].astype(dt)),
                            "o_proj")
 
 
@@ -308,16 +310,17 @@ class MLP(nnx.Module):
     self.up_proj = create_param(rngs, init, (D, F), ("embed", "mlp"), p)  # w_DF
     self.down_proj = create_param(rngs, out_init, (F, D), ("mlp", "embed"), p)  # w_FD
     self.dtype = compute_dtype(cfg)
+    self.fp8 = cfg.fp8  # the projections' matmuls (model/fp8_matmul.py)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    dt = self.dtype
+    dt, einsum = self.dtype, functools.partial(fp8_matmul.einsum, mode=self.fp8)
     x_BTD = x_BTD.astype(dt)
     gate_BTF = checkpoint_name(
-        jnp.einsum("btd,df->btf", x_BTD, self.gate_proj[...].astype(dt)), "mlp_gate")
-    up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", x_BTD, self.up_proj[...].astype(dt)),
+        einsum("btd,df->btf", x_BTD, self.gate_proj[...].astype(dt)), "mlp_gate")
+    up_BTF = checkpoint_name(einsum("btd,df->btf", x_BTD, self.up_proj[...].astype(dt)),
                              "mlp_up")
     h_BTF = shard_act(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    return checkpoint_name(jnp.einsum("btf,fd->btd", h_BTF, self.down_proj[...].astype(dt)),
+    return checkpoint_name(einsum("btf,fd->btd", h_BTF, self.down_proj[...].astype(dt)),
                            "mlp_down")
 
 
