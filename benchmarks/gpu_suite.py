@@ -16,6 +16,11 @@ recorded as skipped.
   dense_{attn}_{remat}  experiments/gpu_bench.py:dense (1.14B, seq 4096, 32K tokens/step):
                       step time, tokens/s, MFU, peak memory, and the planner's predicted memory
                       and step time for the same config on one GPU
+  torch_peer_dense    the peer: the same model, batch, AdamW and remat (full) trained by PyTorch +
+                      transformers with torch.compile on the same GPU (benchmarks/torch_peer.py;
+                      MaxText itself is not in the GPU image and too big to carry)
+  dense_cudnn_qkv_proj  remat 'qkv_proj' (mai_jax/model/remat.py: saves q/k/v only), between
+                      'full' and 'dots' in memory
   dense_cudnn_full_fp8  dense_cudnn_full with model.fp8=current (fp8 projection matmuls,
                       mai_jax/model/fp8_matmul.py): bf16 vs fp8 step time; needs qwix (the [fp8]
                       extra, a pure-Python wheel: carry it and `pip install --no-deps` it), else
@@ -34,7 +39,8 @@ MFU: (6 * N_active_matmul + 6 * L * T * H * K) * tokens/s / dense bf16 peak (cau
 halved; mai_jax/metrics.py), the same formula as every result in benchmarks/results/.
 
 The GPU image has no grain: nothing here imports mai_jax.data (the batch is random tokens on the
-device), so the suite needs no wheels carried.
+device), so the suite needs no grain wheels; only qwix for the fp8 row. In the dry run dense_xla_full
+is left out (with 'cudnn' turned into 'xla' it would be dense_cudnn_full's program again).
 """
 
 from __future__ import annotations
@@ -57,10 +63,14 @@ class Measurement:
   variant: str = ""  # experiments/gpu_bench.py variant; empty for the ceilings
   overrides: tuple[tuple[str, str], ...] = ()
   mean_doc_len: int = 0  # > 0: packed rows with segment ids
-  kind: str = "train"  # 'train' (variant set), 'ceilings' or 'attention'
+  kind: str = "train"  # 'train' (variant set), 'ceilings', 'attention' or 'torch_peer'
   # False: left out of the default --dry-run list, as another measurement's dry run covers the
   # same code path (a whole training step costs CI ~20 s; --only still runs it).
   in_dry_run: bool = True
+
+
+MFU_FORMULA = ("(6*N_active_matmul + 6*L*T*H*K) * tokens/s / (devices * dense bf16 peak); causal "
+               "attention halved")
 
 
 def _train(name, variant, attention, remat, mean_doc_len=0, fp8="off") -> Measurement:
@@ -72,15 +82,19 @@ def _train(name, variant, attention, remat, mean_doc_len=0, fp8="off") -> Measur
 MEASUREMENTS = (
     Measurement("ceilings", kind="ceilings"),
     _train("dense_cudnn_full", "dense", "cudnn", "full"),
+    # the peer on the same GPU, model, batch and optimizer (benchmarks/torch_peer.py)
+    Measurement("torch_peer_dense", "dense", (("model.remat", "full"),), kind="torch_peer"),
     _train("dense_cudnn_full_fp8", "dense", "cudnn", "full", fp8="current"),
-    _train("dense_xla_full", "dense", "xla", "full"),
+    _train("moe_cudnn_full", "moe", "cudnn", "full"),
     _train("dense_cudnn_dots", "dense", "cudnn", "dots"),
-    _train("dense_cudnn_none", "dense", "cudnn", "none"),
-    _train("dense_cudnn_packed", "dense", "cudnn", "full", mean_doc_len=512),
+    _train("dense_cudnn_qkv_proj", "dense", "cudnn", "qkv_proj"),
     Measurement("attention_packed", "dense", mean_doc_len=512, kind="attention"),
+    _train("dense_cudnn_packed", "dense", "cudnn", "full", mean_doc_len=512),
     dataclasses.replace(_train("dense_cudnn_offsets", "dense", "cudnn_packed", "full",
                                mean_doc_len=512), in_dry_run=False),
-    _train("moe_cudnn_full", "moe", "cudnn", "full"),
+    _train("dense_cudnn_none", "dense", "cudnn", "none"),
+    # On CPU the dry run turns 'cudnn' into 'xla': this is dense_cudnn_full's program there.
+    dataclasses.replace(_train("dense_xla_full", "dense", "xla", "full"), in_dry_run=False),
 )
 BY_NAME = {m.name: m for m in MEASUREMENTS}
 
@@ -253,6 +267,17 @@ def measure_train(m: Measurement, steps: int, warmup: int) -> tuple[dict, dict]:
   return result, config_lib.to_dict(cfg)
 
 
+def measure_torch_peer(m: Measurement, steps: int, warmup: int, dry: bool) -> tuple[dict, dict]:
+  """(result, config dict): the same model trained by PyTorch + transformers (torch_peer.py);
+  eager on CPU (the dry run), torch.compile on a GPU."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_peer  # pylint: disable=import-outside-toplevel
+  from mai_jax import cli, config as config_lib
+
+  cfg = cli.resolve_config(f"{EXPERIMENT}:{m.variant}", None, dict(m.overrides))
+  return torch_peer.run(cfg, steps, warmup, compile_model=not dry), config_lib.to_dict(cfg)
+
+
 def run_one(m: Measurement, out_dir: str, steps: int, warmup: int, dry: bool, argv) -> dict:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import train_step  # pylint: disable=import-outside-toplevel
@@ -264,9 +289,11 @@ def run_one(m: Measurement, out_dir: str, steps: int, warmup: int, dry: bool, ar
   if m.kind == "attention":
     fields["mean_doc_len"] = m.mean_doc_len
     fields["result"], fields["config"] = measure_attention(m, dry)
+  elif m.kind == "torch_peer":
+    fields["mfu_formula"] = MFU_FORMULA
+    fields["result"], fields["config"] = measure_torch_peer(m, steps, warmup, dry)
   elif m.variant:
-    fields["mfu_formula"] = ("(6*N_active_matmul + 6*L*T*H*K) * tokens/s / (devices * dense bf16 "
-                             "peak); causal attention halved")
+    fields["mfu_formula"] = MFU_FORMULA
     fields["mean_doc_len"] = m.mean_doc_len
     fields["result"], fields["config"] = measure_train(m, steps, warmup)
   else:

@@ -33,6 +33,12 @@ def test_dry_run_writes_every_measurement(tmp_path):
     assert record["machine"]["backend"] == "cpu" and record["config"]["data"]["seq_len"] == 64
     if name == "attention_packed":
       continue
+    if name == "torch_peer_dense":  # the peer has no planner figures; its model is ours
+      peer = record["result"]
+      assert peer["peer"] == "torch+transformers" and peer["tokens_per_step"] == 8 * 64
+      assert peer["step_time_s_median"] > 0 and peer["gradient_checkpointing"]
+      assert peer["params"] > 0  # torch_peer.run checks it equals our parameter count
+      continue
     result = record["result"]
     assert result["step_time_s_median"] > 0 and result["tokens_per_step"] == 8 * 64
     assert result["planner"]["memory_per_device_bytes"]["total"] > 0
@@ -50,6 +56,7 @@ def test_dry_run_writes_every_measurement(tmp_path):
     assert attention["paths"][path]["fwd_bwd_s_median"] > 0
     assert attention["paths"][path]["max_rel_error_vs_f32"] < 1e-5
   assert "dense_cudnn_offsets" not in names  # left out of the dry run (in_dry_run=False)
+  assert "dense_xla_full" not in names and "torch_peer_dense" in names
   assert "rows" in summary and "measurement" in proc.stdout.splitlines()[-len(names) - 1]
 
 
