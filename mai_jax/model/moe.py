@@ -34,6 +34,12 @@ top-k experts inside its router_topk_groups best groups of contiguous experts on
 per node its rows go to at most that many nodes. The flat all-to-all above still sends the same
 fixed-size buffers to every device, so it bounds the nodes a token reaches, not the bytes moved.
 
+Hierarchical dispatch (model.expert_devices_per_node = n; DeepSeek-V3): the 'expert' axis as nodes
+of n devices; model/hierarchical_dispatch.py delivers exactly the flat buffers above in two
+all-to-alls (each token once per destination node, then fanned out inside it) and combines in
+reverse with one weighted partial sum per (token, node), so the drops and expert inputs are the
+flat path's; 0 leaves the flat program as it was.
+
 Overlap (model.moe_overlap_halves; DeepSeek-V3 overlaps one micro-batch's all-to-all with the
 other's compute): the layer splits its rows into two halves, the h-th half of every device's rows
 (`split_rows`, so no row changes device), and runs route -> dispatch -> experts -> combine for each
