@@ -159,7 +159,8 @@ def main(argv=None) -> int:
       rows.append({"tokens": tokens, "impl": impl, "dispatch": dispatch,
                    "expert_devices_per_node": per_node, "moe": m, "dense": d,
                    "moe_over_dense": m["median_s"] / d["median_s"]})
-      print(f"tokens {tokens} {impl} {dispatch} per_node {per_node}: moe {m['median_s'] * 1e3:.1f} ms, dense "
+      print(f"tokens {tokens} {impl} {dispatch} per_node {per_node}: moe "
+            f"{m['median_s'] * 1e3:.1f} ms, dense "
             f"{d['median_s'] * 1e3:.1f} ms, ratio {rows[-1]['moe_over_dense']:.2f}, all-to-all "
             f"{m['all_to_all_bytes_per_device'] / 2**20:.2f} MiB/device "
             f"{m['all_to_all_bytes_by_dtype']} {nodes}")

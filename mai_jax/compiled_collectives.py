@@ -18,7 +18,8 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2
                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 _OPS = (" all-to-all(", " all-to-all-start(")
-_GROUPS = re.compile(r"replica_groups=(\{(?:\{[\d,]*\},?)*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")
+_GROUPS = re.compile(r"replica_groups=(\{(?:\{[\d,]*\},?)*\}"  # explicit
+                     r"|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")  # iota
 
 
 def all_to_all_bytes(hlo_text: str) -> list[tuple[str, int]]:

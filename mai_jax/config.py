@@ -973,7 +973,8 @@ def _validate_expert_mesh(cfg: Config, num_devices: int) -> None:
 def _validate_expert_devices_per_node(cfg: Config, num_devices: int) -> None:
   """model.expert_devices_per_node splits the expert devices into whole nodes of n devices, at
   least two nodes of at least two devices (otherwise one of the two all-to-alls is a no-op and the
-  flat one is the same exchange): model/hierarchical_dispatch.py."""
+  flat one is the same exchange): model/hierarchical_dispatch.py. Not with pipeline stages: their
+  vmap (model/pipeline.py) has no batching rule for an all-to-all with axis_index_groups."""
   n = cfg.model.expert_devices_per_node
   if not n:
     return
@@ -984,11 +985,15 @@ def _validate_expert_devices_per_node(cfg: Config, num_devices: int) -> None:
   ep = _devices_over(cfg, num_devices, axes)
   if not 1 < n < ep or ep % n:
     fits = [d for d in range(2, ep) if ep % d == 0]
-    fix = f"e.g. {fits[-1]}" if fits else f"or raise mesh.expert (now {ep} devices)"
+    fix = (f"set it to the expert devices of one node (e.g. {fits[-1]}) or 0" if fits else
+           f"no n fits {ep} devices: raise mesh.expert or set it to 0")
     raise ConfigError(f"model.expert_devices_per_node={n} must be 0 (flat all-to-all) or divide "
                       f"the {ep} devices the experts are sharded over (mesh.expert="
-                      f"{cfg.mesh.expert}, mesh axes {axes}) with 1 < n < {ep}: set it to the "
-                      f"expert devices of one node, {fix}, or 0")
+                      f"{cfg.mesh.expert}, mesh axes {axes}) with 1 < n < {ep}: {fix}")
+  if cfg.mesh.stage > 1:
+    raise ConfigError(f"model.expert_devices_per_node={n} does not run inside pipeline stages "
+                      f"(mesh.stage={cfg.mesh.stage}: jax cannot vmap its grouped all-to-alls); "
+                      f"set it to 0 or mesh.stage to 1")
 
 
 def _validate_head_split(cfg: Config, num_devices: int) -> None:

@@ -104,7 +104,8 @@ def _check_groups(hlo, per_node, flat_hlo):
 
 
 def test_bad_expert_devices_per_node_is_refused():
-  """n must be 0 or split the expert devices into nodes of 1 < n < ep devices, on an MoE model."""
+  """n must be 0 or split the expert devices into nodes of 1 < n < ep devices, on an MoE model
+  without pipeline stages."""
   def check(model, mesh):
     cfg = C.Config(model=C.ModelConfig(**model), mesh=C.MeshConfig(**mesh))
     C.validate(cfg, num_devices=8)
@@ -115,6 +116,8 @@ def test_bad_expert_devices_per_node_is_refused():
                       (dict(moe, expert_devices_per_node=8), dict(expert=8, fsdp=1)),
                       (dict(moe, expert_devices_per_node=1), dict(expert=8, fsdp=1)),
                       (dict(moe, expert_devices_per_node=2), dict(expert=1, fsdp=8)),
-                      (dict(expert_devices_per_node=2), dict(expert=8, fsdp=1))):
-    with pytest.raises(C.ConfigError, match=r"model\.expert_devices_per_node=\d.*(mesh\.expert)"):
+                      (dict(expert_devices_per_node=2), dict(expert=8, fsdp=1)),
+                      (dict(moe, expert_devices_per_node=2), dict(expert=4, stage=2, fsdp=1))):
+    with pytest.raises(C.ConfigError,
+                       match=r"model\.expert_devices_per_node=\d.*(mesh\.|num_experts)"):
       check(model, mesh)
