@@ -594,6 +594,7 @@ def validate(cfg: Config, num_devices: Optional[int] = None) -> None:
   if num_devices is not None:
     mesh_shape(cfg.mesh, num_devices)
     _validate_expert_mesh(cfg, num_devices)
+    _validate_expert_devices_per_node(cfg, num_devices)
     _validate_head_split(cfg, num_devices)
     _validate_sequence_parallel(cfg, num_devices)
     _validate_pipeline(cfg, num_devices)
@@ -984,6 +985,32 @@ def _validate_expert_mesh(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f"model.num_experts={cfg.model.num_experts} must be divisible by the "
                       f"{shards} devices the experts are sharded over (mesh axes {tuple(axes)}); "
                       f"change mesh.expert or model.num_experts")
+
+
+def _validate_expert_devices_per_node(cfg: Config, num_devices: int) -> None:
+  """model.expert_devices_per_node splits the expert devices into whole nodes of n devices, at
+  least two nodes of at least two devices (otherwise one of the two all-to-alls is a no-op and the
+  flat one is the same exchange): model/hierarchical_dispatch.py. Not with pipeline stages: their
+  vmap (model/pipeline.py) has no batching rule for an all-to-all with axis_index_groups."""
+  n = cfg.model.expert_devices_per_node
+  if not n:
+    return
+  if not cfg.model.num_experts:
+    raise ConfigError(f"model.expert_devices_per_node={n} needs an MoE model (model.num_experts "
+                      f"> 0) with experts over mesh.expert; leave it 0 for a dense model")
+  axes = tuple(dict(cfg.mesh.rules).get("experts", ()))
+  ep = _devices_over(cfg, num_devices, axes)
+  if not 1 < n < ep or ep % n:
+    fits = [d for d in range(2, ep) if ep % d == 0]
+    fix = (f"set it to the expert devices of one node (e.g. {fits[-1]}) or 0" if fits else
+           f"no n fits {ep} devices: raise mesh.expert or set it to 0")
+    raise ConfigError(f"model.expert_devices_per_node={n} must be 0 (flat all-to-all) or divide "
+                      f"the {ep} devices the experts are sharded over (mesh.expert="
+                      f"{cfg.mesh.expert}, mesh axes {axes}) with 1 < n < {ep}: {fix}")
+  if cfg.mesh.stage > 1:
+    raise ConfigError(f"model.expert_devices_per_node={n} does not run inside pipeline stages "
+                      f"(mesh.stage={cfg.mesh.stage}: jax cannot vmap its grouped all-to-alls); "
+                      f"set it to 0 or mesh.stage to 1")
 
 
 def _validate_head_split(cfg: Config, num_devices: int) -> None:

@@ -27,15 +27,15 @@ CASES = {
 }
 
 
-def _compiled_grad(cfg, state, x_BTD):
-  """jit(value_and_grad) of sum(sin(y)) compiled under MESH -> (executable, its HLO text)."""
+def compiled_grad(cfg, state, x_BTD, mesh=MESH):
+  """jit(value_and_grad) of sum(sin(y)) compiled under `mesh` -> (executable, its HLO text)."""
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: moe_lib.MoE(cfg, rngs=nnx.Rngs(0))))
 
   def loss(state, x_BTD):
     y_BTD, aux = nnx.merge(graphdef, state)(x_BTD)
     return jnp.sum(jnp.sin(y_BTD)), (y_BTD, aux)
 
-  with S.activate(S.make_mesh(MESH), MESH.rules):
+  with S.activate(S.make_mesh(mesh), mesh.rules):
     compiled = jax.jit(jax.value_and_grad(loss, has_aux=True, argnums=(0, 1))).lower(
         state, x_BTD).compile()
   return compiled, compiled.as_text()
@@ -54,7 +54,7 @@ def runs(request):
     x_BTD = jax.random.normal(jax.random.key(3), (ROWS, SEQ, cfg.d_model))
     out = {}
     for on in (False, True):
-      compiled, hlo = _compiled_grad(dataclasses.replace(cfg, moe_overlap_halves=on), state, x_BTD)
+      compiled, hlo = compiled_grad(dataclasses.replace(cfg, moe_overlap_halves=on), state, x_BTD)
       out[on] = (jax.device_get(compiled(state, x_BTD)), hlo)
   finally:
     moe_lib.EXPERT_FFN_IMPL = old

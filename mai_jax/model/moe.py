@@ -34,6 +34,12 @@ top-k experts inside its router_topk_groups best groups of contiguous experts on
 per node its rows go to at most that many nodes. The flat all-to-all above still sends the same
 fixed-size buffers to every device, so it bounds the nodes a token reaches, not the bytes moved.
 
+Hierarchical dispatch (model.expert_devices_per_node = n; DeepSeek-V3): the 'expert' axis as nodes
+of n devices; model/hierarchical_dispatch.py delivers exactly the flat buffers above in two
+all-to-alls (each token once per destination node, then fanned out inside it) and combines in
+reverse with one weighted partial sum per (token, node), so the drops and expert inputs are the
+flat path's; 0 leaves the flat program as it was.
+
 Overlap (model.moe_overlap_halves; DeepSeek-V3 overlaps one micro-batch's all-to-all with the
 other's compute): the layer splits its rows into two halves, the h-th half of every device's rows
 (`split_rows`, so no row changes device), and runs route -> dispatch -> experts -> combine for each
@@ -71,7 +77,7 @@ from jax.sharding import PartitionSpec
 
 from mai_jax import sharding as sharding_lib
 from mai_jax.config import ModelConfig
-from mai_jax.model import fp8_dispatch
+from mai_jax.model import fp8_dispatch, hierarchical_dispatch
 from mai_jax.model.layers import MLP, compute_dtype, create_param
 
 _shard_map = getattr(jax, "shard_map", None)
@@ -424,41 +430,53 @@ def ep_layout(batch: int, w_gate_shape, w_down_shape) -> Optional[_EPLayout]:
 
 def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_gate_EDF, w_up_EDF,
                         w_down_EFD, cap: Optional[int], buffer_factor: Optional[float] = None,
-                        dispatch_dtype: str = "compute"):
+                        dispatch_dtype: str = "compute", devices_per_node: int = 0):
   """Expert-parallel dispatch (see the module docstring). Returns (y_BTD, dropped count).
 
   `buffer_factor` (model.expert_buffer_factor) bounds the dropless per-destination buffers.
   `dispatch_dtype` (model.moe_dispatch_dtype): 'float8_e4m3fn' sends the tokens as fp8 rows with
   their scales (fp8_dispatch: the rows are quantized once, before the send buffer is built, so the
-  buffer's gathers/scatters move the narrow rows too); the combine stays in the compute dtype."""
+  buffer's gathers/scatters move the narrow rows too); the combine stays in the compute dtype.
+  `devices_per_node` (model.expert_devices_per_node > 0): the two-stage exchange of
+  model/hierarchical_dispatch.py delivers the same buffers instead of the flat all-to-all."""
   ep, K = layout.ep, experts_BTK.shape[-1]
   E = w_gate_EDF.shape[0]
   E_loc = E // ep
   batch_spec = PartitionSpec(layout.x_spec[0])
+  split = hierarchical_dispatch.node_split(layout.expert_axes, ep, devices_per_node)
 
-  def experts_capacity(x_ND, experts_BTK, w_gate, w_up, w_down):
+  def experts_capacity(x_ND, experts_BTK, weights_NK, w_gate, w_up, w_down):
     """Send this device's [E, b, cap] slots; the buffer for destination d is its E_loc experts'."""
     B, T, K = experts_BTK.shape
     D = x_ND.shape[-1]
     rows = E_loc * B * cap  # per destination
     slot_A, keep_A = capacity_slots(experts_BTK, E, cap)
 
+    def local_experts(recv_x, _=None):
+      # [source, E_loc, b cap, D] -> [E_loc, source x b cap, D]: each local expert's slots together.
+      x_ECD = recv_x.reshape(ep, E_loc, B * cap, D).transpose(1, 0, 2, 3).reshape(
+          E_loc, ep * B * cap, D)
+      out_ECD = _slot_ffn(x_ECD, w_gate, w_up, w_down)
+      if layout.mlp_axes:  # tensor: each shard holds a partial sum over its slice of d_ff
+        out_ECD = jax.lax.psum(out_ECD, layout.mlp_axes)
+      return out_ECD.reshape(E_loc, ep, B * cap, D).transpose(1, 0, 2, 3).reshape(ep, rows, D)
+
+    if split is not None:
+      return hierarchical_dispatch.exchange(
+          split, x_ND, slot_A // rows, slot_A % rows, keep_A, weights_NK, rows, local_experts,
+          dispatch_dtype=dispatch_dtype), keep_A
+
     def send(rows_NP, slot_A):
       send_x = _fill_slots(rows_NP, slot_A, ep * rows, K).reshape(ep, rows, -1)
       return jax.lax.all_to_all(send_x, layout.expert_axes, 0, 0, tiled=True)
 
     recv_x = fp8_dispatch.dispatch(send, x_ND, slot_A, dtype=dispatch_dtype)
-    # [source, E_loc, b cap, D] -> [E_loc, source x b cap, D]: each local expert's slots together.
-    x_ECD = recv_x.reshape(ep, E_loc, B * cap, D).transpose(1, 0, 2, 3).reshape(
-        E_loc, ep * B * cap, D)
-    out_ECD = _slot_ffn(x_ECD, w_gate, w_up, w_down)
-    if layout.mlp_axes:  # tensor: each shard holds a partial sum over its slice of d_ff
-      out_ECD = jax.lax.psum(out_ECD, layout.mlp_axes)
-    out = out_ECD.reshape(E_loc, ep, B * cap, D).transpose(1, 0, 2, 3).reshape(ep, rows, D)
+    out = local_experts(recv_x)
     back = jax.lax.all_to_all(out, layout.expert_axes, 0, 0, tiled=True)
-    return _read_slots(back.reshape(ep * rows, D), slot_A), keep_A
+    out_AD = _read_slots(back.reshape(ep * rows, D), slot_A)
+    return _combine(out_AD, weights_NK, keep_A.reshape(weights_NK.shape), x_ND.dtype), keep_A
 
-  def experts_dropless(x_ND, experts_BTK, w_gate, w_up, w_down):
+  def experts_dropless(x_ND, experts_BTK, weights_NK, w_gate, w_up, w_down):
     """Row r of destination d's buffer holds the r-th local assignment bound for device d; the
     buffer has M rows (all local assignments, or fewer with buffer_factor: the rest overflow)."""
     D = x_ND.shape[-1]
@@ -471,6 +489,21 @@ def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_ga
     rank_sorted = jnp.arange(A, dtype=jnp.int32) - starts[dest_sorted]
     keep_A = jnp.zeros((A,), bool).at[order_A].set(rank_sorted < M)
 
+    def local_experts(recv_x, recv_e):
+      # Local experts: sort received rows by local expert (empty slots last), grouped matmuls.
+      recv_order, local_sizes = _sort_by(recv_e.reshape(-1), E_loc)
+      out_sorted = _expert_ffn(recv_x.reshape(ep * M, D)[recv_order], local_sizes, w_gate, w_up,
+                               w_down)
+      if layout.mlp_axes:  # tensor: each shard holds a partial sum over its slice of d_ff
+        out_sorted = jax.lax.psum(out_sorted, layout.mlp_axes)
+      return jnp.zeros_like(out_sorted).at[recv_order].set(out_sorted).reshape(ep, M, D)
+
+    if split is not None:
+      rank_A = jnp.zeros_like(rank_sorted).at[order_A].set(rank_sorted)
+      return hierarchical_dispatch.exchange(
+          split, x_ND, experts_A // E_loc, rank_A, keep_A, weights_NK, M, local_experts,
+          payload_A=experts_A % E_loc, payload_fill=E_loc, dispatch_dtype=dispatch_dtype), keep_A
+
     def send(rows_NP, order_A, dest_sorted, rank_sorted):
       send_x = jnp.zeros((ep, M, rows_NP.shape[-1]), rows_NP.dtype).at[
           dest_sorted, rank_sorted].set(rows_NP[order_A // K], mode="drop")
@@ -481,18 +514,12 @@ def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_ga
     send_e = jnp.full((ep, M), E_loc, jnp.int32).at[dest_sorted, rank_sorted].set(
         experts_A[order_A] % E_loc, mode="drop")
     recv_e = jax.lax.all_to_all(send_e, layout.expert_axes, 0, 0, tiled=True)
-
-    # Local experts: sort received rows by local expert (empty slots last), grouped matmuls.
-    recv_order, local_sizes = _sort_by(recv_e.reshape(-1), E_loc)
-    out_sorted = _expert_ffn(recv_x.reshape(ep * M, D)[recv_order], local_sizes, w_gate, w_up,
-                             w_down)
-    if layout.mlp_axes:  # tensor: each shard holds a partial sum over its slice of d_ff
-      out_sorted = jax.lax.psum(out_sorted, layout.mlp_axes)
-    out = jnp.zeros_like(out_sorted).at[recv_order].set(out_sorted).reshape(ep, M, D)
+    out = local_experts(recv_x, recv_e)
     back = jax.lax.all_to_all(out, layout.expert_axes, 0, 0, tiled=True)
     out_sorted_AD = back[dest_sorted, jnp.minimum(rank_sorted, M - 1)]
     inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(A))
-    return out_sorted_AD[inverse_A], keep_A
+    out_AD = out_sorted_AD[inverse_A]
+    return _combine(out_AD, weights_NK, keep_A.reshape(weights_NK.shape), x_ND.dtype), keep_A
 
   def body(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down):
     B, T, D = x_BTD.shape
@@ -502,8 +529,8 @@ def moe_expert_parallel(layout: _EPLayout, x_BTD, experts_BTK, weights_BTK, w_ga
       w_up = jax.lax.all_gather(w_up, layout.embed_axes, axis=1, tiled=True)
       w_down = jax.lax.all_gather(w_down, layout.embed_axes, axis=2, tiled=True)
     experts_fn = experts_dropless if cap is None else experts_capacity
-    out_AD, keep_A = experts_fn(x_ND, experts_BTK, w_gate, w_up, w_down)
-    y_ND = _combine(out_AD, weights_BTK.reshape(B * T, K), keep_A.reshape(B * T, K), x_ND.dtype)
+    y_ND, keep_A = experts_fn(x_ND, experts_BTK, weights_BTK.reshape(B * T, K), w_gate, w_up,
+                              w_down)
     dropped = jnp.sum(~keep_A).astype(jnp.float32)[None]
     return y_ND.reshape(B, T, D), dropped
 
@@ -589,7 +616,7 @@ class MoE(nnx.Module):
     else:
       y_BTD, dropped = moe_expert_parallel(layout, x_BTD, experts_BTK, weights_BTK, w_gate, w_up,
                                            w_down, cap, cfg.expert_buffer_factor,
-                                           cfg.moe_dispatch_dtype)
+                                           cfg.moe_dispatch_dtype, cfg.expert_devices_per_node)
     counts_E = expert_counts(experts_NK, E)
     aux = {
         "load": counts_E / (B * T * K),
