@@ -978,13 +978,13 @@ def stage_layers(model: ModelConfig, layout: Layout) -> tuple[int, int]:
   """(layers every device runs outside the pipeline, layers of the pipelined stack one device
   runs). Dense models: (0, plan_pipeline.layers_per_device). MoE models with stages
   (model/transformer.py): the first_dense_layers run before the schedule as a plain scan, on
-  every stage over all its rows; the stack of MoE blocks (or groups of moe_layer_interval
+  every stage over all its rows (other implementations, the calibration's, pipeline them too); the stack of MoE blocks (or groups of moe_layer_interval
   blocks) is pipelined, each device running R ceil(units / (S R)) of its units. Without stages
   (0, L)."""
   S, R, L = layout.stages, layout.repeats, model.num_layers
   if S == 1:
     return 0, L
-  if not is_moe(model):
+  if not is_moe(model) or not layout.impl.this_codebase:  # Megatron / DualPipe pipeline them all
     return 0, pp.layers_per_device(L, S, R)
   units = (L - model.first_dense_layers) // model.moe_layer_interval
   return model.first_dense_layers, pp.layers_per_device(units, S, R) * model.moe_layer_interval
@@ -995,6 +995,8 @@ def moe_dots_recompute(layout: Layout) -> int:
   its policy saves the named projections (layers.PROJECTIONS) and the router logits, not the
   routed experts' batched or ragged matmuls, so each MoE layer's routed part runs again in its
   backward (model/transformer.py REMAT_POLICIES; moe_layer_bytes counts its memory so)."""
+  if not layout.impl.this_codebase:  # Megatron's / DeepSeek's selective recompute keeps them
+    return 0
   return 1 if layout.remat == "dots" else 0
 
 

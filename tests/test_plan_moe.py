@@ -12,7 +12,7 @@ import pytest
 from mai_jax import config as C
 from mai_jax import hardware
 from mai_jax import plan as P
-from mai_jax import plan_moe, plan_search
+from mai_jax import plan_calibration, plan_moe, plan_search
 
 MAI1_MOE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "experiments", "mai1_500b.py") + ":moe"
@@ -208,3 +208,18 @@ def test_moe_blocks_under_pipeline_stages_by_hand():
   pre = tokens * 6 * pre_params / rate + pre_attention + pre_elementwise
   assert times["bubble"] == pytest.approx((stretch - 1) * (pipelined - pre), rel=1e-9)
   assert without == times
+
+
+@pytest.mark.parametrize("run", plan_calibration.published_moe_runs(), ids=lambda r: r.name)
+def test_moe_calibration_rows_are_below_the_published_runs(run):
+  """docs/planner.md "MoE calibration": the planner under-predicts the published MoE runs (no fp8
+  GEMMs, the overlap of only half the expert GEMMs where DualPipe hides the all-to-all under the
+  other chunk's whole compute); held to that band, not to CALIBRATION_TOLERANCE. Without the
+  exposed expert all-to-all the DeepSeek-V3 row is within the tolerance."""
+  p = plan_calibration.predict(run)
+  assert run.published_mfu - 0.2 < p.mfu < run.published_mfu
+  hidden = p.step_time_s - p.communication["expert"]["time_s"] * p.compute_times[
+      "pipeline_stretch"]
+  if run.gpu == "h800":
+    assert abs(p.mfu * p.step_time_s / hidden - run.published_mfu) <= (
+        plan_calibration.CALIBRATION_TOLERANCE)
