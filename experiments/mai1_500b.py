@@ -68,11 +68,15 @@
     1.7 s even hierarchical with node-limited routing (4 of 8 nodes), fp8 dispatch and the
     overlap (23.7% at best).
   - With experts replicated over 1,920 nodes their weights must be FSDP-sharded, and FSDP over
-    InfiniBand is what bounded expert=8 without stages (9.8%): 8 stages cut each GPU's gathered
-    weights 8-fold (its stage's 8 blocks, gathered once per step: 67 GB, 1.7 s, overlapped).
+    InfiniBand is what bounds expert=8 without stages (fsdp=128: 10.2%): 8 stages cut each GPU's
+    gathered weights 8-fold (its stage's 8 blocks, gathered once per step: 67 GB, 1.7 s,
+    overlapped).
   - pipeline_stage_remat=False with 'dots': the projections are saved, the routed experts (and
     their all-to-alls) recomputed in the backward; the whole-stage checkpoint would recompute
-    every stage on top (35.5% at best).
+    every stage on top (31.3%, 48.0 GB); remat 'full' 36.1% (48.2 GB).
+  - The two-half overlap hides the 0.53 s NVLink all-to-all under the expert GEMMs (without it
+    32.5%); fp8 dispatch then changes nothing the planner sees (it shrinks the all-to-all the
+    overlap already hides: a margin if XLA's scheduler does not overlap as planned).
   - R=8, M_p=8: bubble 7 / 71 = 9.9%.
   Predicted 38.5% MFU, 3.18 s a step, ~5.8 days for 10T tokens (`mai-jax plan --config
   experiments/mai1_500b.py:moe`). The old layout (expert=64 x fsdp=8 x data=30, 2 dense
