@@ -633,9 +633,10 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
             becomes a reduce-scatter (sub-layer output) and an all-gather (next sub-layer's
             input), which together move the same bytes, so the bytes are unchanged (the calls,
             i.e. the latency term, are still counted as one per all-reduce).
-    expert: MoE all-to-all (moe_communication), on the critical path; its entry also carries
-            plan_moe.routing (nodes the expert axis spans, expected nodes per token with and
-            without node-limited routing), which the flat all-to-all's bytes do not depend on.
+    expert: MoE all-to-all (moe_communication), on the critical path, its bytes and time split
+            into inter- and intra-node parts, flat or hierarchical (moe_all_to_all,
+            plan_moe.all_to_all); its entry also carries plan_moe.routing (nodes the expert axis
+            spans, expected nodes per token, which the hierarchical bytes follow).
     stage:  the stage-to-stage sends (plan_pipeline.p2p_bytes) and the move of the stack's
             output to the head (plan_pipeline.head_broadcast_bytes); exposed unless the implementation
             overlaps its sends (plan_pipeline.PipelineImpl; split over tensor with sequence
@@ -750,8 +751,10 @@ def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
   moe_dispatch_row_bytes per row instead (D fp8 codes + their float32 scales); the combines and
   both backward all-to-alls stay in the compute dtype (model/fp8_dispatch.py).
   Node-limited routing (model.router_groups) changes none of this: the buffers are fixed-size and
-  every device sends one to every device; it only bounds the nodes a token's rows reach
-  (plan_moe, whose docstring says what a hierarchical dispatch would save).
+  every device sends one to every device; it only bounds the nodes a token's rows reach, which
+  the hierarchical all-to-all's inter-node share follows (moe_all_to_all). With stages the
+  device's MoE layers are its stage's (moe_layers_per_device), each called once per pipeline
+  microbatch.
   """
   m, e = cfg.model, layout.size("expert")
   c = DTYPE_BYTES[m.compute_dtype]
