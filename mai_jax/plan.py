@@ -653,7 +653,7 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
   per_layer = 4 + 2 * recompute_forwards(layout)[0]
   # the unpipelined layers: their own remat policy only, once per microbatch (not per pipeline one)
-  pre_layer = (4 + 2 * (1 if layout.remat == "full" else 0)) * pre
+  pre_layer = (4 + 2 * recompute_forwards(layout, pipelined=False)[0]) * pre
   # A virtual stage gathered in every iteration that runs it is gathered once per microbatch.
   G = Mp if fsdp_gather_scope(cfg, layout) == "iteration" else 1
   stage_bytes, stage_calls = 0.0, 0
@@ -917,8 +917,7 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   pre_params = pre * _dense_block_matmul_params(m)
   block_params = metrics.matmul_params(m, active) - head_params - pre_params
   gemm_forwards, attention_forwards = recompute_forwards(layout)
-  pre_gemm, pre_attention = recompute_forwards(dataclasses.replace(layout, mesh=((
-      "stage", 1),)))  # the unpipelined layers: the blocks' policy only
+  pre_gemm, pre_attention = recompute_forwards(layout, pipelined=False)
   gemm_flops = (6 + 2 * gemm_forwards) * block_params
   if is_moe(m):  # remat 'dots' runs the routed experts' forward again (moe_dots_recompute)
     from mai_jax.model.moe import expert_d_ff, num_moe_layers
@@ -961,7 +960,7 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   return out
 
 
-def recompute_forwards(layout: Layout) -> tuple[int, int]:
+def recompute_forwards(layout: Layout, pipelined: bool = True) -> tuple[int, int]:
   """(extra forward passes of the block GEMMs, of the attention core) that remat costs.
 
   Without stages: full recomputes each block once (1, 1); dots saves the projection outputs and
@@ -969,10 +968,13 @@ def recompute_forwards(layout: Layout) -> tuple[int, int]:
   checkpointed as a whole (PipelineImpl.stage_checkpointed, this codebase) recomputes its stage
   once more on top (nested remat: the outer recompute runs the blocks' forward, and full remat
   inside it recomputes each block again in its backward): full (2, 2), dots (1, 2).
+  pipelined=False: layers outside the schedule (an MoE model's first dense layers under
+  stages), which only their own policy recomputes.
   """
   gemm = 1 if layout.remat == "full" else 0
   attention = 1 if layout.remat != "none" else 0
-  if layout.stages > 1 and layout.remat != "none" and layout.impl.stage_checkpointed:
+  if (pipelined and layout.stages > 1 and layout.remat != "none"
+      and layout.impl.stage_checkpointed):
     gemm, attention = gemm + 1, attention + 1
   return gemm, attention
 
