@@ -46,27 +46,41 @@
   the planner puts it at ~50 days on 15,360 H100, so training longer is a schedule decision.
 
 `:moe`: same vocab and attention family, narrower and fine-grained, pretrained at 4,096 context:
-  64 layers, d_model 8,192, 64 heads of 128, 8 KV heads; the first 2 layers dense (d_ff 28,672,
-  as Llama 2 70B: early layers route poorly, DeepSeek-V3 keeps its first 3 dense), then every
-  layer MoE with 128 routed experts of d_ff_expert 2,560, 8 routed per token, 1 shared expert
-  (DeepSeek-MoE's fine-grained + shared design: more expert combinations at the same FLOPs).
-  Parameters (mai_jax.model.count_params / count_active_params): ~516B total, ~47B active per token
-  (9 x 3 x 8,192 x 2,560 = 0.57B expert weights per MoE layer). capacity_factor 1.25: 320 slots
-  per expert per 4,096-token sequence, so each GPU's all-to-all buffer is 128 x 320 = 40,960 rows
-  (1.25 x its 32,768 assignments) whatever the expert-parallel size; the planner puts the layout at
-  67.7 GB of 72 GB usable per GPU (the compiled 2-layer step agrees within 4%, docs/planner.md).
-  Layout: expert=64 (each GPU holds 2 experts of every MoE layer; the all-to-all crosses nodes),
-  fsdp=8, data=30, tensor=1 (the 47B-active compute per token is small enough that
-  tensor all-reduces would cost more than they save). With tensor=1 and no pipeline stages every
-  GPU needs at least one row, so the batch is 15,360 rows x 4,096 = 63M tokens, DeepSeek-V3's
-  final batch size (15,360 sequences of 4K); the context is extended after pretraining as theirs
-  was. Token budget 10T as `:dense`.
-  The planner predicts only ~13% MFU for this layout (`mai-jax plan --config
-  experiments/mai1_500b.py:moe`): with one 4K row per GPU the compute per step (2.3 s) is small
-  next to the expert all-to-all over InfiniBand (6.2 s, exposed) and the FSDP traffic. expert=8
-  inside a node instead keeps the all-to-all on NVLink but then every node gathers all experts'
-  weights over InfiniBand (9.8% MFU). Overlapping the all-to-all with the shared expert and
-  attention, fp8 dispatch and pipeline stages (DeepSeek-V3's remedies) are the open work.
+  64 layers, d_model 8,192, 64 heads of 128, 8 KV heads, every layer MoE with 128 routed experts
+  of d_ff_expert 2,560, 8 routed per token, 1 shared expert (DeepSeek-MoE's fine-grained + shared
+  design: more expert combinations at the same FLOPs). Parameters (mai_jax.model.count_params /
+  count_active_params): ~531B total, ~48B active per token (9 x 3 x 8,192 x 2,560 = 0.57B expert
+  weights per token and layer). capacity_factor 1.25: 320 slots per expert per 4,096-token
+  sequence. Batch 15,360 rows x 4,096 = 63M tokens, DeepSeek-V3's final batch size; the context
+  is extended after pretraining as theirs was. Token budget 10T as `:dense`.
+  No leading dense layers (DeepSeek-V3 keeps 3, this design had 2): under pipeline stages this
+  codebase runs the first_dense_layers before the schedule, on every stage over all its rows
+  (model/transformer.py), so S stages compute them S times, and the 62 MoE blocks they leave
+  split over 2 stages only (the stages divide the MoE stack). With 2 dense layers in front of 64
+  MoE blocks (66 layers) the best layout predicts 28.9%.
+  Layout for 15,360 H100, from `mai-jax plan --search` (docs/planner.md "MAI-1 MoE: what each
+  switch buys"): expert=8 x fsdp=16 x stage=8 x data=15, tensor 1, pipeline_repeats=8 (one MoE
+  block per virtual stage), pipeline_microbatches=8 (one row each), remat 'dots',
+  pipeline_stage_remat=False, fp8 dispatch, the two-half overlap; 66.4 GB of 72 GB usable.
+  Why, in the planner's physics:
+  - expert=8 inside a node: the all-to-all runs on NVLink (0.53 s a step) and the two halves
+    hide it under the expert GEMMs. Over 8 nodes (expert=64) it crosses InfiniBand: 5.5 s flat,
+    1.7 s even hierarchical with node-limited routing (4 of 8 nodes), fp8 dispatch and the
+    overlap (23.7% at best).
+  - With experts replicated over 1,920 nodes their weights must be FSDP-sharded, and FSDP over
+    InfiniBand is what bounds expert=8 without stages (fsdp=128: 10.2%): 8 stages cut each GPU's
+    gathered weights 8-fold (its stage's 8 blocks, gathered once per step: 67 GB, 1.7 s,
+    overlapped).
+  - pipeline_stage_remat=False with 'dots': the projections are saved, the routed experts (and
+    their all-to-alls) recomputed in the backward; the whole-stage checkpoint would recompute
+    every stage on top (31.3%, 48.0 GB); remat 'full' 36.1% (48.2 GB).
+  - The two-half overlap hides the 0.53 s NVLink all-to-all under the expert GEMMs (without it
+    32.5%); fp8 dispatch then changes nothing the planner sees (it shrinks the all-to-all the
+    overlap already hides: a margin if XLA's scheduler does not overlap as planned).
+  - R=8, M_p=8: bubble 7 / 71 = 9.9%.
+  Predicted 38.5% MFU, 3.18 s a step, ~5.8 days for 10T tokens (`mai-jax plan --config
+  experiments/mai1_500b.py:moe`). The old layout (expert=64 x fsdp=8 x data=30, 2 dense
+  layers, no stages): 13.6%.
 
 Variants:
   dense     the default
@@ -90,7 +104,8 @@ MOE_SEQ_LEN = 4096
 # The MoE fields of `:moe` (ModelConfig names used by the MoE model). router is left at the MoE
 # model's default.
 MOE_FIELDS = dict(num_experts=128, experts_per_token=8, num_shared_experts=1, d_ff_expert=2560,
-                  moe_layer_interval=1, first_dense_layers=2, capacity_factor=1.25)
+                  moe_layer_interval=1, first_dense_layers=0, capacity_factor=1.25,
+                  moe_dispatch_dtype="float8_e4m3fn", moe_overlap_halves=True)
 
 
 def dense() -> Config:
@@ -115,13 +130,12 @@ def dense() -> Config:
 def moe() -> Config:
   cfg = dense()
   model = dataclasses.replace(cfg.model, num_layers=64, d_model=8192, num_heads=64,
-                              num_kv_heads=8, head_dim=128, d_ff=28672, remat="full",
-                              pipeline_repeats=1, pipeline_microbatches=0,
-                              pipeline_stage_remat=True, sequence_parallel=False, **MOE_FIELDS)
-  # tensor=1: every GPU needs its own rows, so 15,360 rows of 4,096 (DeepSeek-V3's final batch).
+                              num_kv_heads=8, head_dim=128, d_ff=28672, remat="dots",
+                              pipeline_repeats=8, pipeline_microbatches=8,
+                              pipeline_stage_remat=False, sequence_parallel=False, **MOE_FIELDS)
   return dataclasses.replace(
       cfg, model=model,
-      mesh=dataclasses.replace(cfg.mesh, data=-1, stage=1, fsdp=8, expert=64, tensor=1),
+      mesh=dataclasses.replace(cfg.mesh, data=-1, stage=8, fsdp=16, expert=8, tensor=1),
       data=dataclasses.replace(cfg.data, seq_len=MOE_SEQ_LEN),
       train=dataclasses.replace(cfg.train, global_batch_size=MOE_GLOBAL_BATCH, microbatches=1,
                                 num_steps=TOKEN_BUDGET // (MOE_GLOBAL_BATCH * MOE_SEQ_LEN)))

@@ -82,6 +82,8 @@ class Layout:
   impl: pp.PipelineImpl = pp.THIS_CODEBASE
   zero1: bool = False
   sequence_parallel: bool = False
+  # model.expert_devices_per_node: the expert all-to-all as inter-node x intra-node phases (0: flat)
+  expert_devices_per_node: int = 0
 
   def size(self, axis: str) -> int:
     return dict(self.mesh).get(axis, 1)
@@ -98,7 +100,8 @@ def layout_of(cfg: Config, num_gpus: int) -> Layout:
                 cfg.train.microbatches, cfg.model.pipeline_repeats if stages > 1 else 1,
                 config_lib.pipeline_microbatches(cfg, stages) if stages > 1 else 1,
                 impl=codebase_impl(cfg), zero1=cfg.mesh.zero1,
-                sequence_parallel=cfg.model.sequence_parallel)
+                sequence_parallel=cfg.model.sequence_parallel,
+                expert_devices_per_node=cfg.model.expert_devices_per_node)
 
 
 def codebase_impl(cfg: Config) -> pp.PipelineImpl:
@@ -233,8 +236,9 @@ def _spec_axes(spec) -> list[str]:
 def _shard_elems(shape, axes, unit, layout: Layout) -> int:
   """Elements of one device's shard of a leaf split over `axes`."""
   elems = math.prod(shape) // math.prod(layout.size(a) for a in axes)
-  if unit is not None and len(unit) == 1 and layout.stages > 1 and "stage" not in axes:
-    # a stack the stages do not divide (126 layers over 16): the fullest stage's share
+  if unit == ("blocks",) and layout.stages > 1 and "stage" not in axes:
+    # a pipelined stack the stages do not divide (126 layers over 16): the fullest stage's share
+    # (the MoE models' dense_blocks run before the pipeline, laid out as their spec says)
     elems = elems * -(-shape[0] // layout.stages) // shape[0]
   return elems
 
@@ -329,18 +333,20 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
   }
 
 
-def moe_buffer_rows(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot") -> dict[str, int]:
+def moe_buffer_rows(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot",
+                    rows: Optional[int] = None) -> dict[str, int]:
   """Rows of one MoE layer's expert buffers on one device (model/moe.py), per microbatch.
 
   assignments A = n k. capacity mode: the [E, b, C] slots, R = E b C (~capacity_factor x A,
   whatever the expert-parallel size). dropless with expert parallelism: ep destination buffers of
   M = A rows (or ceil(expert_buffer_factor A / ep)), R = ep M; dropless on one device: R = A.
   expert_ffn 'tiled' (the CPU path, dropless only) also pads every local expert's group to a tile:
-  padded = R + E_local (tile - 1), rounded up to a tile.
+  padded = R + E_local (tile - 1), rounded up to a tile. `rows`: sequences per device (default
+  rows_per_device; a pipeline stage holds pipeline_rows_per_device at a time).
   """
   from mai_jax.model import moe as moe_lib
   m = cfg.model
-  b, T = rows_per_device(cfg, layout), cfg.data.seq_len
+  b, T = rows_per_device(cfg, layout) if rows is None else rows, cfg.data.seq_len
   A = b * T * m.experts_per_token
   ep = math.prod(layout.size(a) for a in dict(cfg.mesh.rules).get("experts", ()))
   cap = moe_lib.capacity(m, T)
@@ -352,7 +358,8 @@ def moe_buffer_rows(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot")
   return {"assignments": A, "rows": rows, "padded": padded}
 
 
-def moe_layer_bytes(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot") -> dict[str, float]:
+def moe_layer_bytes(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot",
+                    rows: Optional[int] = None) -> dict[str, float]:
   """Bytes of one MoE layer's routed experts on one device (the dense part of the block, attention
   and shared experts, is layer_activation_bytes with the shared width), c bytes per element,
   R rows (moe_buffer_rows), F_e = d_ff_expert / t:
@@ -374,8 +381,8 @@ def moe_layer_bytes(cfg: Config, layout: Layout, expert_ffn: str = "ragged_dot")
   from mai_jax.model.moe import expert_d_ff
   m, c, t = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype], layout.size("tensor")
   D, Fe, E = m.d_model, expert_d_ff(m) / t, m.num_experts
-  n = rows_per_device(cfg, layout) * cfg.data.seq_len
-  rows = moe_buffer_rows(cfg, layout, expert_ffn)
+  n = (rows_per_device(cfg, layout) if rows is None else rows) * cfg.data.seq_len
+  rows = moe_buffer_rows(cfg, layout, expert_ffn, rows)
   R, A = rows["rows"], rows["assignments"]
   router = 8 * n * E
   if m.capacity_factor is not None:
@@ -430,7 +437,7 @@ def activation_bytes(cfg: Config, layout: Layout, attention: str,
 
 
 def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> float:
-  """Activations at the peak on one device of a pipeline stage (dense models).
+  """Activations at the peak on one device of a pipeline stage.
 
   With b = pipeline_rows_per_device, Lc = layers per virtual stage, F the in-flight stage inputs
   (plan_pipeline.in_flight_microbatches: every iteration's, R M + S - 1, in this codebase's scan;
@@ -442,26 +449,33 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
     with saved = none / carry / carry + dots and live = 0 / one layer's none / core for remat
     none / full / dots; without 1F1B add the inbox, M carry (the microbatches waiting for their
     next repeat; it ends as the stack's output).
+  MoE models: a pipelined unit is an MoE block (or a group of moe_layer_interval blocks), its
+  saved / live bytes _moe_unit_activations's; the first_dense_layers, run before the schedule on
+  all the rows, keep their policy's saved bytes until their backward, after the pipeline's.
   plus the head: the embedded input [rows, T, D] and the float32 logits and final hidden state of
   the rows the stage scores: 1 / S of them with the head split over stages (this codebase), all
   with it replicated; with the head on the last stage, one pipeline microbatch's logits.
   """
   m, S, R, M = cfg.model, layout.stages, layout.repeats, layout.pipeline_microbatches
-  if is_moe(m):
-    raise ConfigError(f"mesh.stage={S}: pipeline stages do not support MoE models yet "
-                      f"(model.num_experts={m.num_experts}); plan with mesh.stage=1")
   b = pipeline_rows_per_device(cfg, layout)
-  per = layer_activation_bytes(cfg, layout, attention, rows=b)
-  Lc = pp.layers_per_device(m.num_layers, S, R) // R
-  in_flight = pp.in_flight_microbatches(S, R, M, layout.impl)
+  per = layer_activation_bytes(cfg, layout, attention, None if not is_moe(m) else m.d_ff, rows=b)
   saved = {"none": per["none"], "full": per["carry"], "dots": per["carry"] + per["dots"]}
   live = {"none": 0.0, "full": per["none"], "dots": per["core"]}
+  pre, piped = stage_layers(m, layout)
+  if is_moe(m):  # a pipelined unit: moe_layer_interval - 1 dense blocks and one MoE block
+    saved, live = _moe_unit_activations(cfg, layout, attention, b, per, saved)
+  Lc = piped // (m.moe_layer_interval if is_moe(m) else 1) // R
+  in_flight = pp.in_flight_microbatches(S, R, M, layout.impl)
   if layout.impl.stage_checkpointed and layout.remat != "none":
     blocks = in_flight * per["carry"] + Lc * saved[layout.remat] + live[layout.remat]
   else:
     blocks = in_flight * Lc * saved[layout.remat] + live[layout.remat]
   if not layout.impl.one_f_one_b:
     blocks += M * per["carry"]  # the inbox
+  if pre:  # MoE: the first dense layers ran before the schedule on all the rows; theirs wait
+    dense = layer_activation_bytes(cfg, layout, attention, m.d_ff)
+    blocks += pre * {"none": dense["none"], "full": dense["carry"],
+                     "dots": dense["carry"] + dense["dots"]}[layout.remat]
   if layout.impl.head == "last_stage":
     return blocks + logits_bytes(cfg, layout, rows=b)
   rows = rows_per_device(cfg, layout)
@@ -470,6 +484,27 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
   hidden = ((rows + head_rows) * cfg.data.seq_len * m.d_model * DTYPE_BYTES[m.compute_dtype]
             / residual_split(layout))
   return blocks + logits_bytes(cfg, layout, rows=head_rows) + hidden
+
+
+def _moe_unit_activations(cfg: Config, layout: Layout, attention: str, b: int, dense: dict,
+                          dense_saved: dict) -> tuple[dict, dict]:
+  """(saved, live) per remat policy of one pipelined MoE unit at b rows (moe_layer_interval - 1
+  dense blocks, `dense` / `dense_saved` at b rows, then an MoE block: attention and the shared
+  experts plus moe_layer_bytes), as activation_bytes counts an MoE block without stages."""
+  from mai_jax.model.moe import expert_d_ff
+  m = cfg.model
+  sparse = layer_activation_bytes(cfg, layout, attention, m.num_shared_experts * expert_d_ff(m),
+                                  rows=b)
+  moe = moe_layer_bytes(cfg, layout, rows=b)
+  k = m.moe_layer_interval - 1
+  saved = {"none": k * dense_saved["none"] + sparse["none"] + moe["saved"]
+                   + moe["gathered_weights"],
+           "full": k * dense_saved["full"] + sparse["carry"],
+           "dots": k * dense_saved["dots"] + sparse["carry"] + sparse["dots"] + moe["dots"]}
+  live = {"none": moe["live"],
+          "full": max(dense["none"], sparse["none"] + moe["saved"] + moe["live"]),
+          "dots": sparse["core"] + moe["saved"] + moe["live"]}
+  return saved, live
 
 
 def logits_bytes(cfg: Config, layout: Layout, rows: Optional[int] = None) -> float:
@@ -499,7 +534,8 @@ def _gathered_layers(cfg: Config, layout: Layout) -> int:
   one gathered per repeat or iteration its Lc layers, plus the prefetched and the gradient ones."""
   if layout.stages == 1 or layout.size("fsdp") == 1:
     return 3
-  Ld = pp.layers_per_device(cfg.model.num_layers, layout.stages, layout.repeats)
+  m = cfg.model
+  Ld = stage_layers(m, layout)[1] // (m.moe_layer_interval if is_moe(m) else 1)  # stacked units
   if fsdp_gather_scope(cfg, layout) == "step":
     return 2 * Ld
   return Ld // layout.repeats + 2
@@ -597,9 +633,10 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
             becomes a reduce-scatter (sub-layer output) and an all-gather (next sub-layer's
             input), which together move the same bytes, so the bytes are unchanged (the calls,
             i.e. the latency term, are still counted as one per all-reduce).
-    expert: MoE all-to-all (moe_communication), on the critical path; its entry also carries
-            plan_moe.routing (nodes the expert axis spans, expected nodes per token with and
-            without node-limited routing), which the flat all-to-all's bytes do not depend on.
+    expert: MoE all-to-all (moe_communication), on the critical path, its bytes and time split
+            into inter- and intra-node parts, flat or hierarchical (moe_all_to_all,
+            plan_moe.all_to_all); its entry also carries plan_moe.routing (nodes the expert axis
+            spans, expected nodes per token, which the hierarchical bytes follow).
     stage:  the stage-to-stage sends (plan_pipeline.p2p_bytes) and the move of the stack's
             output to the head (plan_pipeline.head_broadcast_bytes); exposed unless the implementation
             overlaps its sends (plan_pipeline.PipelineImpl; split over tensor with sequence
@@ -608,12 +645,15 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   m, c = cfg.model, DTYPE_BYTES[cfg.model.compute_dtype]
   w = DTYPE_BYTES[cfg.model.compute_dtype if WIRE_DTYPE == "compute" else cfg.model.param_dtype]
   M, S, R, Mp = layout.microbatches, layout.stages, layout.repeats, layout.pipeline_microbatches
-  Ld = pp.layers_per_device(m.num_layers, S, R)
+  pre, piped = stage_layers(m, layout)  # MoE with stages: first dense layers outside the pipeline
+  Ld = pre + piped
   shards = param_shards(cfg, layout)
   rows = rows_per_device(cfg, layout)
   n_tokens = rows * cfg.data.seq_len
   f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
   per_layer = 4 + 2 * recompute_forwards(layout)[0]
+  # the unpipelined layers: their own remat policy only, once per microbatch (not per pipeline one)
+  pre_layer = (4 + 2 * recompute_forwards(layout, pipelined=False)[0]) * pre
   # A virtual stage gathered in every iteration that runs it is gathered once per microbatch.
   G = Mp if fsdp_gather_scope(cfg, layout) == "iteration" else 1
   stage_bytes, stage_calls = 0.0, 0
@@ -635,8 +675,8 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
       "fsdp": (3 * M * G * shards.fsdp_gathered * w * (f - 1) / f, 3 * M * G * Ld, True),
       "data": (M * grad_elems * w, M * Ld, True),
       "data_gather": (gather_elems * DTYPE_BYTES[m.param_dtype], Ld, False),
-      "tensor": ((per_layer * Ld + 2) * M * 2 * n_tokens * m.d_model * c * (t - 1) / t,
-                 (per_layer * Ld * Mp + 2) * M, False),
+      "tensor": ((per_layer * piped + pre_layer + 2) * M * 2 * n_tokens * m.d_model * c
+                 * (t - 1) / t, (per_layer * piped * Mp + pre_layer + 2) * M, False),
       "expert": (0.0, 0, False),
       "stage": (stage_bytes, stage_calls, layout.impl.p2p_overlapped),
   }
@@ -656,8 +696,47 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
     out[key] = {"size": size, "bytes": int(nbytes), "link": link, "time_s": seconds,
                  "overlapped": overlapped}
   if is_moe(m):
-    out["expert"].update(plan_moe.routing(cfg, layout, gpu))
+    out["expert"].update(moe_all_to_all(cfg, layout, gpu))
   return out
+
+
+def expert_devices_per_node(layout: Layout, gpu: hardware.GpuSpec) -> int:
+  """Expert devices sharing a node: model.expert_devices_per_node when set (the code's view of
+  the axis), else the node the hybrid mesh fills (gpus_per_node / tensor positions of 'expert',
+  all of it when expert x tensor fits in a node)."""
+  if layout.expert_devices_per_node > 1:
+    return layout.expert_devices_per_node
+  e = layout.size("expert")
+  return min(e, max(1, gpu.gpus_per_node // layout.size("tensor")))
+
+
+def moe_all_to_all(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict:
+  """The 'expert' entry's bytes and time split into inter- and intra-node parts
+  (plan_moe.all_to_all: flat, or hierarchical with model.expert_devices_per_node), plus the
+  routing terms (plan_moe.routing: nodes per token, which the hierarchical bytes use)."""
+  m, e = cfg.model, layout.size("expert")
+  n = expert_devices_per_node(layout, gpu)
+  if e % n:
+    raise ConfigError(f"model.expert_devices_per_node={n} must divide mesh.expert={e}")
+  routing = plan_moe.routing(cfg, layout, gpu, per_node=n)
+  entry = dict(routing)
+  if e == 1:
+    return entry
+  buffers = moe_buffer_rows(cfg, layout)
+  nbytes, calls, _ = moe_communication(cfg, layout)
+  row_bytes = nbytes / (buffers["rows"] * (e - 1) / e)  # one buffer row over the whole step
+  # the intra-node phase crosses nodes only when a "node" of n x tensor GPUs does not fit in one
+  intra = "nvlink" if n * layout.size("tensor") <= gpu.gpus_per_node else "internode"
+  inter = axis_link(layout, "expert", gpu)
+  bandwidth = {"nvlink": gpu.nvlink_bandwidth * COLLECTIVE_EFFICIENCY,
+               "internode": gpu.internode_bandwidth * COLLECTIVE_EFFICIENCY}
+  split = plan_moe.all_to_all(row_bytes, buffers["rows"], buffers["assignments"],
+                              buffers["assignments"] / m.experts_per_token, calls, e, n,
+                              layout.expert_devices_per_node > 1, routing["nodes_per_token"],
+                              (inter, intra), bandwidth, COLLECTIVE_LATENCY_S)
+  entry.update(split)
+  entry["bytes"] = int(split["internode_bytes"] + split["intranode_bytes"])
+  return entry
 
 
 def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
@@ -672,18 +751,21 @@ def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
   moe_dispatch_row_bytes per row instead (D fp8 codes + their float32 scales); the combines and
   both backward all-to-alls stay in the compute dtype (model/fp8_dispatch.py).
   Node-limited routing (model.router_groups) changes none of this: the buffers are fixed-size and
-  every device sends one to every device; it only bounds the nodes a token's rows reach
-  (plan_moe, whose docstring says what a hierarchical dispatch would save).
+  every device sends one to every device; it only bounds the nodes a token's rows reach, which
+  the hierarchical all-to-all's inter-node share follows (moe_all_to_all). With stages the
+  device's MoE layers are its stage's (moe_layers_per_device), each called once per pipeline
+  microbatch.
   """
-  from mai_jax.model.moe import num_moe_layers
   m, e = cfg.model, layout.size("expert")
   c = DTYPE_BYTES[m.compute_dtype]
   rows = moe_buffer_rows(cfg, layout)["rows"]
-  forwards = 2 if layout.remat == "full" else 1
+  # with stages: the stage checkpoint's recompute; 'dots' recomputes the routed experts too
+  forwards = 1 + recompute_forwards(layout)[0] + moe_dots_recompute(layout)
   per_layer = (forwards * rows * moe_dispatch_row_bytes(m)  # dispatches
                + (forwards + 2) * rows * m.d_model * c)  # combines, the two backward all-to-alls
-  units = num_moe_layers(m) * layout.microbatches
-  return units * per_layer * (e - 1) / e, 2 * (forwards + 1) * units, False
+  units = moe_layers_per_device(m, layout) * layout.microbatches
+  calls = 2 * (forwards + 1) * units * layout.pipeline_microbatches
+  return units * per_layer * (e - 1) / e, calls, False
 
 
 def moe_dispatch_row_bytes(model: ModelConfig) -> int:
@@ -788,7 +870,9 @@ def plan(cfg: Config, gpu: str, num_gpus: int, layout: Optional[Layout] = None,
     hidden = comm["expert"]["all_to_all_s"] - comm["expert"]["time_s"]
   stretch = times["pipeline_stretch"]
   overlapped = sum(v["time_s"] for v in comm.values() if v["overlapped"])
-  exposed = sum(v["time_s"] * (stretch if a == "tensor" else 1.0)
+  # the tensor all-reduces and expert all-to-alls run inside the pipeline's iterations, the bubble's
+  # too (every stage computes every iteration of the scan)
+  exposed = sum(v["time_s"] * (stretch if a in ("tensor", "expert") else 1.0)
                 for a, v in comm.items() if not v["overlapped"])
   step_s = max(compute_s, overlapped) + exposed
   mfu = tokens_per_step * model_flops / (step_s * num_gpus * spec.peak_bf16_flops)
@@ -826,14 +910,21 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   peak = gpu.peak_bf16_flops
   rows = rows_per_device(cfg, layout)
   tokens = rows * layout.microbatches * T
-  Ld = pp.layers_per_device(m.num_layers, S, R)
-  share = Ld / m.num_layers
+  pre, Ld = stage_layers(m, layout)  # MoE with stages: the first dense layers run unpipelined
+  share = Ld / (m.num_layers - pre)
   _, active = param_counts(m)
   head_params = m.vocab_size * m.d_model
-  block_params = metrics.matmul_params(m, active) - head_params
+  pre_params = pre * _dense_block_matmul_params(m)
+  block_params = metrics.matmul_params(m, active) - head_params - pre_params
   gemm_forwards, attention_forwards = recompute_forwards(layout)
+  pre_gemm, pre_attention = recompute_forwards(layout, pipelined=False)
   gemm_flops = (6 + 2 * gemm_forwards) * block_params
-  attention_flops = (6 + 2 * attention_forwards) * m.num_layers * T * m.num_heads * m.head_dim
+  if is_moe(m):  # remat 'dots' runs the routed experts' forward again (moe_dots_recompute)
+    from mai_jax.model.moe import expert_d_ff, num_moe_layers
+    gemm_flops += (2 * moe_dots_recompute(layout) * num_moe_layers(m) * m.experts_per_token
+                   * 3 * m.d_model * expert_d_ff(m))
+  attention_flops = ((6 + 2 * attention_forwards) * (m.num_layers - pre)
+                     * T * m.num_heads * m.head_dim)
   F = ffn_width(m)
   ffn_gemm = F if not is_moe(m) else _expert_width(m)
   micro_tokens = (pipeline_rows_per_device(cfg, layout) if S > 1 else rows) * T
@@ -849,6 +940,12 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
       "attention": tokens * share * attention_flops / t / (peak * ATTENTION_EFFICIENCY),
       "elementwise": tokens * Ld * elementwise_per_layer * passes / hbm,
   }
+  pipelined = out["gemm"] + out["attention"] + out["elementwise"]
+  if pre:  # on every stage, all its rows, not stretched by the bubble
+    out["gemm"] += tokens * (6 + 2 * pre_gemm) * pre_params / t / gemm_rate
+    out["attention"] += (tokens * (6 + 2 * pre_attention) * pre * T * m.num_heads * m.head_dim
+                         / t / (peak * ATTENTION_EFFICIENCY))
+    out["elementwise"] += tokens * pre * elementwise_per_layer * passes / hbm
   head_share = 1.0 if layout.impl.head == "replicated" else 1.0 / S
   out["head"] = head_share * tokens * (6 * head_params / t / gemm_rate
                                        + 4 * 4 * m.vocab_size / t / hbm)
@@ -857,13 +954,13 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
              else 7 * shards.per_device)
   out["optimizer"] = updated * DTYPE_BYTES[m.param_dtype] / hbm
   stretch = pp.stretch(S, R, layout.pipeline_microbatches) if S > 1 else 1.0
-  out["bubble"] = (stretch - 1.0) * (out["gemm"] + out["attention"] + out["elementwise"])
+  out["bubble"] = (stretch - 1.0) * pipelined
   out["total"] = sum(out.values())
   out["pipeline_stretch"] = stretch
   return out
 
 
-def recompute_forwards(layout: Layout) -> tuple[int, int]:
+def recompute_forwards(layout: Layout, pipelined: bool = True) -> tuple[int, int]:
   """(extra forward passes of the block GEMMs, of the attention core) that remat costs.
 
   Without stages: full recomputes each block once (1, 1); dots saves the projection outputs and
@@ -871,12 +968,56 @@ def recompute_forwards(layout: Layout) -> tuple[int, int]:
   checkpointed as a whole (PipelineImpl.stage_checkpointed, this codebase) recomputes its stage
   once more on top (nested remat: the outer recompute runs the blocks' forward, and full remat
   inside it recomputes each block again in its backward): full (2, 2), dots (1, 2).
+  pipelined=False: layers outside the schedule (an MoE model's first dense layers under
+  stages), which only their own policy recomputes.
   """
   gemm = 1 if layout.remat == "full" else 0
   attention = 1 if layout.remat != "none" else 0
-  if layout.stages > 1 and layout.remat != "none" and layout.impl.stage_checkpointed:
+  if (pipelined and layout.stages > 1 and layout.remat != "none"
+      and layout.impl.stage_checkpointed):
     gemm, attention = gemm + 1, attention + 1
   return gemm, attention
+
+
+def stage_layers(model: ModelConfig, layout: Layout) -> tuple[int, int]:
+  """(layers every device runs outside the pipeline, layers of the pipelined stack one device
+  runs). Dense models: (0, plan_pipeline.layers_per_device). MoE models with stages
+  (model/transformer.py): the first_dense_layers run before the schedule as a plain scan, on
+  every stage over all its rows (other implementations, the calibration's, pipeline them too); the stack of MoE blocks (or groups of moe_layer_interval
+  blocks) is pipelined, each device running R ceil(units / (S R)) of its units. Without stages
+  (0, L)."""
+  S, R, L = layout.stages, layout.repeats, model.num_layers
+  if S == 1:
+    return 0, L
+  if not is_moe(model) or not layout.impl.this_codebase:  # Megatron / DualPipe pipeline them all
+    return 0, pp.layers_per_device(L, S, R)
+  units = (L - model.first_dense_layers) // model.moe_layer_interval
+  return model.first_dense_layers, pp.layers_per_device(units, S, R) * model.moe_layer_interval
+
+
+def moe_dots_recompute(layout: Layout) -> int:
+  """Extra forwards of the routed experts (dispatch, expert GEMMs, combine) under remat 'dots':
+  its policy saves the named projections (layers.PROJECTIONS) and the router logits, not the
+  routed experts' batched or ragged matmuls, so each MoE layer's routed part runs again in its
+  backward (model/transformer.py REMAT_POLICIES; moe_layer_bytes counts its memory so)."""
+  if not layout.impl.this_codebase:  # Megatron's / DeepSeek's selective recompute keeps them
+    return 0
+  return 1 if layout.remat == "dots" else 0
+
+
+def moe_layers_per_device(model: ModelConfig, layout: Layout) -> int:
+  """MoE layers one device runs: all of them without stages, its stage's units with them (one MoE
+  block per unit)."""
+  from mai_jax.model.moe import num_moe_layers
+  if layout.stages == 1:
+    return num_moe_layers(model)
+  return stage_layers(model, layout)[1] // model.moe_layer_interval
+
+
+def _dense_block_matmul_params(model: ModelConfig) -> int:
+  """Matmul parameters of one dense block (attention and the SwiGLU of d_ff)."""
+  D, H, KV, K = model.d_model, model.num_heads, model.num_kv_heads, model.head_dim
+  return 2 * D * H * K + 2 * D * KV * K + 3 * D * model.d_ff
 
 
 def _expert_width(model: ModelConfig) -> float:

@@ -6,11 +6,13 @@ a token's k experts lie in at most router_topk_groups groups, so at most that ma
 group is a node's experts. What that saves depends on the dispatch. The code's dispatch is a flat
 all-to-all of fixed-size buffers (model/moe.py moe_expert_parallel): each device sends every
 device its capacity (or dropless) buffer, one row per (token, chosen expert) slot, whatever the
-routing, so the bytes (plan.moe_communication) do not change with the limit; only the number of
-nodes a token's rows go to does. A hierarchical dispatch (not built) would send a token once per
-destination node over InfiniBand and fan it out over NVLink: its inter-node rows per token would
-be the remote share of `nodes_per_token` (x (N - 1) / N under uniform routing) instead of the
-flat all-to-all's ~capacity_factor x k x (N - 1) / N; that is the term this count is for.
+routing, so the flat all-to-all's bytes (plan.moe_communication) do not change with the limit;
+only the number of nodes a token's rows go to does. The hierarchical dispatch
+(model.expert_devices_per_node: the expert axis viewed as nodes x devices per node) sends a token
+once per remote destination node over InfiniBand and fans it out over NVLink inside the node:
+its inter-node rows per token are the remote share of `nodes_per_token` (x (N - 1) / N under
+uniform routing) instead of the flat all-to-all's ~capacity_factor x k x (N - 1) / N
+(`all_to_all`, docs/planner.md "Hierarchical all-to-all").
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def expert_nodes(layout, gpu: hardware.GpuSpec) -> int:
   return math.ceil(e / max(1, gpu.gpus_per_node // t))
 
 
-def routing(cfg: Config, layout, gpu: hardware.GpuSpec) -> dict[str, Optional[float]]:
+def routing(cfg: Config, layout, gpu: hardware.GpuSpec,
+            per_node: int = 0) -> dict[str, Optional[float]]:
   """The expert axis' routing term: {'expert_nodes', 'nodes_per_token' (expected, uniform
   routing), 'nodes_per_token_limit' (router_topk_groups when groups are nodes or nest in them,
-  else None)}. Informational: the flat all-to-all's bytes and time do not depend on them (module
-  docstring)."""
+  else None)}. The flat all-to-all's bytes do not depend on them; the hierarchical one's
+  inter-node bytes do (all_to_all). per_node > 1: expert devices per node as
+  model.expert_devices_per_node views the axis (expert / per_node nodes)."""
   m = cfg.model
-  N = expert_nodes(layout, gpu)
+  N = expert_nodes(layout, gpu) if per_node <= 1 else max(1, layout.size("expert") // per_node)
   G, M = m.router_groups, m.router_topk_groups
   grouped = G > 1 and not (G % N and N % G)
   limit = None
@@ -96,3 +100,44 @@ def overlap(all_to_all_s: float, expert_gemm_s: float) -> dict[str, float]:
   overlappable = expert_gemm_s / 2
   return {"time_s": max(0.0, all_to_all_s - overlappable), "all_to_all_s": all_to_all_s,
           "overlappable_s": overlappable}
+
+
+def all_to_all(row_bytes: float, rows: float, assignments: float, tokens: float, calls: int,
+               expert: int, per_node: int, hierarchical: bool, nodes_per_token: float,
+               links: tuple[str, str], bandwidth: dict, latency: dict) -> dict:
+  """Bytes and time of one device's expert all-to-alls in a step (docs/planner.md,
+  "Hierarchical all-to-all").
+
+  rows: the rows of one layer's send buffer per microbatch (plan.moe_buffer_rows), carrying
+  `assignments` = tokens x k (token, expert) pairs, so padding = rows / assignments (the capacity
+  factor, or the dropless buffers'); row_bytes: what one buffer row moves over the whole step
+  (every MoE layer's dispatches, combines and backward all-to-alls of every microbatch);
+  per_node: expert devices in one node (the node the mesh fills, or model.expert_devices_per_node),
+  N = expert / per_node nodes; links: (inter-node link, intra-node link) names.
+    flat (one all-to-all over the axis): off-node (expert - per_node) / expert of the rows over the
+      inter-node link and on-node (per_node - 1) / expert over the intra-node one, concurrently:
+      time = the slower of the two;
+    hierarchical: a token crosses to each remote destination node once, nodes_per_token (N - 1) / N
+      rows per token (x the padding), then the node fans it out: every assignment not already on
+      its expert's device, (per_node - 1) / per_node of the rows; the phases are two collectives
+      one after the other: time = their sum.
+  Latency: calls x ceil(log2(ranks)) hops of the phase's link. bandwidth / latency map a link
+  name to its effective bytes/s and seconds per hop.
+  -> {'internode_bytes', 'intranode_bytes', 'time_s', 'hierarchical'}."""
+  e, n = expert, max(1, min(per_node, expert))
+  nodes = e // n
+  inter_link, intra_link = links
+  hops = lambda ranks: math.ceil(math.log2(ranks)) if ranks > 1 else 0
+  if hierarchical and nodes > 1:
+    padding = rows / assignments if assignments else 0.0
+    inter = tokens * nodes_per_token * (nodes - 1) / nodes * padding * row_bytes
+    intra = rows * (n - 1) / n * row_bytes
+    time = (inter / bandwidth[inter_link] + intra / bandwidth[intra_link]
+            + calls * (hops(nodes) * latency[inter_link] + hops(n) * latency[intra_link]))
+  else:
+    inter = rows * (e - n) / e * row_bytes
+    intra = rows * (n - 1) / e * row_bytes
+    time = (max(inter / bandwidth[inter_link], intra / bandwidth[intra_link])
+            + calls * hops(e) * latency[inter_link if nodes > 1 else intra_link])
+  return {"internode_bytes": inter, "intranode_bytes": intra, "time_s": time,
+          "hierarchical": bool(hierarchical and nodes > 1)}

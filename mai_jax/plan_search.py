@@ -36,8 +36,9 @@ def candidate_meshes(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
   """Every {axis: size} mesh for `num_gpus` that the model allows, whatever the batch.
 
   tensor stays inside a node and divides the query heads; expert keeps the config's size (MoE
-  layouts are chosen with the expert count); stage divides the layers (dense models only, up to
-  MAX_STAGES); fsdp x data take the rest.
+  layouts are chosen with the expert count); stage divides the pipelined units (up to
+  MAX_STAGES): the layers of a dense model, an MoE model's MoE blocks (or groups) after its first
+  dense layers (pipelined_units); fsdp x data take the rest.
   """
   expert = cfg.mesh.expert if cfg.mesh.expert > 0 else 1
   if num_gpus % expert:
@@ -47,12 +48,20 @@ def candidate_meshes(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
       continue
     rest = num_gpus // (tensor * expert)
     for stage in _divisors(rest):
-      if stage > 1 and (stage > MAX_STAGES or is_moe(cfg.model) or not cfg.model.scan_layers
-                        or cfg.model.num_layers % stage):
+      if stage > 1 and (stage > MAX_STAGES or not cfg.model.scan_layers
+                        or pipelined_units(cfg.model) % stage):
         continue
       for fsdp in _divisors(rest // stage):
         yield {"data": rest // (stage * fsdp), "stage": stage, "fsdp": fsdp, "expert": expert,
                "tensor": tensor}
+
+
+def pipelined_units(model) -> int:
+  """What the stages split (config._validate_pipeline): the layers of a dense model; an MoE
+  model's stack of MoE blocks (or groups of moe_layer_interval blocks) after first_dense_layers."""
+  if not is_moe(model):
+    return model.num_layers
+  return (model.num_layers - model.first_dense_layers) // model.moe_layer_interval
 
 
 def batch_shards(cfg: Config, sizes: dict[str, int]) -> int:
@@ -65,10 +74,24 @@ def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
   repeat count that divides the layers per stage (up to MAX_REPEATS) x the smallest pipeline
   microbatch counts >= S that divide the rows, under a few gradient-accumulation counts
   (_accumulation_choices). Each with and without mesh.zero1 where data > 1."""
-  for layout in _layouts_without_zero1(cfg, num_gpus, gpu):
-    yield layout
-    if layout.size("data") > 1:
-      yield dataclasses.replace(layout, zero1=True)
+  for base in _layouts_without_zero1(cfg, num_gpus, gpu):
+    for layout in _with_hierarchical_dispatch(cfg, base, gpu):
+      yield layout
+      if layout.size("data") > 1:
+        yield dataclasses.replace(layout, zero1=True)
+
+
+def _with_hierarchical_dispatch(cfg: Config, layout: Layout, gpu: hardware.GpuSpec):
+  """The layout with the config's model.expert_devices_per_node, and, where the expert axis
+  spans several nodes, with the other choice too: flat (0) or hierarchical with a node's expert
+  devices (gpus_per_node / tensor), the view of the axis that matches the hardware."""
+  yield layout
+  e, t = layout.size("expert"), layout.size("tensor")
+  per_node = gpu.gpus_per_node // t
+  if not is_moe(cfg.model) or e * t <= gpu.gpus_per_node or e % per_node:
+    return
+  other = 0 if layout.expert_devices_per_node > 1 else per_node
+  yield dataclasses.replace(layout, expert_devices_per_node=other)
 
 
 def _layouts_without_zero1(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
@@ -81,10 +104,11 @@ def _layouts_without_zero1(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
     shards, stage = batch_shards(cfg, sizes), sizes["stage"]
     mesh = tuple((a, sizes[a]) for a in config_lib.MESH_AXES)
     sp = cfg.model.sequence_parallel and cfg.data.seq_len % sizes["tensor"] == 0
+    hier = cfg.model.expert_devices_per_node
     if stage > 1:
       if batch % shards:
         continue
-      repeats = [r for r in _divisors(cfg.model.num_layers // stage) if r <= MAX_REPEATS]
+      repeats = [r for r in _divisors(pipelined_units(cfg.model) // stage) if r <= MAX_REPEATS]
       for accumulate in _accumulation_choices(batch // shards, stage):
         rows = batch // shards // accumulate
         micros = [k for k in _divisors(rows) if k >= stage]
@@ -92,13 +116,13 @@ def _layouts_without_zero1(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
           for r in repeats:
             for remat in REMATS:
               yield Layout(mesh, remat, accumulate, r, pipe, impl=codebase_impl(cfg),
-                           sequence_parallel=sp)
+                           sequence_parallel=sp, expert_devices_per_node=hier)
       continue
     for micro in _divisors(batch):
       if (batch // micro) % shards:
         continue
       for remat in REMATS:
-        yield Layout(mesh, remat, micro, sequence_parallel=sp)
+        yield Layout(mesh, remat, micro, sequence_parallel=sp, expert_devices_per_node=hier)
 
 
 def _accumulation_choices(rows: int, stages: int) -> list[int]:
@@ -169,7 +193,8 @@ def format_plan(p: Plan) -> str:
   lines = [
       f"{p.num_gpus} x {hardware.GPUS[p.gpu].name}   mesh {mesh}   remat={p.layout.remat}   "
       f"microbatches={p.layout.microbatches}{'   zero1' if p.layout.zero1 else ''}"
-      f"{'   sequence_parallel' if p.layout.sequence_parallel else ''}",
+      f"{'   sequence_parallel' if p.layout.sequence_parallel else ''}"
+      f"{f'   expert_devices_per_node={p.layout.expert_devices_per_node}' if p.layout.expert_devices_per_node > 1 else ''}",
       *([f"pipeline: {p.layout.stages} stages x {p.layout.repeats} repeats, "
          f"{p.layout.pipeline_microbatches} pipeline microbatches, bubble "
          f"{p.bubble_fraction:.1%}"] if p.layout.stages > 1 else []),
@@ -189,8 +214,11 @@ def format_plan(p: Plan) -> str:
     if v.get("expert_nodes", 1) > 1 or limit is not None:  # plan_moe.routing
       lines.append(f"          routing: experts on {v['nodes_per_token']:.2f} of "
                    f"{v['expert_nodes']} nodes per token (expected"
-                   f"{f', at most {limit}' if limit is not None else ''}); flat all-to-all: "
-                   f"bytes independent of it")
+                   f"{f', at most {limit}' if limit is not None else ''}); "
+                   + (f"hierarchical all-to-all: {_gb(v['internode_bytes'])} inter-node, "
+                      f"{_gb(v['intranode_bytes'])} intra-node" if v.get("hierarchical") else
+                      f"flat all-to-all: bytes independent of it ({_gb(v['internode_bytes'])} "
+                      f"inter-node, {_gb(v['intranode_bytes'])} intra-node)"))
     if "overlappable_s" in v:  # plan_moe.overlap (model.moe_overlap_halves)
       lines.append(f"          overlap halves: {v['all_to_all_s']:.3f} s of all-to-all, up to "
                    f"{v['overlappable_s']:.3f} s under one half's expert GEMMs")
@@ -210,7 +238,7 @@ def format_search(plans: list[Plan]) -> str:
   if not plans:
     return "no layout fits"
   header = (f"{'rank':>4} {'data':>5} {'stage':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} {'rep':>3} "
-            f"{'pmb':>4} {'remat':>5} {'micro':>5} {'z1':>2} {'mem/dev':>10} {'step s':>8} "
+            f"{'pmb':>4} {'remat':>5} {'micro':>5} {'z1':>2} {'epn':>3} {'mem/dev':>10} {'step s':>8} "
             f"{'bubble':>6} {'MFU':>6} {'days':>7}")
   rows = [header]
   for i, p in enumerate(plans, 1):
@@ -218,7 +246,8 @@ def format_search(plans: list[Plan]) -> str:
     rows.append(f"{i:>4} {s['data']:>5} {s['stage']:>5} {s['fsdp']:>5} {s['expert']:>4} "
                 f"{s['tensor']:>3} {p.layout.repeats:>3} {p.layout.pipeline_microbatches:>4} "
                 f"{p.layout.remat:>5} {p.layout.microbatches:>5} "
-                f"{'y' if p.layout.zero1 else '-':>2} {_gb(p.memory['total']):>10} "
+                f"{'y' if p.layout.zero1 else '-':>2} {p.layout.expert_devices_per_node or '-':>3} "
+                f"{_gb(p.memory['total']):>10} "
                 f"{p.step_time_s:>8.3f} {p.bubble_fraction:>6.1%} {p.mfu:>6.1%} "
                 f"{p.days_to_train:>7.1f}")
   return "\n".join(rows)

@@ -199,7 +199,9 @@ def test_planner_counts_fp8_dispatch_bytes_by_hand(remat):
   """MAI-1 MoE (bf16, 128 | D): per layer and microbatch the forward dispatch (and, with full remat,
   its recompute) moves D + 4 D / 128 bytes a row instead of 2 D; the combine and the two backward
   all-to-alls keep 2 D. Full remat: (2 (D + D / 32) + 4 x 2 D) / (6 x 2 D) of the bytes."""
-  base = C.apply_overrides(C.load_experiment(MAI1_MOE), {"model.remat": remat})
+  base = C.apply_overrides(C.load_experiment(MAI1_MOE), {
+      "model.remat": remat, "model.moe_dispatch_dtype": "compute",  # :moe itself dispatches fp8
+      "model.moe_overlap_halves": "False"})
   fp8 = C.apply_overrides(base, {"model.moe_dispatch_dtype": "float8_e4m3fn"})
   layout = plan_lib.layout_of(base, 15360)
   (b0, calls0, _), (b1, calls1, _) = (plan_lib.moe_communication(c, layout) for c in (base, fp8))
