@@ -84,11 +84,14 @@ def candidate_layouts(cfg: Config, num_gpus: int, gpu: hardware.GpuSpec):
 def _with_hierarchical_dispatch(cfg: Config, layout: Layout, gpu: hardware.GpuSpec):
   """The layout with the config's model.expert_devices_per_node, and, where the expert axis
   spans several nodes, with the other choice too: flat (0) or hierarchical with a node's expert
-  devices (gpus_per_node / tensor), the view of the axis that matches the hardware."""
+  devices (gpus_per_node / tensor), the view of the axis that matches the hardware. Not under
+  pipeline stages: model/hierarchical_dispatch.py groups its all-to-alls with axis_index_groups,
+  which jax cannot vmap over the stages (config.py refuses that combination)."""
   yield layout
   e, t = layout.size("expert"), layout.size("tensor")
   per_node = gpu.gpus_per_node // t
-  if not is_moe(cfg.model) or e * t <= gpu.gpus_per_node or e % per_node:
+  if (not is_moe(cfg.model) or layout.stages > 1 or e * t <= gpu.gpus_per_node
+      or e % per_node):
     return
   other = 0 if layout.expert_devices_per_node > 1 else per_node
   yield dataclasses.replace(layout, expert_devices_per_node=other)
