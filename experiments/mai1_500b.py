@@ -16,7 +16,7 @@
   Layout for 15,360 H100 (1,920 nodes x 8), chosen by `mai-jax plan --search` with the pipeline
   terms (docs/planner.md): stage=5 x fsdp=384 x tensor=8 (data=1), pipeline_repeats=12 (2 layers
   per virtual stage), pipeline_microbatches=5, train.microbatches=2, remat 'dots',
-  sequence_parallel, pipeline_stage_remat=False; 66.7 GB of 72 GB usable per GPU.
+  sequence_parallel, pipeline_stage_remat=False; 61.8 GB of 72 GB usable per GPU.
   Why this split, in the planner's physics for this codebase's pipeline (model/pipeline.py):
   - The stages exist to cut what FSDP moves: each GPU gathers only its stage's layers, once per
     step (model.pipeline_gather_once; gathering per iteration instead: 29.9%). With no stages the
@@ -61,7 +61,7 @@
   Layout for 15,360 H100, from `mai-jax plan --search` (docs/planner.md "MAI-1 MoE: what each
   switch buys"): expert=8 x fsdp=16 x stage=8 x data=15, tensor 1, pipeline_repeats=8 (one MoE
   block per virtual stage), pipeline_microbatches=8 (one row each), remat 'dots',
-  pipeline_stage_remat=False, fp8 dispatch, the two-half overlap; 66.4 GB of 72 GB usable.
+  pipeline_stage_remat=False, fp8 dispatch, the two-half overlap; 61.7 GB of 72 GB usable.
   Why, in the planner's physics:
   - expert=8 inside a node: the all-to-all runs on NVLink (0.53 s a step) and the two halves
     hide it under the expert GEMMs. Over 8 nodes (expert=64) it crosses InfiniBand: 5.5 s flat,
@@ -78,7 +78,9 @@
     32.5%); fp8 dispatch then changes nothing the planner sees (it shrinks the all-to-all the
     overlap already hides: a margin if XLA's scheduler does not overlap as planned).
   - R=8, M_p=8: bubble 7 / 71 = 9.9%.
-  Predicted 38.5% MFU, 3.18 s a step, ~5.8 days for 10T tokens (`mai-jax plan --config
+  (The alternatives' figures above were planned before the planner's remat correction,
+  mai_jax/plan_remat.py, which took this layout from 38.5% / 66.4 GB to the figures below.)
+  Predicted 40.5% MFU, 3.02 s a step, ~5.6 days for 10T tokens (`mai-jax plan --config
   experiments/mai1_500b.py:moe`). The old layout (expert=64 x fsdp=8 x data=30, 2 dense
   layers, no stages): 13.6%.
 

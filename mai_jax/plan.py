@@ -19,6 +19,7 @@ from mai_jax import config as config_lib
 from mai_jax import hardware, metrics
 from mai_jax import plan_moe
 from mai_jax import plan_pipeline as pp
+from mai_jax import plan_remat
 from mai_jax.model.pipeline import bubble_fraction
 from mai_jax.config import Config, ConfigError, ModelConfig
 
@@ -49,7 +50,7 @@ COLLECTIVE_LATENCY_S = {"nvlink": 3e-6, "internode": 10e-6}
 USABLE_HBM_FRACTION = 0.9
 # Allowance for cuBLAS/cuDNN workspaces and collective staging buffers inside XLA's pool.
 WORKSPACE_BYTES = 1 << 30
-REMATS = ("none", "dots", "full")
+REMATS = ("none", "dots", "attn_proj", "qkv_proj", "full")  # model/remat.py, most kept first
 # Dtype of the weights and gradients that fsdp/data collectives move: 'compute' or 'param'. The
 # model casts each weight to the compute dtype right before its matmul, and SPMD sharding
 # propagation keeps an elementwise cast sharded like its input, so the all-gather lands after the
@@ -250,21 +251,41 @@ def flops_per_token(cfg: Config) -> float:
 
 
 def recompute_flops_per_token(cfg: Config, remat: str) -> float:
-  """Extra forward FLOPs per token that rematerialization costs (not counted in MFU).
-
-  full: every block's forward again (2 x block matmul params + the causal attention forward);
-  dots: the saved matmul outputs make projections free, only attention QK^T/AV (batched dots,
-  which dots_with_no_batch_dims_saveable does not save) is recomputed; none: nothing.
-  """
-  m = cfg.model
-  attention_fwd = 2.0 * m.num_layers * cfg.data.seq_len * m.num_heads * m.head_dim
+  """Extra forward FLOPs per token that rematerialization costs (not counted in MFU), without a
+  pipeline's stage checkpoint: the attention core's forward (QK^T and AV, batched dots no policy
+  saves) plus 2 x the matmul parameters each block's backward runs again (plan_remat: the needed
+  projection outputs the policy does not keep; the routed experts' gate and up under any policy;
+  mlp_down never). 'none': nothing."""
   if remat == "none":
     return 0.0
-  if remat == "dots":
-    return attention_fwd
-  _, active = param_counts(m)
-  block_params = metrics.matmul_params(m, active) - m.vocab_size * m.d_model  # minus unembed
-  return 2.0 * block_params + attention_fwd
+  m = cfg.model
+  attention_fwd = 2.0 * m.num_layers * cfg.data.seq_len * m.num_heads * m.head_dim
+  return attention_fwd + 2.0 * _recomputed_layer_params(m, remat, range(m.num_layers))
+
+
+def _recomputed_layer_params(m: ModelConfig, remat: str, layers, this_codebase: bool = True) -> float:
+  """Matmul parameters per token whose forward the backward of `layers` (block indices) reruns
+  under `remat` (plan_remat), MoE blocks with their shared experts, router and routed experts (the
+  chosen experts' gate and up; implementations other than this one keep them under selective
+  recompute, 'full' aside)."""
+  if remat == "none":
+    return 0.0
+  from mai_jax.model.moe import expert_d_ff, is_moe_layer
+  D, H, KV, K = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
+  dense = plan_remat.recomputed_params(plan_remat.projection_params(D, H, KV, K, m.d_ff), remat)
+  total = 0.0
+  for i in layers:
+    if not (is_moe(m) and is_moe_layer(m, i)):
+      total += dense
+      continue
+    Fe = expert_d_ff(m)
+    total += plan_remat.recomputed_params(
+        plan_remat.projection_params(D, H, KV, K, m.num_shared_experts * Fe), remat)
+    if not plan_remat.saves_router(remat):
+      total += D * m.num_experts
+    if this_codebase or remat == "full":
+      total += 2 * m.experts_per_token * D * Fe
+  return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +324,9 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
   s = residual_split (t with sequence parallelism, else 1):
     none: n c (4 D / s + (2 H + 2 KV) K / t + 3 F / t) + attention core
           (norm in/out twice, q k v after RoPE, attention output, gate, up, silu(gate)*up)
-    dots: n c (2 D / s + (H + 2 KV) K / t + 2 F / t)   (projection outputs only)
+    proj: the projection outputs a block's backward needs, by checkpoint_name (plan_remat):
+          n c (H K / t, KV K / t, KV K / t, D / s, F / t, F / t) for q, k, v, o, gate, up
+    dots: their sum, n c (D / s + (H + 2 KV) K / t + 2 F / t) (mlp_down's output is not needed)
     carry: n c D / s                                    (the residual stream between blocks)
   Without sequence parallelism the D-sized terms are replicated over 'tensor' and do not shrink
   with t: at MAI-1's D = 18,432 they are most of a block's activations.
@@ -325,9 +348,13 @@ def layer_activation_bytes(cfg: Config, layout: Layout, attention: str,
     core = n * Ht * 4
   else:
     core = 2 * rows * Ht * T * T * 4 + 2 * rows * T * T
+  proj = {"q_proj": n * c * H * K / t, "k_proj": n * c * KV * K / t,
+          "v_proj": n * c * KV * K / t, "o_proj": n * c * D / r, "mlp_gate": n * c * F / t,
+          "mlp_up": n * c * F / t}
   return {
       "none": n * c * (4 * D / r + (2 * H + 2 * KV) * K / t + 3 * F / t) + core,
-      "dots": n * c * (2 * D / r + (H + 2 * KV) * K / t + 2 * F / t),
+      "dots": sum(proj.values()),
+      "proj": proj,
       "carry": n * c * D / r,
       "core": core,
   }
@@ -412,13 +439,8 @@ def activation_bytes(cfg: Config, layout: Layout, attention: str,
     return pipeline_activation_bytes(cfg, layout, attention)
   per = layer_activation_bytes(cfg, layout, attention, None if not is_moe(m) else m.d_ff)
   if not is_moe(m):
-    if layout.remat == "none":
-      blocks = L * per["none"]
-    elif layout.remat == "dots":
-      blocks = L * (per["carry"] + per["dots"]) + per["core"]
-    else:
-      blocks = L * per["carry"] + per["none"]
-    return blocks + logits_bytes(cfg, layout)
+    saved, live = plan_remat.block_bytes(per, layout.remat)
+    return L * saved + live + logits_bytes(cfg, layout)
   from mai_jax.model.moe import expert_d_ff, num_moe_layers
   L_moe = num_moe_layers(m)
   sparse = layer_activation_bytes(cfg, layout, attention, m.num_shared_experts * expert_d_ff(m))
@@ -427,12 +449,14 @@ def activation_bytes(cfg: Config, layout: Layout, attention: str,
   if layout.remat == "none":
     blocks = ((L - L_moe) * per["none"] + L_moe * (moe_block + moe["gathered_weights"])
               + moe["live"])
-  elif layout.remat == "dots":
-    blocks = ((L - L_moe) * (per["carry"] + per["dots"])
-              + L_moe * (sparse["carry"] + sparse["dots"] + moe["dots"])
-              + sparse["core"] + moe["saved"] + moe["live"])
-  else:
+  elif layout.remat == "full":
     blocks = L * per["carry"] + max(per["none"], moe_block + moe["live"])
+  else:  # a policy that keeps projections: the routed experts are recomputed, one layer at once
+    dense_saved, dense_live = plan_remat.block_bytes(per, layout.remat)
+    sparse_saved, sparse_live = plan_remat.block_bytes(sparse, layout.remat)
+    router = moe["dots"] if plan_remat.saves_router(layout.remat) else 0.0
+    blocks = ((L - L_moe) * dense_saved + L_moe * (sparse_saved + router)
+              + max(dense_live, sparse_live + moe["saved"] + moe["live"]))
   return blocks + logits_bytes(cfg, layout)
 
 
@@ -446,8 +470,8 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
         inputs) + the backward of one iteration, which recomputes its stage under the model's
         policy: Lc x saved + live;
     otherwise (and with remat none): F Lc x saved + live;
-    with saved = none / carry / carry + dots and live = 0 / one layer's none / core for remat
-    none / full / dots; without 1F1B add the inbox, M carry (the microbatches waiting for their
+    with saved / live plan_remat.block_bytes' (none: all / 0; full: carry / one layer's none;
+    a policy keeping projections: carry + the kept ones / core + the rest); without 1F1B add the inbox, M carry (the microbatches waiting for their
     next repeat; it ends as the stack's output).
   MoE models: a pipelined unit is an MoE block (or a group of moe_layer_interval blocks), its
   saved / live bytes _moe_unit_activations's; the first_dense_layers, run before the schedule on
@@ -459,8 +483,8 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
   m, S, R, M = cfg.model, layout.stages, layout.repeats, layout.pipeline_microbatches
   b = pipeline_rows_per_device(cfg, layout)
   per = layer_activation_bytes(cfg, layout, attention, None if not is_moe(m) else m.d_ff, rows=b)
-  saved = {"none": per["none"], "full": per["carry"], "dots": per["carry"] + per["dots"]}
-  live = {"none": 0.0, "full": per["none"], "dots": per["core"]}
+  saved = {p: plan_remat.block_bytes(per, p)[0] for p in REMATS}
+  live = {p: plan_remat.block_bytes(per, p)[1] for p in REMATS}
   pre, piped = stage_layers(m, layout)
   if is_moe(m):  # a pipelined unit: moe_layer_interval - 1 dense blocks and one MoE block
     saved, live = _moe_unit_activations(cfg, layout, attention, b, per, saved)
@@ -474,8 +498,7 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
     blocks += M * per["carry"]  # the inbox
   if pre:  # MoE: the first dense layers ran before the schedule on all the rows; theirs wait
     dense = layer_activation_bytes(cfg, layout, attention, m.d_ff)
-    blocks += pre * {"none": dense["none"], "full": dense["carry"],
-                     "dots": dense["carry"] + dense["dots"]}[layout.remat]
+    blocks += pre * plan_remat.block_bytes(dense, layout.remat)[0]
   if layout.impl.head == "last_stage":
     return blocks + logits_bytes(cfg, layout, rows=b)
   rows = rows_per_device(cfg, layout)
@@ -499,11 +522,15 @@ def _moe_unit_activations(cfg: Config, layout: Layout, attention: str, b: int, d
   k = m.moe_layer_interval - 1
   saved = {"none": k * dense_saved["none"] + sparse["none"] + moe["saved"]
                    + moe["gathered_weights"],
-           "full": k * dense_saved["full"] + sparse["carry"],
-           "dots": k * dense_saved["dots"] + sparse["carry"] + sparse["dots"] + moe["dots"]}
+           "full": k * dense_saved["full"] + sparse["carry"]}
   live = {"none": moe["live"],
-          "full": max(dense["none"], sparse["none"] + moe["saved"] + moe["live"]),
-          "dots": sparse["core"] + moe["saved"] + moe["live"]}
+          "full": max(dense["none"], sparse["none"] + moe["saved"] + moe["live"])}
+  for p in REMATS:  # the policies that keep projections: the routed experts are recomputed
+    if p not in saved:
+      sparse_saved, sparse_live = plan_remat.block_bytes(sparse, p)
+      router = moe["dots"] if plan_remat.saves_router(p) else 0.0
+      saved[p] = k * dense_saved[p] + sparse_saved + router
+      live[p] = sparse_live + moe["saved"] + moe["live"]
   return saved, live
 
 
@@ -627,8 +654,9 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
             step's last collective, nothing left to overlap it with, exposed); a leaf whose
             moments no dim lets split stays all-reduced and is updated on every replica.
     tensor: Megatron all-reduces of the residual stream [n, D]: 2 per block forward, 2 backward,
-            2 more per recomputed forward (recompute_forwards: full remat, the pipeline's stage
-            checkpoint), plus 2 for the vocab-sharded embedding/unembedding;
+            2 more per whole-block recompute (the pipeline's stage checkpoint,
+            recompute_forwards) and 1 where the policy recomputes o_proj (full, qkv_proj:
+            plan_remat.recomputed_all_reduces; mlp_down is never recomputed), plus 2 for the vocab-sharded embedding/unembedding;
             on the critical path (not overlapped). With sequence parallelism each all-reduce
             becomes a reduce-scatter (sub-layer output) and an all-gather (next sub-layer's
             input), which together move the same bytes, so the bytes are unchanged (the calls,
@@ -651,9 +679,10 @@ def communication(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   rows = rows_per_device(cfg, layout)
   n_tokens = rows * cfg.data.seq_len
   f, d, t = layout.size("fsdp"), layout.size("data"), layout.size("tensor")
-  per_layer = 4 + 2 * recompute_forwards(layout)[0]
+  rerun = plan_remat.recomputed_all_reduces(layout.remat) if layout.remat != "none" else 0
+  per_layer = 4 + 2 * recompute_forwards(layout)[0] + rerun
   # the unpipelined layers: their own remat policy only, once per microbatch (not per pipeline one)
-  pre_layer = (4 + 2 * recompute_forwards(layout, pipelined=False)[0]) * pre
+  pre_layer = (4 + rerun) * pre
   # A virtual stage gathered in every iteration that runs it is gathered once per microbatch.
   G = Mp if fsdp_gather_scope(cfg, layout) == "iteration" else 1
   stage_bytes, stage_calls = 0.0, 0
@@ -759,8 +788,8 @@ def moe_communication(cfg: Config, layout: Layout) -> tuple[float, int, bool]:
   m, e = cfg.model, layout.size("expert")
   c = DTYPE_BYTES[m.compute_dtype]
   rows = moe_buffer_rows(cfg, layout)["rows"]
-  # with stages: the stage checkpoint's recompute; 'dots' recomputes the routed experts too
-  forwards = 1 + recompute_forwards(layout)[0] + moe_dots_recompute(layout)
+  # with stages: the stage checkpoint's recompute; the block's policy reruns the routed experts
+  forwards = 1 + recompute_forwards(layout)[0] + moe_routed_recompute(layout)
   per_layer = (forwards * rows * moe_dispatch_row_bytes(m)  # dispatches
                + (forwards + 2) * rows * m.d_model * c)  # combines, the two backward all-to-alls
   units = moe_layers_per_device(m, layout) * layout.microbatches
@@ -918,11 +947,10 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   block_params = metrics.matmul_params(m, active) - head_params - pre_params
   gemm_forwards, attention_forwards = recompute_forwards(layout)
   pre_gemm, pre_attention = recompute_forwards(layout, pipelined=False)
-  gemm_flops = (6 + 2 * gemm_forwards) * block_params
-  if is_moe(m):  # remat 'dots' runs the routed experts' forward again (moe_dots_recompute)
-    from mai_jax.model.moe import expert_d_ff, num_moe_layers
-    gemm_flops += (2 * moe_dots_recompute(layout) * num_moe_layers(m) * m.experts_per_token
-                   * 3 * m.d_model * expert_d_ff(m))
+  this = layout.impl.this_codebase
+  gemm_flops = ((6 + 2 * gemm_forwards) * block_params
+                + 2 * _recomputed_layer_params(m, layout.remat, range(pre, m.num_layers), this))
+  pre_recomputed = _recomputed_layer_params(m, layout.remat, range(pre), this)
   attention_flops = ((6 + 2 * attention_forwards) * (m.num_layers - pre)
                      * T * m.num_heads * m.head_dim)
   F = ffn_width(m)
@@ -942,7 +970,7 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
   }
   pipelined = out["gemm"] + out["attention"] + out["elementwise"]
   if pre:  # on every stage, all its rows, not stretched by the bubble
-    out["gemm"] += tokens * (6 + 2 * pre_gemm) * pre_params / t / gemm_rate
+    out["gemm"] += tokens * ((6 + 2 * pre_gemm) * pre_params + 2 * pre_recomputed) / t / gemm_rate
     out["attention"] += (tokens * (6 + 2 * pre_attention) * pre * T * m.num_heads * m.head_dim
                          / t / (peak * ATTENTION_EFFICIENCY))
     out["elementwise"] += tokens * pre * elementwise_per_layer * passes / hbm
@@ -961,22 +989,21 @@ def compute_times(cfg: Config, layout: Layout, gpu: hardware.GpuSpec) -> dict[st
 
 
 def recompute_forwards(layout: Layout, pipelined: bool = True) -> tuple[int, int]:
-  """(extra forward passes of the block GEMMs, of the attention core) that remat costs.
+  """(whole-block forwards the pipeline's stage checkpoint reruns, attention-core forwards) that
+  remat costs; the projections each block's own policy reruns are _recomputed_layer_params'.
 
-  Without stages: full recomputes each block once (1, 1); dots saves the projection outputs and
-  recomputes the attention core (0, 1); none (0, 0). A pipeline whose iterations are
-  checkpointed as a whole (PipelineImpl.stage_checkpointed, this codebase) recomputes its stage
-  once more on top (nested remat: the outer recompute runs the blocks' forward, and full remat
-  inside it recomputes each block again in its backward): full (2, 2), dots (1, 2).
+  Without stages: (0, 1) for every policy but none (0, 0): no policy saves the attention core.
+  A pipeline whose iterations are checkpointed as a whole (PipelineImpl.stage_checkpointed, this
+  codebase) reruns its stage's forward once more (nested remat: the outer recompute runs every
+  block's whole forward, mlp_down included, then each block's policy recomputes inside it): (1, 2).
   pipelined=False: layers outside the schedule (an MoE model's first dense layers under
   stages), which only their own policy recomputes.
   """
-  gemm = 1 if layout.remat == "full" else 0
-  attention = 1 if layout.remat != "none" else 0
-  if (pipelined and layout.stages > 1 and layout.remat != "none"
-      and layout.impl.stage_checkpointed):
-    gemm, attention = gemm + 1, attention + 1
-  return gemm, attention
+  if layout.remat == "none":
+    return 0, 0
+  if pipelined and layout.stages > 1 and layout.impl.stage_checkpointed:
+    return 1, 2
+  return 0, 1
 
 
 def stage_layers(model: ModelConfig, layout: Layout) -> tuple[int, int]:
@@ -995,14 +1022,15 @@ def stage_layers(model: ModelConfig, layout: Layout) -> tuple[int, int]:
   return model.first_dense_layers, pp.layers_per_device(units, S, R) * model.moe_layer_interval
 
 
-def moe_dots_recompute(layout: Layout) -> int:
-  """Extra forwards of the routed experts (dispatch, expert GEMMs, combine) under remat 'dots':
-  its policy saves the named projections (layers.PROJECTIONS) and the router logits, not the
-  routed experts' batched or ragged matmuls, so each MoE layer's routed part runs again in its
-  backward (model/transformer.py REMAT_POLICIES; moe_layer_bytes counts its memory so)."""
-  if not layout.impl.this_codebase:  # Megatron's / DeepSeek's selective recompute keeps them
+def moe_routed_recompute(layout: Layout) -> int:
+  """Extra forwards of the routed experts (dispatch, expert GEMMs, combine) that a block's own
+  remat policy costs: every policy but 'none' (model/remat.py saves tagged projections and the
+  router logits, never the routed experts' batched or ragged matmuls), so each MoE layer's routed
+  part runs again in its backward (moe_layer_bytes counts its memory so). Megatron's and
+  DeepSeek's selective recompute (the calibration rows) keeps them unless remat is 'full'."""
+  if layout.remat == "none":
     return 0
-  return 1 if layout.remat == "dots" else 0
+  return 1 if layout.impl.this_codebase or layout.remat == "full" else 0
 
 
 def moe_layers_per_device(model: ModelConfig, layout: Layout) -> int:

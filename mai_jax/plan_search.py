@@ -241,14 +241,14 @@ def format_search(plans: list[Plan]) -> str:
   if not plans:
     return "no layout fits"
   header = (f"{'rank':>4} {'data':>5} {'stage':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} {'rep':>3} "
-            f"{'pmb':>4} {'remat':>5} {'micro':>5} {'z1':>2} {'epn':>3} {'mem/dev':>10} {'step s':>8} "
+            f"{'pmb':>4} {'remat':>9} {'micro':>5} {'z1':>2} {'epn':>3} {'mem/dev':>10} {'step s':>8} "
             f"{'bubble':>6} {'MFU':>6} {'days':>7}")
   rows = [header]
   for i, p in enumerate(plans, 1):
     s = dict(p.layout.mesh)
     rows.append(f"{i:>4} {s['data']:>5} {s['stage']:>5} {s['fsdp']:>5} {s['expert']:>4} "
                 f"{s['tensor']:>3} {p.layout.repeats:>3} {p.layout.pipeline_microbatches:>4} "
-                f"{p.layout.remat:>5} {p.layout.microbatches:>5} "
+                f"{p.layout.remat:>9} {p.layout.microbatches:>5} "
                 f"{'y' if p.layout.zero1 else '-':>2} {p.layout.expert_devices_per_node or '-':>3} "
                 f"{_gb(p.memory['total']):>10} "
                 f"{p.step_time_s:>8.3f} {p.bubble_fraction:>6.1%} {p.mfu:>6.1%} "

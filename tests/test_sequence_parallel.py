@@ -134,7 +134,7 @@ def test_planner_splits_the_residual_terms_and_the_stage_sends_over_tensor():
   acts = [P.layer_activation_bytes(x, p.layout, "flash", rows=b)
           for x, p in ((cfg, off), (cfg_on, on))]
   assert acts[0]["carry"] == n * c * D == t * acts[1]["carry"]
-  assert acts[0]["dots"] - acts[1]["dots"] == pytest.approx(n * c * 2 * D * (1 - 1 / t))
+  assert acts[0]["dots"] - acts[1]["dots"] == pytest.approx(n * c * D * (1 - 1 / t))  # o_proj
   assert acts[0]["none"] - acts[1]["none"] == pytest.approx(n * c * 4 * D * (1 - 1 / t))
   assert on.communication["tensor"] == off.communication["tensor"]
   S, R, M = layout.stages, layout.repeats, layout.pipeline_microbatches
