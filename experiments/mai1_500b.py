@@ -78,9 +78,10 @@
     32.5%); fp8 dispatch then changes nothing the planner sees (it shrinks the all-to-all the
     overlap already hides: a margin if XLA's scheduler does not overlap as planned).
   - R=8, M_p=8: bubble 7 / 71 = 9.9%.
-  (The alternatives' figures above were planned before the planner's remat correction,
-  mai_jax/plan_remat.py, which took this layout from 38.5% / 66.4 GB to the figures below.)
-  Predicted 40.5% MFU, 3.02 s a step, ~5.6 days for 10T tokens (`mai-jax plan --config
+  (The alternatives' memory figures above were planned before the planner's remat correction,
+  mai_jax/plan_remat.py: no policy keeps mlp_down's output, which took this layout from 66.4 GB
+  to 61.7 GB.)
+  Predicted 38.5% MFU, 3.18 s a step, ~5.8 days for 10T tokens (`mai-jax plan --config
   experiments/mai1_500b.py:moe`). The old layout (expert=64 x fsdp=8 x data=30, 2 dense
   layers, no stages): 13.6%.
 

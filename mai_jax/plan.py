@@ -254,8 +254,8 @@ def recompute_flops_per_token(cfg: Config, remat: str) -> float:
   """Extra forward FLOPs per token that rematerialization costs (not counted in MFU), without a
   pipeline's stage checkpoint: the attention core's forward (QK^T and AV, batched dots no policy
   saves) plus 2 x the matmul parameters each block's backward runs again (plan_remat: the needed
-  projection outputs the policy does not keep; the routed experts' gate and up under any policy;
-  mlp_down never). 'none': nothing."""
+  projection outputs the policy does not keep; the routed experts' three projections under any
+  policy; a dense block's mlp_down never). 'none': nothing."""
   if remat == "none":
     return 0.0
   m = cfg.model
@@ -267,7 +267,9 @@ def _recomputed_layer_params(m: ModelConfig, remat: str, layers, this_codebase: 
   """Matmul parameters per token whose forward the backward of `layers` (block indices) reruns
   under `remat` (plan_remat), MoE blocks with their shared experts, router and routed experts (the
   chosen experts' gate and up; implementations other than this one keep them under selective
-  recompute, 'full' aside)."""
+  recompute, 'full' aside). Unlike a dense block's mlp_down, the routed experts' down projection
+  is rerun: the gradient of the router weights that combine them needs their outputs (XLA's FLOP
+  count of an MoE block: 3 k D F_e per token under 'dots')."""
   if remat == "none":
     return 0.0
   from mai_jax.model.moe import expert_d_ff, is_moe_layer
@@ -283,8 +285,8 @@ def _recomputed_layer_params(m: ModelConfig, remat: str, layers, this_codebase: 
         plan_remat.projection_params(D, H, KV, K, m.num_shared_experts * Fe), remat)
     if not plan_remat.saves_router(remat):
       total += D * m.num_experts
-    if this_codebase or remat == "full":
-      total += 2 * m.experts_per_token * D * Fe
+    if this_codebase or remat == "full":  # gate, up and down: the combine's weight gradient
+      total += 3 * m.experts_per_token * D * Fe  # needs the chosen experts' outputs
   return total
 
 

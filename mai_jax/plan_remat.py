@@ -6,7 +6,9 @@ gate and up outputs (silu's derivative and the product), and the attention core'
 mlp_down's output is not needed (the block's output is the next block's checkpointed input), so
 no policy saves it and no recompute runs it: jax's saved-residual report and XLA's FLOP count
 agree (tests/test_model.py, tests/test_plan.py). The routed experts of an MoE layer carry no tag:
-every policy but 'none' recomputes them (their gate and up, and the dispatch that feeds them).
+every policy but 'none' recomputes them, the dispatch that feeds them and all three projections
+(the router weights' gradient needs the chosen experts' outputs, so their down projection is
+rerun too).
 """
 
 from __future__ import annotations

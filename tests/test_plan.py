@@ -459,6 +459,7 @@ def test_recompute_flops_per_policy_match_xla_s_count():
   """(FLOPs of a value-and-grad under each policy - under 'none') / tokens, from XLA's cost
   analysis of one compiled block, equals recompute_flops_per_token within the elementwise ops
   (silu, norms) XLA also counts. A wide MLP makes mlp_down's share (a third) decisive."""
+  # flops() reads graphdef, state and x_BTD from this scope: the MoE case below rebinds them.
   import jax.numpy as jnp
   from flax import nnx
   from mai_jax.model.transformer import Block, _block_fn
@@ -480,6 +481,15 @@ def test_recompute_flops_per_policy_match_xla_s_count():
     measured = (flops(remat) - base) / (rows * T)
     planned = P.recompute_flops_per_token(cfg, remat)
     assert measured == pytest.approx(planned, rel=0.02, abs=3e4), remat  # 3e4: elementwise
+  # An MoE block (capacity 1: E C slots = T k per row): 'dots' reruns the chosen experts' three
+  # projections, down included (the router weights' gradient needs their outputs).
+  moe = dataclasses.replace(model, num_experts=4, experts_per_token=2, capacity_factor=1.0)
+  cfg = C.Config(model=moe, data=C.DataConfig(seq_len=T))
+  graphdef, state = nnx.split(Block(moe, rngs=nnx.Rngs(0), moe=True))
+  x_BTD = jax.random.normal(jax.random.key(0), (rows, T, model.d_model))
+  measured = (flops("dots") - flops("none")) / (rows * T)
+  assert measured == pytest.approx(P.recompute_flops_per_token(cfg, "dots"), rel=0.02, abs=3e4)
+  assert P.recompute_flops_per_token(cfg, "dots") > 2 * 3 * 2 * 128 * 1024
 
 
 def test_nested_remat_is_costed():
