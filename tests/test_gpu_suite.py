@@ -56,7 +56,8 @@ def test_dry_run_writes_every_measurement(tmp_path):
     assert attention["paths"][path]["fwd_bwd_s_median"] > 0
     assert attention["paths"][path]["max_rel_error_vs_f32"] < 1e-5
   assert "dense_cudnn_offsets" not in names  # left out of the dry run (in_dry_run=False)
-  assert "dense_xla_full" not in names and "torch_peer_dense" in names
+  assert "dense_xla_full" not in names and "dense_cudnn_none" not in names
+  assert "torch_peer_dense" in names
   assert "rows" in summary and "measurement" in proc.stdout.splitlines()[-len(names) - 1]
 
 

@@ -249,14 +249,14 @@ def loss_and_grads(model: Decoder, tokens_BT):
 
 
 def test_remat_and_loop_change_nothing():
-  """Loss and gradients agree: scanned with remat none / full / dots / qkv_proj, and the loop with
-  full."""
+  """Loss and gradients agree: scanned with remat none / full / dots, and the loop with full (the
+  other policies differ only in the names they save: test_each_remat_policy_saves_...)."""
   cfg = small_cfg(remat="none")
   tokens_BT = random_tokens(6, (2, 9), cfg.vocab_size)
   scanned = make_decoder(cfg, 6)
   loss_ref, grads_ref = loss_and_grads(scanned, tokens_BT)
   assert np.isfinite(float(loss_ref))
-  for remat in ("full", "dots", "qkv_proj"):
+  for remat in ("full", "dots"):
     loss, grads = loss_and_grads(make_decoder(dataclasses.replace(cfg, remat=remat), 6), tokens_BT)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

@@ -24,16 +24,21 @@ def tiny_model(scan_layers=True, seed=0, **kw):
   return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
+FORWARD = nnx.jit(lambda m, t: m(t))
+BUFFER = 16  # every reference forward's length: one compilation per model
+
+
 def greedy_without_cache(model, prompt, steps, eos_id=None):
   """Reference: rerun the full forward on the whole sequence for every new token (on a fixed-size
-  buffer, one compilation: positions past the sequence cannot affect it, attention is causal)."""
-  forward = nnx.jit(lambda m, t: m(t))
+  buffer, one compilation per model: positions past the sequence cannot affect it, attention is
+  causal)."""
+  assert len(prompt) + steps <= BUFFER
   seq = list(prompt)
   out = []
   for _ in range(steps):
-    buffer = np.zeros((1, len(prompt) + steps), np.int32)
+    buffer = np.zeros((1, BUFFER), np.int32)
     buffer[0, :len(seq)] = seq
-    token = int(jnp.argmax(forward(model, jnp.asarray(buffer))[0, len(seq) - 1]))
+    token = int(jnp.argmax(FORWARD(model, jnp.asarray(buffer))[0, len(seq) - 1]))
     out.append(token)
     seq.append(token)
     if token == eos_id:
