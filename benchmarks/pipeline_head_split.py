@@ -12,7 +12,6 @@ e.g. cbb9928), for that code. Writes one JSON (machine, versions, commands, figu
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -43,18 +42,17 @@ def main() -> int:
   parser.add_argument("--before", help="checkout of the code before the split head")
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  import jax  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import train_step  # pylint: disable=import-outside-toplevel  (imports jax)
   rows = {"stage_checkpoint": compile_figures(REPO, NEW_KEYS + ["--config.model.pipeline_stage_remat=True"]),
           "no_stage_checkpoint": compile_figures(REPO, NEW_KEYS + ["--config.model.pipeline_stage_remat=False"])}
   if args.before:
     rows["before_split_head"] = compile_figures(args.before, [])
-  result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "jax": jax.__version__,
-            "note": "XLA's cost analysis counts loop bodies once; figures are per device",
+  fields = {"note": "XLA's cost analysis counts loop bodies once; figures are per device",
             "results": rows}
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  # the benchmarks' common header: date, exact command, commit, machine, versions
+  train_step.save_result("pipeline_head_split", sys.argv[1:], fields, args.out)
+  print(json.dumps(rows, indent=2))
   return 0
 
 

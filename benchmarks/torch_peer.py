@@ -131,8 +131,11 @@ def main(argv=None) -> int:
   parser.add_argument("--no-compile", action="store_true", help="eager PyTorch (no torch.compile)")
   args = parser.parse_args(argv)
   from mai_jax import cli
-  result = run(cli.resolve_config(args.config, None, {}), args.steps, args.warmup,
-               not args.no_compile)
+  try:
+    result = run(cli.resolve_config(args.config, None, {}), args.steps, args.warmup,
+                 not args.no_compile)
+  except ValueError as e:  # a config the peer has no equivalent for: one line, no traceback
+    raise SystemExit(f"torch_peer.py: error: {e}") from None
   print({k: v for k, v in result.items() if k != "step_time_s_all"})
   return 0
 

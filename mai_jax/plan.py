@@ -263,7 +263,8 @@ def recompute_flops_per_token(cfg: Config, remat: str) -> float:
   return attention_fwd + 2.0 * _recomputed_layer_params(m, remat, range(m.num_layers))
 
 
-def _recomputed_layer_params(m: ModelConfig, remat: str, layers, this_codebase: bool = True) -> float:
+def _recomputed_layer_params(m: ModelConfig, remat: str, layers: range,
+                             this_codebase: bool = True) -> float:
   """Matmul parameters per token whose forward the backward of `layers` (block indices) reruns
   under `remat` (plan_remat), MoE blocks with their shared experts, router and routed experts (the
   chosen experts' gate and up; implementations other than this one keep them under selective
@@ -272,22 +273,28 @@ def _recomputed_layer_params(m: ModelConfig, remat: str, layers, this_codebase: 
   count of an MoE block: 3 k D F_e per token under 'dots')."""
   if remat == "none":
     return 0.0
-  from mai_jax.model.moe import expert_d_ff, is_moe_layer
+  from mai_jax.model.moe import expert_d_ff
   D, H, KV, K = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
   dense = plan_remat.recomputed_params(plan_remat.projection_params(D, H, KV, K, m.d_ff), remat)
-  total = 0.0
-  for i in layers:
-    if not (is_moe(m) and is_moe_layer(m, i)):
-      total += dense
-      continue
-    Fe = expert_d_ff(m)
-    total += plan_remat.recomputed_params(
-        plan_remat.projection_params(D, H, KV, K, m.num_shared_experts * Fe), remat)
-    if not plan_remat.saves_router(remat):
-      total += D * m.num_experts
-    if this_codebase or remat == "full":  # gate, up and down: the combine's weight gradient
-      total += 3 * m.experts_per_token * D * Fe  # needs the chosen experts' outputs
-  return total
+  n_moe = _moe_layers_in(m, layers.start, layers.stop)
+  if not n_moe:
+    return len(layers) * dense
+  Fe = expert_d_ff(m)
+  sparse = plan_remat.recomputed_params(
+      plan_remat.projection_params(D, H, KV, K, m.num_shared_experts * Fe), remat)
+  if not plan_remat.saves_router(remat):
+    sparse += D * m.num_experts
+  if this_codebase or remat == "full":  # gate, up and down: the combine's weight gradient
+    sparse += 3 * m.experts_per_token * D * Fe  # needs the chosen experts' outputs
+  return (len(layers) - n_moe) * dense + n_moe * sparse
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_layers_in(m: ModelConfig, start: int, stop: int) -> int:
+  """MoE blocks among layers [start, stop) (cached: --search plans tens of thousands of layouts of
+  one model)."""
+  from mai_jax.model.moe import is_moe_layer
+  return sum(is_moe_layer(m, i) for i in range(start, stop)) if is_moe(m) else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,17 +492,16 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
   m, S, R, M = cfg.model, layout.stages, layout.repeats, layout.pipeline_microbatches
   b = pipeline_rows_per_device(cfg, layout)
   per = layer_activation_bytes(cfg, layout, attention, None if not is_moe(m) else m.d_ff, rows=b)
-  saved = {p: plan_remat.block_bytes(per, p)[0] for p in REMATS}
-  live = {p: plan_remat.block_bytes(per, p)[1] for p in REMATS}
+  saved, live = plan_remat.block_bytes(per, layout.remat)
   pre, piped = stage_layers(m, layout)
   if is_moe(m):  # a pipelined unit: moe_layer_interval - 1 dense blocks and one MoE block
     saved, live = _moe_unit_activations(cfg, layout, attention, b, per, saved)
   Lc = piped // (m.moe_layer_interval if is_moe(m) else 1) // R
   in_flight = pp.in_flight_microbatches(S, R, M, layout.impl)
   if layout.impl.stage_checkpointed and layout.remat != "none":
-    blocks = in_flight * per["carry"] + Lc * saved[layout.remat] + live[layout.remat]
+    blocks = in_flight * per["carry"] + Lc * saved + live
   else:
-    blocks = in_flight * Lc * saved[layout.remat] + live[layout.remat]
+    blocks = in_flight * Lc * saved + live
   if not layout.impl.one_f_one_b:
     blocks += M * per["carry"]  # the inbox
   if pre:  # MoE: the first dense layers ran before the schedule on all the rows; theirs wait
@@ -512,28 +518,26 @@ def pipeline_activation_bytes(cfg: Config, layout: Layout, attention: str) -> fl
 
 
 def _moe_unit_activations(cfg: Config, layout: Layout, attention: str, b: int, dense: dict,
-                          dense_saved: dict) -> tuple[dict, dict]:
-  """(saved, live) per remat policy of one pipelined MoE unit at b rows (moe_layer_interval - 1
-  dense blocks, `dense` / `dense_saved` at b rows, then an MoE block: attention and the shared
-  experts plus moe_layer_bytes), as activation_bytes counts an MoE block without stages."""
+                          dense_saved: float) -> tuple[float, float]:
+  """(saved, live) under layout.remat of one pipelined MoE unit at b rows (moe_layer_interval - 1
+  dense blocks, `dense` at b rows keeping `dense_saved` each, then an MoE block: attention and the
+  shared experts plus moe_layer_bytes), as activation_bytes counts an MoE block without stages."""
   from mai_jax.model.moe import expert_d_ff
-  m = cfg.model
+  m, remat = cfg.model, layout.remat
   sparse = layer_activation_bytes(cfg, layout, attention, m.num_shared_experts * expert_d_ff(m),
                                   rows=b)
   moe = moe_layer_bytes(cfg, layout, rows=b)
   k = m.moe_layer_interval - 1
-  saved = {"none": k * dense_saved["none"] + sparse["none"] + moe["saved"]
-                   + moe["gathered_weights"],
-           "full": k * dense_saved["full"] + sparse["carry"]}
-  live = {"none": moe["live"],
-          "full": max(dense["none"], sparse["none"] + moe["saved"] + moe["live"])}
-  for p in REMATS:  # the policies that keep projections: the routed experts are recomputed
-    if p not in saved:
-      sparse_saved, sparse_live = plan_remat.block_bytes(sparse, p)
-      router = moe["dots"] if plan_remat.saves_router(p) else 0.0
-      saved[p] = k * dense_saved[p] + sparse_saved + router
-      live[p] = sparse_live + moe["saved"] + moe["live"]
-  return saved, live
+  if remat == "none":
+    return (k * dense_saved + sparse["none"] + moe["saved"] + moe["gathered_weights"],
+            moe["live"])
+  if remat == "full":
+    return (k * dense_saved + sparse["carry"],
+            max(dense["none"], sparse["none"] + moe["saved"] + moe["live"]))
+  # a policy that keeps projections: the routed experts are recomputed
+  sparse_saved, sparse_live = plan_remat.block_bytes(sparse, remat)
+  router = moe["dots"] if plan_remat.saves_router(remat) else 0.0
+  return k * dense_saved + sparse_saved + router, sparse_live + moe["saved"] + moe["live"]
 
 
 def logits_bytes(cfg: Config, layout: Layout, rows: Optional[int] = None) -> float:
@@ -1045,9 +1049,10 @@ def moe_layers_per_device(model: ModelConfig, layout: Layout) -> int:
 
 
 def _dense_block_matmul_params(model: ModelConfig) -> int:
-  """Matmul parameters of one dense block (attention and the SwiGLU of d_ff)."""
+  """Matmul parameters of one dense block (attention and the SwiGLU of d_ff): the projections a
+  backward needs (plan_remat.projection_params) and mlp_down."""
   D, H, KV, K = model.d_model, model.num_heads, model.num_kv_heads, model.head_dim
-  return 2 * D * H * K + 2 * D * KV * K + 3 * D * model.d_ff
+  return sum(plan_remat.projection_params(D, H, KV, K, model.d_ff).values()) + D * model.d_ff
 
 
 def _expert_width(model: ModelConfig) -> float:
