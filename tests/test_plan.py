@@ -459,35 +459,34 @@ def test_recompute_flops_per_policy_match_xla_s_count():
   """(FLOPs of a value-and-grad under each policy - under 'none') / tokens, from XLA's cost
   analysis of one compiled block, equals recompute_flops_per_token within the elementwise ops
   (silu, norms) XLA also counts. A wide MLP makes mlp_down's share (a third) decisive."""
-  # flops() reads graphdef, state and x_BTD from this scope: the MoE case below rebinds them.
   import jax.numpy as jnp
   from flax import nnx
   from mai_jax.model.transformer import Block, _block_fn
   model = C.ModelConfig(num_layers=1, d_model=128, num_heads=2, num_kv_heads=2, head_dim=32,
                         d_ff=1024, vocab_size=64, compute_dtype="float32")
   cfg = C.Config(model=model, data=C.DataConfig(seq_len=32))
-  graphdef, state = nnx.split(Block(model, rngs=nnx.Rngs(0)))
   rows, T = 2, 32
   seg_BT, pos_BT = jnp.ones((rows, T), jnp.int32), jnp.broadcast_to(jnp.arange(T), (rows, T))
-  x_BTD = jnp.ones((rows, T, model.d_model))
 
-  def flops(remat):
+  def flops(block_module, x_BTD, remat):
+    graphdef, state = nnx.split(block_module)
     block = _block_fn(graphdef, remat, in_scan=False)
     step = jax.jit(jax.value_and_grad(lambda x, s: block(x, s, seg_BT, pos_BT)[0].sum(), (0, 1)))
     return step.lower(x_BTD, state).compile().cost_analysis()["flops"]
 
-  base = flops("none")
+  dense_block, x_BTD = Block(model, rngs=nnx.Rngs(0)), jnp.ones((rows, T, model.d_model))
+  base = flops(dense_block, x_BTD, "none")
   for remat in ("full", "qkv_proj", "dots"):
-    measured = (flops(remat) - base) / (rows * T)
+    measured = (flops(dense_block, x_BTD, remat) - base) / (rows * T)
     planned = P.recompute_flops_per_token(cfg, remat)
     assert measured == pytest.approx(planned, rel=0.02, abs=3e4), remat  # 3e4: elementwise
   # An MoE block (capacity 1: E C slots = T k per row): 'dots' reruns the chosen experts' three
   # projections, down included (the router weights' gradient needs their outputs).
   moe = dataclasses.replace(model, num_experts=4, experts_per_token=2, capacity_factor=1.0)
   cfg = C.Config(model=moe, data=C.DataConfig(seq_len=T))
-  graphdef, state = nnx.split(Block(moe, rngs=nnx.Rngs(0), moe=True))
+  moe_block = Block(moe, rngs=nnx.Rngs(0), moe=True)
   x_BTD = jax.random.normal(jax.random.key(0), (rows, T, model.d_model))
-  measured = (flops("dots") - flops("none")) / (rows * T)
+  measured = (flops(moe_block, x_BTD, "dots") - flops(moe_block, x_BTD, "none")) / (rows * T)
   assert measured == pytest.approx(P.recompute_flops_per_token(cfg, "dots"), rel=0.02, abs=3e4)
   assert P.recompute_flops_per_token(cfg, "dots") > 2 * 3 * 2 * 128 * 1024
 
